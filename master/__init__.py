@@ -1,0 +1,1 @@
+"""hypersearch master: samples trials, dispatches them, watches, reports."""

@@ -1,0 +1,1 @@
+"""hypersearch worker: runs allow-listed training jobs from Redis and writes checkpoints."""
