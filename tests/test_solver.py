@@ -1,0 +1,297 @@
+"""Solver: config validation, metrics, EMA, divergence and stop handling, exact resume."""
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from nncore.errors import ConfigError
+from nncore.solver import SOLVER_DEFAULTS, Solver, validate_solver_config
+
+
+class LinearSoftmax:
+    """Test-local Model: softmax regression with inverted input dropout that draws from the solver's rng."""
+
+    def __init__(self, dim, classes, seed=0, dropout=0.0):
+        rng = np.random.default_rng(seed)
+        self.config = {"loss": "softmax"}
+        self.input_shape, self.num_classes = (dim,), classes
+        self.params = {"W1": (0.01 * rng.standard_normal((dim, classes))).astype(np.float32),
+                       "b1": np.zeros(classes, dtype=np.float32)}
+        self.buffers = {}
+        self.weight_names = ["W1"]
+        self.dropout = dropout
+        self.calls = 0
+
+    def scores(self, x, params=None):
+        p = self.params if params is None else params
+        return x @ p["W1"] + p["b1"]
+
+    def loss(self, x, y, *, reg=0.0, train=True, rng=None, dropout_masks=None):
+        self.calls += 1
+        if train and self.dropout:
+            x = x * (rng.random(x.shape) >= self.dropout) / np.float32(1 - self.dropout)
+        s = self.scores(x)
+        s = s - s.max(axis=1, keepdims=True)
+        p = np.exp(s)
+        p /= p.sum(axis=1, keepdims=True)
+        n = len(x)
+        loss = -np.log(p[np.arange(n), y]).mean() + 0.5 * reg * float(np.sum(self.params["W1"] ** 2))
+        p[np.arange(n), y] -= 1
+        p /= n
+        return float(loss), {"W1": x.T @ p + reg * self.params["W1"], "b1": p.sum(axis=0)}
+
+
+def blobs(n=300, dim=5, classes=3, seed=0):
+    """Well-separated Gaussian blobs split 2:1 into train and val."""
+    rng = np.random.default_rng(seed)
+    centers = 3 * rng.standard_normal((classes, dim))
+    y = rng.integers(0, classes, size=n)
+    x = (centers[y] + rng.standard_normal((n, dim))).astype(np.float32)
+    cut = 2 * n // 3
+    return SimpleNamespace(x_train=x[:cut], y_train=y[:cut], x_val=x[cut:], y_val=y[cut:])
+
+
+def make(config, *, seed=0, dropout=0.0, data=None, **kw):
+    data = blobs() if data is None else data
+    return Solver(LinearSoftmax(data.x_train.shape[1], 3, dropout=dropout), data, config, seed=seed, **kw)
+
+
+# ----------------------------------------------------------------- config
+
+
+def test_validate_fills_defaults_and_normalises_numbers():
+    cfg = validate_solver_config({"lr": np.float32(0.5), "batch_size": np.int64(32), "epochs": 4.0})
+    assert set(cfg) == set(SOLVER_DEFAULTS)
+    assert cfg["lr"] == 0.5 and type(cfg["lr"]) is float
+    assert cfg["batch_size"] == 32 and type(cfg["batch_size"]) is int
+    assert cfg["epochs"] == 4 and type(cfg["epochs"]) is int
+    assert validate_solver_config({}) == SOLVER_DEFAULTS
+
+
+@pytest.mark.parametrize("field, value", [
+    ("lr", 0.0), ("lr", -1e-3), ("lr", float("nan")), ("lr", "0.1"), ("momentum", 1.0), ("beta2", -0.1),
+    ("batch_size", 0), ("batch_size", 12.5), ("batch_size", True), ("epochs", 0), ("update", "lbfgs"),
+    ("lr_schedule", "linear"), ("ema_decay", 1.0), ("clip_norm", -1.0), ("abort_factor", 1.0),
+    ("train_eval_samples", 0), ("lr_step", 0), ("reg", float("inf")),
+])
+def test_validate_rejects_bad_values_naming_the_field(field, value):
+    with pytest.raises(ConfigError, match=rf"^solver\.{field}: "):
+        validate_solver_config({field: value})
+
+
+def test_validate_rejects_unknown_field():
+    with pytest.raises(ConfigError, match=r"^solver\.learning_rate: unknown field \(known: update, lr, "):
+        validate_solver_config({"learning_rate": 0.1})
+
+
+# --------------------------------------------------------------- training
+
+
+def test_trains_and_reports_json_safe_metrics_every_epoch():
+    history = []
+    solver = make({"update": "momentum", "lr": 0.1, "epochs": 3, "batch_size": 64,
+                   "lr_schedule": "step", "lr_decay": 0.5}, callback=history.append)
+    result = solver.train()
+    assert result["status"] == "completed" and result["epoch"] == 3 == solver.epoch
+    assert [m["epoch"] for m in history] == [1, 2, 3]
+    assert [m["lr"] for m in history] == pytest.approx([0.1, 0.05, 0.025])
+    keys = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "ema_val_acc", "lr", "update_ratio",
+            "seconds", "samples_per_sec"}
+    for m in history:
+        assert set(m) == keys
+        json.dumps(m, allow_nan=False)
+        assert list(m["update_ratio"]) == ["layer1"] and 0 < m["update_ratio"]["layer1"] < 1
+        assert m["seconds"] > 0 and m["samples_per_sec"] > 0
+    assert history[-1]["val_acc"] > 0.9 and history[-1]["train_acc"] > 0.9
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    best = max(range(3), key=lambda i: history[i]["val_acc"])
+    assert result["best_val_acc"] == history[best]["val_acc"] and result["best_epoch"] == best + 1
+    # 200 samples at batch 64: 4 minibatches per epoch, the last one partial
+    assert solver.model.calls == 12
+
+
+def test_train_loss_is_sample_weighted_mean_of_minibatch_losses():
+    history, losses = [], []
+    solver = make({"lr": 0.1, "epochs": 1, "batch_size": 64}, callback=history.append)
+    original = solver.model.loss
+
+    def spy(x, y, **kw):
+        loss, grads = original(x, y, **kw)
+        losses.append((loss, len(x)))
+        return loss, grads
+
+    solver.model.loss = spy
+    solver.train()
+    assert [n for _, n in losses] == [64, 64, 64, 8]
+    assert history[0]["train_loss"] == pytest.approx(sum(l * n for l, n in losses) / 200)
+
+
+def test_ema_is_running_average_of_parameters():
+    data = blobs()
+    solver = make({"lr": 0.5, "epochs": 1, "batch_size": 200, "ema_decay": 0.9}, data=data)
+    w0 = {k: v.copy() for k, v in solver.model.params.items()}
+    history = []
+    solver.callback = history.append
+    solver.train()  # exactly one update
+    for k, w1 in solver.model.params.items():
+        np.testing.assert_allclose(solver.ema_params[k], 0.9 * w0[k] + 0.1 * w1, rtol=1e-6)
+        assert not np.allclose(w1, w0[k])
+    assert history[0]["ema_val_acc"] == solver.accuracy(data.x_val, data.y_val, solver.ema_params)
+
+
+def test_ema_decay_zero_tracks_parameters():
+    solver = make({"lr": 0.1, "epochs": 2, "ema_decay": 0.0})
+    solver.train()
+    for k, w in solver.model.params.items():
+        assert np.array_equal(solver.ema_params[k], w)
+
+
+def test_clip_norm_bounds_each_sgd_step():
+    solver = make({"update": "sgd", "lr": 1.0, "epochs": 1, "batch_size": 200, "clip_norm": 1e-3})
+    w0 = {k: v.copy() for k, v in solver.model.params.items()}
+    solver.train()
+    step = math.sqrt(sum(float(np.sum((solver.model.params[k] - w0[k]) ** 2)) for k in w0))
+    assert step == pytest.approx(1e-3, rel=1e-4)
+
+
+class ScriptedLosses(LinearSoftmax):
+    """Returns a scripted loss per call (then the real one) to drive the divergence checks."""
+
+    def __init__(self, script):
+        super().__init__(5, 3)
+        self.script = list(script)
+
+    def loss(self, x, y, **kw):
+        loss, grads = super().loss(x, y, **kw)
+        return (self.script.pop(0) if self.script else loss), grads
+
+
+@pytest.mark.parametrize("script, reason, epochs_done", [
+    ([2.3, 2.0, 2.0, 2.0, float("nan")], "non-finite loss at epoch 2", 1),
+    ([2.3, 7.1], "loss 7.1 exceeded 3x initial loss 2.3 at epoch 1", 0),
+    ([float("inf")], "non-finite loss at epoch 1", 0),
+])
+def test_divergence_aborts_with_reason(script, reason, epochs_done):
+    history = []
+    solver = Solver(ScriptedLosses(script), blobs(), {"epochs": 5, "batch_size": 64}, callback=history.append)
+    result = solver.train()
+    assert result["status"] == "diverged" and result["reason"] == reason
+    assert result["epoch"] == epochs_done == len(history) == solver.epoch
+
+
+def test_abort_factor_and_initial_loss_survive_resume():
+    solver = Solver(ScriptedLosses([2.0]), blobs(), {"epochs": 1, "batch_size": 64})
+    solver.train()
+    state = solver.state_arrays()
+    assert float(state["initial_loss"]) == 2.0
+    fresh = Solver(ScriptedLosses([6.5]), blobs(), {"epochs": 2, "batch_size": 64, "abort_factor": 3.0})
+    fresh.load_state_arrays(state)
+    assert fresh.train()["reason"] == "loss 6.5 exceeded 3x initial loss 2 at epoch 2"
+
+
+def test_should_stop_between_minibatches():
+    calls = []
+
+    def should_stop():
+        calls.append(1)
+        return len(calls) == 6
+
+    solver = make({"epochs": 5, "batch_size": 64}, should_stop=should_stop)
+    result = solver.train()
+    assert result == {"status": "stopped", "reason": "stop requested during epoch 2", "epoch": 1,
+                      "best_val_acc": result["best_val_acc"], "best_epoch": 1}
+    assert solver.model.calls == 6 and len(calls) == 6
+
+
+def test_same_seed_same_run_other_seed_other_order():
+    runs = []
+    for seed in (3, 3, 4):
+        solver = make({"update": "adam", "lr": 0.01, "epochs": 2, "batch_size": 32}, seed=seed, dropout=0.2)
+        solver.train()
+        runs.append(solver.model.params["W1"])
+    assert np.array_equal(runs[0], runs[1])
+    assert not np.array_equal(runs[0], runs[2])
+
+
+@pytest.mark.parametrize("update", ["adam", "nesterov", "rmsprop"])
+def test_resume_through_npz_is_exact(tmp_path, update):
+    config = {"update": update, "lr": 0.01, "epochs": 3, "batch_size": 32, "lr_schedule": "cosine"}
+    straight_history = []
+    straight = make(config, dropout=0.2, seed=7, callback=straight_history.append)
+    straight.train()
+
+    first = make({**config, "epochs": 1}, dropout=0.2, seed=7)
+    assert first.train()["epoch"] == 1
+    np.savez(tmp_path / "state.npz", **first.state_arrays())
+    resumed_history = []
+    second = make(config, dropout=0.2, seed=7, callback=resumed_history.append)
+    with np.load(tmp_path / "state.npz", allow_pickle=False) as arrays:
+        second.load_state_arrays(arrays)
+    assert second.epoch == 1
+    result = second.train()
+    assert result["epoch"] == 3
+    a, b = straight.state_arrays(), second.state_arrays()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert np.array_equal(a[key], b[key]), key
+    drop = ("seconds", "samples_per_sec")
+    assert ([{k: v for k, v in m.items() if k not in drop} for m in straight_history[1:]]
+            == [{k: v for k, v in m.items() if k not in drop} for m in resumed_history])
+
+
+def test_state_arrays_layout():
+    solver = make({"update": "adam", "epochs": 1})
+    solver.train()
+    state = solver.state_arrays()
+    assert set(state) == {"param.W1", "param.b1", "ema.W1", "ema.b1", "opt.W1.m", "opt.W1.v", "opt.W1.t",
+                          "opt.b1.m", "opt.b1.v", "opt.b1.t", "epoch", "initial_loss", "best_val_acc",
+                          "best_epoch"}
+    assert state["epoch"].shape == () and int(state["epoch"]) == 1 and int(state["opt.W1.t"]) == 2
+    state["param.W1"][...] = 0  # a copy, not the live parameter
+    assert np.any(solver.model.params["W1"] != 0)
+
+
+def test_load_state_arrays_rejects_missing_and_mismatched():
+    solver = make({"epochs": 1})
+    state = solver.state_arrays()
+    del state["ema.b1"]
+    with pytest.raises(ValueError, match="missing 'ema.b1'"):
+        solver.load_state_arrays(state)
+    state = solver.state_arrays()
+    state["param.W1"] = np.zeros((2, 2), dtype=np.float32)
+    with pytest.raises(ValueError, match="'param.W1' has shape"):
+        solver.load_state_arrays(state)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from nncore.data import load_dataset
+    return load_dataset("digits", seed=0, preprocess="standardize")
+
+
+def test_resume_real_model_with_dropout_and_batchnorm_is_exact(tmp_path, digits):
+    from nncore.model import build_model
+
+    model_cfg = {"hidden": [64, 32], "dropout": 0.3, "batchnorm": True}
+    config = {"update": "adam", "lr": 3e-3, "epochs": 3, "batch_size": 100, "reg": 1e-3, "clip_norm": 5.0}
+
+    def fresh(cfg):
+        model = build_model(model_cfg, digits.input_shape, digits.num_classes, seed=1)
+        return Solver(model, digits, cfg, seed=5)
+
+    straight = fresh(config)
+    straight.train()
+    first = fresh({**config, "epochs": 1})
+    first.train()
+    np.savez(tmp_path / "ep1.npz", **first.state_arrays())
+    second = fresh(config)
+    with np.load(tmp_path / "ep1.npz", allow_pickle=False) as arrays:
+        second.load_state_arrays(arrays)
+    second.train()
+    a, b = straight.state_arrays(), second.state_arrays()
+    assert a.keys() == b.keys() and {"buf.bn1_mean", "opt.W1.t", "ema.gamma2"} <= a.keys()
+    for key in a:
+        assert np.array_equal(a[key], b[key]), key
+    assert straight.best_val_acc > 0.8  # it did train
