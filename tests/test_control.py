@@ -1,0 +1,177 @@
+"""Tests for the Redis control plane: URL masking, connections, progress, stop requests, in-process interrupts."""
+import threading
+import time
+
+import fakeredis
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from worker.control import (
+    ControlError,
+    JobInterrupt,
+    NullControl,
+    RedisControl,
+    StopJob,
+    mask_url,
+    open_redis,
+    progress_key,
+    read_progress,
+    redis_url,
+    request_stop,
+    reset_trial,
+    stop_key,
+)
+
+
+@pytest.fixture
+def conn():
+    return fakeredis.FakeRedis()
+
+
+@pytest.mark.parametrize("url, masked", [
+    ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+    ("redis://:hunter2@db.example:6379/3", "redis://:***@db.example:6379/3"),
+    ("redis://alice:hunter2@db.example:6379/0", "redis://alice:***@db.example:6379/0"),
+    ("rediss://alice:p%40ss@db.example:6380/1", "rediss://alice:***@db.example:6380/1"),
+    ("redis://db.example/0?password=hunter2&socket_timeout=5", "redis://db.example/0?password=***&socket_timeout=5"),
+    ("unix:///run/redis.sock?db=2", "unix:///run/redis.sock?db=2"),
+])
+def test_mask_url_hides_passwords(url, masked):
+    assert mask_url(url) == masked
+
+
+def test_redis_url_prefers_the_flag(monkeypatch):
+    monkeypatch.setenv("REDIS_URL", "redis://env:6379/0")
+    assert redis_url("redis://flag:6379/0") == "redis://flag:6379/0"
+    assert redis_url(None) == "redis://env:6379/0"
+    monkeypatch.delenv("REDIS_URL")
+    assert redis_url(None) is None
+
+
+@pytest.mark.parametrize("url", ["redis://:hunter2@127.0.0.1:1/0", "rediss://bob:hunter2@127.0.0.1:1/0",
+                                 "redis://127.0.0.1:1/0?password=hunter2"])
+def test_open_redis_failure_is_one_masked_line(url):
+    with pytest.raises(ControlError) as err:
+        open_redis(url)
+    message = str(err.value)
+    assert message.startswith("cannot reach Redis at ") and "***" in message
+    assert "hunter2" not in message and "\n" not in message
+
+
+def test_open_redis_rejects_an_unknown_scheme():
+    with pytest.raises(ControlError, match="cannot reach Redis at http://x:1/"):
+        open_redis("http://x:1/")
+
+
+def test_progress_round_trip_keeps_types(conn):
+    RedisControl(conn, "exp", "coarse-0001", "w1").report({"state": "RUNNING", "epoch": 2, "val_acc": 0.5,
+                                                            "reason": "3", "initial_loss": float("nan")})
+    RedisControl(conn, "exp", "coarse-0002", "w2").report({"state": "KILLED"})
+    RedisControl(conn, "other", "coarse-0001", "w3").report({"state": "RUNNING"})
+    progress = read_progress(conn, "exp")
+    assert sorted(progress) == ["coarse-0001", "coarse-0002"]
+    first = progress["coarse-0001"]
+    assert (first["state"], first["epoch"], first["val_acc"], first["reason"], first["worker"]) == \
+        ("RUNNING", 2, 0.5, "3", "w1")
+    assert first["initial_loss"] != first["initial_loss"]  # NaN survives
+    assert abs(first["updated"] - time.time()) < 5
+    assert conn.ttl(progress_key("exp", "coarse-0001")) > 0
+
+
+def test_progress_written_by_something_else_is_read_as_text(conn):
+    conn.hset(progress_key("exp", "t1"), mapping={"state": "RUNNING", "epoch": "3"})
+    assert read_progress(conn, "exp") == {"t1": {"state": "RUNNING", "epoch": 3}}
+
+
+def test_stop_request_is_seen_and_polls_are_throttled(conn):
+    control = RedisControl(conn, "exp", "t1", "w1", poll_seconds=0.2)
+    assert control.should_stop() is None
+    request_stop(conn, "exp", "t1", "stopped by user")
+    assert control.should_stop() is None  # within the poll interval: no Redis read
+    time.sleep(0.25)
+    assert control.should_stop() == "stopped by user"
+    conn.delete(stop_key("exp", "t1"))
+    assert control.should_stop() == "stopped by user"  # a stop, once seen, stays
+
+
+def test_many_should_stop_calls_read_redis_rarely(conn):
+    reads = []
+    real_get = conn.get
+    conn.get = lambda key: reads.append(key) or real_get(key)
+    control = RedisControl(conn, "exp", "t1", "w1", poll_seconds=0.2)
+    end = time.monotonic() + 0.5
+    calls = 0
+    while time.monotonic() < end:
+        control.should_stop()
+        calls += 1
+    assert calls > 1000 and 2 <= len(reads) <= 4
+
+
+def test_reset_trial_marks_queued_and_drops_old_stop(conn):
+    request_stop(conn, "exp", "t1", "old")
+    RedisControl(conn, "exp", "t1", "w1").report({"state": "KILLED", "reason": "old", "epoch": 4})
+    reset_trial(conn, "exp", "t1", epochs=9)
+    assert conn.get(stop_key("exp", "t1")) is None
+    assert read_progress(conn, "exp")["t1"] | {"updated": 0} == {"state": "QUEUED", "epoch": 0, "epochs": 9,
+                                                                 "updated": 0}
+
+
+def test_redis_errors_in_the_control_plane_only_warn(caplog):
+    gone = redis.Redis(host="127.0.0.1", port=1, retry=Retry(NoBackoff(), 0))
+    control = RedisControl(gone, "exp", "t1", "w1")
+    control.report({"state": "RUNNING"})
+    assert control.should_stop() is None
+    assert "cannot publish progress" in caplog.text and "cannot read the stop request" in caplog.text
+
+
+def test_null_control():
+    control = NullControl()
+    control.report({"state": "RUNNING"})
+    assert control.should_stop() is None
+
+
+def test_interrupt_reason_is_seen_without_redis(conn):
+    interrupt = JobInterrupt()
+    control = RedisControl(conn, "exp", "t1", "w1", interrupt=interrupt)
+    assert control.should_stop() is None
+    interrupt.request("stopped by user (RQ stop-job command)", grace=60)
+    assert control.should_stop() == "stopped by user (RQ stop-job command)"
+    interrupt.clear()
+
+
+def test_interrupt_raises_stopjob_in_a_job_that_ignores_it():
+    interrupt = JobInterrupt()
+    outcome = {}
+
+    def stubborn():
+        with interrupt.running():
+            try:
+                while True:
+                    time.sleep(0.005)
+            except StopJob as exc:
+                outcome["raised"] = (time.monotonic(), str(exc))
+
+    thread = threading.Thread(target=stubborn)
+    thread.start()
+    time.sleep(0.05)
+    asked = time.monotonic()
+    interrupt.request("stop", grace=0.3)
+    thread.join(5)
+    assert not thread.is_alive()
+    raised_at, message = outcome["raised"]
+    assert 0.25 < raised_at - asked < 1.5
+    assert "did not stop within the grace period" in message
+
+
+def test_interrupt_does_nothing_once_the_job_has_returned():
+    interrupt = JobInterrupt()
+    with interrupt.running():
+        interrupt.request("stop", grace=0.05)
+    time.sleep(0.2)  # the timer was cancelled with the job; nothing may be raised here
+    interrupt.request("late", grace=0.05)  # no job registered: the timer fires and finds no thread
+    time.sleep(0.2)
+    assert interrupt.reason == "stop"
+    interrupt.clear()
+    assert interrupt.reason is None

@@ -1,0 +1,232 @@
+"""The live control plane in Redis (progress hashes, stop requests, connections) and in-process job interrupts."""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any, Iterator
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import redis
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+STOP_POLL_SECONDS = 0.2  # how often a running trial reads its stop key (honoured well within 1 s)
+KEY_TTL_SECONDS = 7 * 24 * 3600  # progress and stop keys expire; shared storage is the record
+ERROR_BACKOFF_SECONDS = 10.0  # after a failed stop poll (Redis gone), wait this long before the next one
+STOP_GRACE_SECONDS = 5.0  # a job that ignores an in-process stop request this long gets StopJob raised in it
+
+
+class ControlError(ConnectionError):
+    """Redis cannot be reached or refused us; the message shows the URL with its password masked."""
+
+
+def redis_url(url: str | None = None) -> str | None:
+    """The Redis URL to use: ``url`` (a flag), else ``$REDIS_URL``, else None."""
+    return url or os.environ.get("REDIS_URL") or None
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password (in the userinfo or a ``password=`` query option) replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is not None:
+        userinfo, host = parts.netloc.rsplit("@", 1)
+        url = url.replace(parts.netloc, f"{userinfo.split(':', 1)[0]}:***@{host}", 1)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    if any(k.lower() == "password" for k, _ in pairs):
+        query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*")
+        url = url.replace("?" + parts.query, "?" + query, 1)
+    return url
+
+
+def _secrets(url: str) -> list[str]:
+    parts = urlsplit(url)
+    found = [parts.password] if parts.password else []
+    found += [v for k, v in parse_qsl(parts.query) if k.lower() == "password" and v]
+    return found
+
+
+def open_redis(url: str) -> redis.Redis:
+    """A client for ``url`` (redis://, rediss://, unix://; passwords allowed) that answered PING.
+
+    Raises ControlError "cannot reach Redis at <masked url>: <why>"; the password never appears in it.
+    """
+    masked = mask_url(url)
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=5)
+        client.ping()
+    except (redis.RedisError, ValueError, OSError) as exc:
+        why = str(exc) or type(exc).__name__
+        for secret in _secrets(url):
+            why = why.replace(secret, "***")
+        raise ControlError(f"cannot reach Redis at {masked}: {why}") from None
+    return client
+
+
+def progress_key(experiment: str, trial_id: str) -> str:
+    return f"hs:{experiment}:progress:{trial_id}"
+
+
+def stop_key(experiment: str, trial_id: str) -> str:
+    return f"hs:{experiment}:stop:{trial_id}"
+
+
+def request_stop(conn: redis.Redis, experiment: str, trial_id: str, reason: str) -> None:
+    """Ask the worker running (or about to run) a trial to stop it; the reason ends up in its result."""
+    conn.set(stop_key(experiment, trial_id), reason or "stopped by user", ex=KEY_TTL_SECONDS)
+
+
+def reset_trial(conn: Any, experiment: str, trial_id: str, epochs: int) -> None:
+    """Mark a trial QUEUED and drop any old stop request (``conn`` may be a pipeline)."""
+    key = progress_key(experiment, trial_id)
+    conn.delete(key, stop_key(experiment, trial_id))
+    conn.hset(key, mapping=_encode({"state": "QUEUED", "epoch": 0, "epochs": epochs, "updated": time.time()}))
+    conn.expire(key, KEY_TTL_SECONDS)
+
+
+def _encode(fields: dict[str, Any]) -> dict[str, str]:
+    return {k: json.dumps(v, allow_nan=True) for k, v in fields.items()}
+
+
+def _decode(raw: dict[bytes, bytes]) -> dict[str, Any]:
+    out = {}
+    for k, v in raw.items():
+        text = v.decode(errors="replace")
+        try:
+            out[k.decode(errors="replace")] = json.loads(text)
+        except ValueError:
+            out[k.decode(errors="replace")] = text  # written by something else: keep the text
+    return out
+
+
+def read_progress(conn: redis.Redis, experiment: str) -> dict[str, dict[str, Any]]:
+    """{trial id: progress fields} for every trial of ``experiment`` that has a progress hash."""
+    prefix = progress_key(experiment, "")
+    keys = sorted(conn.scan_iter(match=prefix + "*", count=1000))
+    with conn.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.hgetall(key)
+        values = pipe.execute()
+    return {key.decode()[len(prefix):]: _decode(raw) for key, raw in zip(keys, values) if raw}
+
+
+class StopJob(BaseException):
+    """Raised inside a job's thread when it did not stop cooperatively within the grace period."""
+
+    def __init__(self, *args: object):
+        super().__init__(*(args or ("the job did not stop within the grace period and was interrupted",)))
+
+
+class JobInterrupt:
+    """A stop request for the job running in this process: a reason the trainer polls, then StopJob raised
+    asynchronously in the job's thread if it is still running ``grace`` seconds later."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._thread: int | None = None
+        self._timer: threading.Timer | None = None
+        self.reason: str | None = None
+
+    def clear(self) -> None:
+        """Forget any request (a new job is about to start)."""
+        with self._lock:
+            self.reason = None
+            self._cancel_timer()
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[JobInterrupt]:
+        """Mark the calling thread as the one running the job while the block runs."""
+        with self._lock:
+            self._thread = threading.get_ident()
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self._thread = None
+                self._cancel_timer()
+
+    def request(self, reason: str, grace: float = STOP_GRACE_SECONDS) -> None:
+        """Ask the running job to stop now; interrupt it with StopJob if it still runs after ``grace`` s."""
+        with self._lock:
+            self.reason = self.reason or reason
+            if self._timer is None:
+                self._timer = threading.Timer(grace, self._interrupt)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _interrupt(self) -> None:
+        with self._lock:
+            self._timer = None
+            if self._thread is None:
+                return
+            log.warning("job did not stop within the grace period: raising StopJob in its thread")
+            done = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._thread), ctypes.py_object(StopJob))
+            if done != 1:  # 0: the thread is gone; >1 cannot happen for one thread id, but undo it as CPython asks
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._thread), None)
+
+
+class RedisControl:
+    """A running trial's view of the control plane: throttled stop checks and progress reports."""
+
+    def __init__(self, conn: redis.Redis, experiment: str, trial_id: str, worker_name: str, *,
+                 interrupt: JobInterrupt | None = None, poll_seconds: float = STOP_POLL_SECONDS):
+        self.conn = conn
+        self.worker_name = worker_name
+        self.interrupt = interrupt
+        self.poll_seconds = poll_seconds
+        self._stop_key = stop_key(experiment, trial_id)
+        self._progress_key = progress_key(experiment, trial_id)
+        self._next_poll = 0.0
+        self._reason: str | None = None
+
+    def should_stop(self) -> str | None:
+        """The reason of a stop request, or None; reads Redis at most every ``poll_seconds``."""
+        if self._reason is None and self.interrupt is not None:
+            self._reason = self.interrupt.reason
+        if self._reason is not None:
+            return self._reason
+        now = time.monotonic()
+        if now < self._next_poll:
+            return None
+        self._next_poll = now + self.poll_seconds
+        try:
+            value = self.conn.get(self._stop_key)
+        except redis.RedisError as exc:
+            log.warning("cannot read the stop request %s (next try in %g s): %s", self._stop_key,
+                        ERROR_BACKOFF_SECONDS, exc)
+            self._next_poll = now + ERROR_BACKOFF_SECONDS  # do not stall training on every poll
+            return None
+        if value is not None:
+            self._reason = value.decode(errors="replace") or "stopped by user"
+        return self._reason
+
+    def report(self, fields: dict[str, Any]) -> None:
+        """Merge ``fields`` into the trial's progress hash (with worker and updated); Redis errors only warn."""
+        mapping = _encode({**fields, "worker": self.worker_name, "updated": time.time()})
+        try:
+            with self.conn.pipeline(transaction=False) as pipe:
+                pipe.hset(self._progress_key, mapping=mapping)
+                pipe.expire(self._progress_key, KEY_TTL_SECONDS)
+                pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("cannot publish progress to %s: %s", self._progress_key, exc)
+
+
+class NullControl:
+    """No control plane (local runs and tests): never asked to stop, reports go nowhere."""
+
+    def should_stop(self) -> str | None:
+        return None
+
+    def report(self, fields: dict[str, Any]) -> None:
+        pass
