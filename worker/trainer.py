@@ -1,0 +1,143 @@
+"""Run one trial: build its data and model, train with a checkpoint every epoch, resume, report, obey stops."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from nncore.data import load_dataset_cached
+from nncore.model import build_model
+from nncore.sanity import run_sanity_checks
+from nncore.solver import Solver
+from worker.control import StopJob
+from worker.spec import TrialSpec, TrialState
+from worker.store import ExperimentStore, load_npz
+
+log = logging.getLogger(__name__)
+
+SOLVER_STATES = {"completed": TrialState.COMPLETED, "diverged": TrialState.DIVERGED, "stopped": TrialState.KILLED}
+
+
+class _StopCheck:
+    """The Solver's should_stop: asks the control plane and remembers the reason it was given."""
+
+    def __init__(self, control: Any):
+        self.control = control
+        self.reason: str | None = None
+
+    def __call__(self) -> bool:
+        self.reason = self.control.should_stop()
+        return self.reason is not None
+
+
+def run_trial(spec: TrialSpec, store: ExperimentStore, control: Any, worker_name: str = "local") -> dict[str, Any]:
+    """Train ``spec`` to its epoch budget (resuming from its own or its parent's latest checkpoint) and
+    return the result.json dict. An exception is recorded as FAILED (StopJob as KILLED) and re-raised."""
+    started = time.perf_counter()
+    tid = spec.trial_id
+    if store.read_spec(tid) != spec.to_dict():
+        store.write_spec(spec.to_dict())
+    store.clear_result(tid)
+    control.report({"state": TrialState.RUNNING.value, "epochs": spec.epochs, "reason": ""})
+    solver = None
+    sanity: list[dict[str, Any]] | None = None
+
+    def finish(state: TrialState, reason: str) -> dict[str, Any]:
+        return _finish(spec, store, control, solver, state, reason, worker_name, time.perf_counter() - started, sanity)
+
+    try:
+        data = load_dataset_cached(spec.dataset, **spec.data)
+        if spec.sanity:
+            sanity = [{"name": r.name, "ok": bool(r.ok), "value": float(r.value), "message": r.message}
+                      for r in run_sanity_checks(spec.model, spec.solver, data, seed=spec.seed)]
+            failed = [r for r in sanity if not r["ok"]]
+            if failed:
+                return finish(TrialState.FAILED, f"sanity check {failed[0]['name']} failed: {failed[0]['message']}")
+        model = build_model(spec.model, data.input_shape, data.num_classes, seed=spec.seed)
+        stop = _StopCheck(control)
+        solver = Solver(model, data, spec.solver, seed=spec.seed, should_stop=stop)
+        solver.callback = lambda metrics: _end_of_epoch(spec, store, control, solver, metrics)
+        start_epoch = _restore(spec, store, solver)
+        control.report({"epoch": start_epoch})
+        if start_epoch:
+            log.info("trial %s: resuming at epoch %d of %d", tid, start_epoch, spec.epochs)
+        outcome = solver.train()
+    except StopJob as exc:
+        finish(TrialState.KILLED, control.should_stop() or str(exc))
+        raise
+    except Exception as exc:
+        finish(TrialState.FAILED, f"{type(exc).__name__}: {exc}")
+        raise
+    state = SOLVER_STATES[outcome["status"]]
+    return finish(state, stop.reason if state is TrialState.KILLED and stop.reason else outcome["reason"])
+
+
+def _checkpoint_arrays(spec: TrialSpec, solver: Solver) -> dict[str, np.ndarray]:
+    return {**solver.state_arrays(), "__spec__": np.array(json.dumps(spec.to_dict(), sort_keys=True))}
+
+
+def _restore(spec: TrialSpec, store: ExperimentStore, solver: Solver) -> int:
+    """Load the trial's latest checkpoint, or its parent's (copying the parent's history up to it) when it
+    has none; trim history records past the restored epoch. Returns the epoch training resumes after."""
+    tid = spec.trial_id
+    own = store.latest_checkpoint(tid)
+    history = current = store.read_history(tid)
+    if own is not None:
+        solver.load_state_arrays(load_npz(own.path))
+        epoch = own.epoch
+    elif spec.parent is not None and (parent := store.latest_checkpoint(spec.parent)) is not None:
+        solver.load_state_arrays(load_npz(parent.path))
+        epoch = parent.epoch
+        history = store.read_history(spec.parent)
+        store.write_checkpoint(tid, epoch, parent.val_acc, _checkpoint_arrays(spec, solver), spec.keep)
+        log.info("trial %s: starting from parent %s at epoch %d", tid, spec.parent, epoch)
+    else:
+        if spec.parent is not None:
+            log.warning("trial %s: parent %s has no checkpoint; training from scratch", tid, spec.parent)
+        epoch = 0
+    kept = [r for r in history if r["epoch"] <= epoch]
+    if kept != current:
+        store.write_history(tid, kept)
+    return epoch
+
+
+def _end_of_epoch(spec: TrialSpec, store: ExperimentStore, control: Any, solver: Solver,
+                  metrics: dict[str, Any]) -> None:
+    """Persist one finished epoch (history line, then checkpoint) and publish it."""
+    epoch = metrics["epoch"]
+    store.append_history(spec.trial_id, {**metrics, "time": time.time()})
+    store.write_checkpoint(spec.trial_id, epoch, metrics["val_acc"], _checkpoint_arrays(spec, solver), spec.keep)
+    control.report({
+        "epoch": epoch, "train_loss": metrics["train_loss"], "last_loss": metrics["train_loss"],
+        "initial_loss": solver.initial_loss, "train_acc": metrics["train_acc"], "val_acc": metrics["val_acc"],
+        "best_val_acc": round(solver.best_val_acc, 4), "samples_per_sec": metrics["samples_per_sec"],
+    })
+
+
+def _finish(spec: TrialSpec, store: ExperimentStore, control: Any, solver: Solver | None, state: TrialState,
+            reason: str, worker_name: str, seconds: float, sanity: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """Write result.json (best = the best checkpoint on disk, so its name, history and result agree)."""
+    best = next(iter(store.checkpoints(spec.trial_id)), None)
+    result = {
+        "trial_id": spec.trial_id,
+        "state": state.value,
+        "reason": reason,
+        "best_val_acc": best.val_acc if best else 0.0,
+        "best_epoch": best.epoch if best else 0,
+        "epochs_done": solver.epoch if solver is not None else 0,
+        "worker": worker_name,
+        "seconds": round(seconds, 6),
+        "finished_at": time.time(),
+        "checkpoint": best.path.name if best else None,
+    }
+    if sanity is not None:
+        result["sanity"] = sanity
+    store.write_result(spec.trial_id, result)
+    control.report({"state": state.value, "reason": reason, "best_val_acc": result["best_val_acc"],
+                    "epoch": result["epochs_done"]})
+    log.info("trial %s: %s (%s) best val %.4f at epoch %d in %.2fs", spec.trial_id, state.value, reason,
+             result["best_val_acc"], result["best_epoch"], seconds)
+    return result
