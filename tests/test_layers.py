@@ -1,0 +1,269 @@
+"""Tests for nncore.layers: forward values against naive references, gradients against finite differences."""
+from functools import partial
+
+import numpy as np
+import pytest
+
+from nncore import layers
+from nncore.gradcheck import eval_numerical_gradient, rel_error
+
+SMOOTH, KINKED = 1e-7, 1e-5
+
+
+def _signed(rng, shape, lo=0.05, hi=1.5):
+    """Values of random sign with |v| in [lo, hi]: at least lo away from a kink at 0."""
+    return rng.uniform(lo, hi, shape) * rng.choice([-1.0, 1.0], shape)
+
+
+def _distinct(rng, shape, step=0.1):
+    """A random arrangement of distinct values at least `step` apart (no ties for max-based layers)."""
+    return (rng.permutation(int(np.prod(shape))).reshape(shape) - np.prod(shape) / 2) * step
+
+
+def _bn_state(c, rng=None):
+    if rng is None:
+        return {"mean": np.zeros(c), "var": np.ones(c)}
+    return {"mean": rng.standard_normal(c), "var": rng.uniform(0.5, 2.0, c)}
+
+
+def _without_bias_grad(dout, cache):
+    dx, dw, db = layers.affine_backward(dout, cache)
+    assert db is None
+    return dx, dw
+
+
+def _case(name, rng):
+    """(forward(*arrays) -> out, backward(dout, cache) -> grads (one per array), arrays, tolerance)."""
+    if name == "affine":
+        arrays = [rng.standard_normal((4, 3, 2)), rng.standard_normal((6, 5)), rng.standard_normal(5)]
+        return layers.affine_forward, layers.affine_backward, arrays, SMOOTH
+    if name == "affine_no_bias":
+        arrays = [rng.standard_normal((4, 6)), rng.standard_normal((6, 5))]
+        return layers.affine_forward, _without_bias_grad, arrays, SMOOTH
+    if name == "relu":
+        return layers.relu_forward, layers.relu_backward, [_signed(rng, (5, 6))], KINKED
+    if name == "leaky_relu":
+        fwd = partial(layers.leaky_relu_forward, alpha=0.1)
+        return fwd, layers.leaky_relu_backward, [_signed(rng, (5, 6))], KINKED
+    if name == "elu":
+        fwd = partial(layers.elu_forward, alpha=1.3)
+        return fwd, layers.elu_backward, [_signed(rng, (5, 6), lo=0.1)], SMOOTH
+    if name == "tanh":
+        return layers.tanh_forward, layers.tanh_backward, [rng.standard_normal((5, 6))], SMOOTH
+    if name == "sigmoid":
+        return layers.sigmoid_forward, layers.sigmoid_backward, [2 * rng.standard_normal((5, 6))], SMOOTH
+    if name == "maxout":
+        # pieces of each unit differ by >= 0.25 in their biases, so perturbing w never changes the winner.
+        x, w = rng.uniform(-1, 1, (5, 4)), 0.02 * rng.standard_normal((4, 9))
+        b = _distinct(rng, (9,), step=0.25)
+        fwd = partial(layers.maxout_forward, pieces=3)
+        return fwd, layers.maxout_backward, [x, w, b], KINKED
+    if name == "dropout":
+        mask = layers.dropout_mask((5, 6), 0.4, rng, np.float64)
+        fwd = partial(layers.dropout_forward, p=0.4, train=True, mask=mask)
+        return fwd, layers.dropout_backward, [rng.standard_normal((5, 6))], SMOOTH
+    if name in ("batchnorm_train", "batchnorm_test", "batchnorm_conv"):
+        train, shape = name != "batchnorm_test", (6, 3, 4) if name == "batchnorm_conv" else (6, 4)
+        c = shape[1]
+        state = _bn_state(c, None if train else rng)
+        arrays = [2 * rng.standard_normal(shape) + 1, rng.uniform(0.5, 1.5, c), rng.standard_normal(c)]
+        fwd = partial(layers.batchnorm_forward, bn_state=state, train=train)
+        return fwd, layers.batchnorm_backward, arrays, SMOOTH
+    if name == "conv1d":
+        arrays = [rng.standard_normal((3, 2, 9)), rng.standard_normal((4, 2, 3)), rng.standard_normal(4)]
+        fwd = partial(layers.conv1d_forward, stride=1, pad=1)
+        return fwd, layers.conv1d_backward, arrays, SMOOTH
+    if name == "conv1d_strided":
+        arrays = [rng.standard_normal((2, 3, 11)), rng.standard_normal((2, 3, 4)), rng.standard_normal(2)]
+        fwd = partial(layers.conv1d_forward, stride=2, pad=2)
+        return fwd, layers.conv1d_backward, arrays, SMOOTH
+    if name == "maxpool1d":
+        fwd = partial(layers.maxpool1d_forward, pool=3)
+        return fwd, layers.maxpool1d_backward, [_distinct(rng, (2, 3, 10))], KINKED
+    raise AssertionError(name)
+
+
+CASES = ["affine", "affine_no_bias", "relu", "leaky_relu", "elu", "tanh", "sigmoid", "maxout", "dropout",
+         "batchnorm_train", "batchnorm_test", "batchnorm_conv", "conv1d", "conv1d_strided", "maxpool1d"]
+
+
+def _single(grads):
+    return grads if isinstance(grads, tuple) else (grads,)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_gradients_match_finite_differences(name):
+    rng = np.random.default_rng(sum(map(ord, name)))
+    forward, backward, arrays, tol = _case(name, rng)
+    out, cache = forward(*arrays)
+    dout = rng.standard_normal(out.shape)
+    analytic = _single(backward(dout.copy(), cache))
+    assert len(analytic) == len(arrays)
+    for i, (array, grad) in enumerate(zip(arrays, analytic)):
+        numeric = eval_numerical_gradient(lambda _: forward(*arrays)[0], array, h=1e-5, dout=dout)
+        assert grad.shape == array.shape
+        assert rel_error(grad, numeric) < tol, f"{name}: input {i}"
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_float32_stays_float32(name):
+    rng = np.random.default_rng(0)
+    forward, backward, arrays, _ = _case(name, rng)
+    out, cache = forward(*(a.astype(np.float32) for a in arrays))
+    assert out.dtype == np.float32
+    for grad in _single(backward(np.ones_like(out), cache)):
+        assert grad.dtype == np.float32
+
+
+def test_affine_forward_is_a_matrix_product_and_keeps_input_shape_in_dx():
+    rng = np.random.default_rng(1)
+    x, w, b = rng.standard_normal((4, 3, 2)), rng.standard_normal((6, 5)), rng.standard_normal(5)
+    out, cache = layers.affine_forward(x, w, b)
+    np.testing.assert_allclose(out, x.reshape(4, 6) @ w + b)
+    dx, dw, db = layers.affine_backward(np.ones((4, 5)), cache)
+    assert dx.shape == x.shape and dw.shape == w.shape and db.shape == b.shape
+    assert layers.affine_backward(np.ones((4, 5)), cache, input_grad=False)[0] is None
+    assert layers.affine_backward(np.ones((4, 5)), layers.affine_forward(x, w)[1])[2] is None
+
+
+def test_affine_forward_does_not_copy_2d_input():
+    x = np.ones((3, 4))
+    _, (cached, _, _) = layers.affine_forward(x, np.ones((4, 2)), np.zeros(2))
+    assert cached is x
+
+
+def test_relu_in_place_variants_write_into_the_given_buffer():
+    x = np.array([[-1.0, 2.0, -3.0, 4.0]])
+    out, cache = layers.relu_forward(x.copy())
+    assert out.tolist() == [[0.0, 2.0, 0.0, 4.0]]
+    buf = x.copy()
+    out, cache = layers.relu_forward(buf, out=buf)
+    assert out is buf and buf.tolist() == [[0.0, 2.0, 0.0, 4.0]]
+    dout = np.array([[5.0, 6.0, 7.0, 8.0]])
+    assert layers.relu_backward(dout, cache).tolist() == [[0.0, 6.0, 0.0, 8.0]]
+    assert dout.tolist() == [[5.0, 6.0, 7.0, 8.0]]
+    dx = layers.relu_backward(dout, cache, out=dout)
+    assert dx is dout and dout.tolist() == [[0.0, 6.0, 0.0, 8.0]]
+
+
+def test_activation_closed_forms():
+    x = np.array([-2.0, -0.5, 0.5, 3.0])
+    np.testing.assert_allclose(layers.leaky_relu_forward(x, 0.1)[0], [-0.2, -0.05, 0.5, 3.0])
+    np.testing.assert_allclose(layers.elu_forward(x, 2.0)[0], [2 * np.expm1(-2.0), 2 * np.expm1(-0.5), 0.5, 3.0])
+    np.testing.assert_allclose(layers.sigmoid_forward(x)[0], 1 / (1 + np.exp(-x)), rtol=1e-15)
+    np.testing.assert_allclose(layers.tanh_forward(x)[0], np.tanh(x))
+
+
+def test_sigmoid_and_elu_are_finite_for_huge_inputs():
+    x = np.array([-1e4, -50.0, 50.0, 1e4], dtype=np.float32)
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        sig, _ = layers.sigmoid_forward(x)
+        elu, _ = layers.elu_forward(x)
+    np.testing.assert_allclose(sig, [0.0, np.exp(-50.0), 1.0, 1.0], rtol=1e-6, atol=0)
+    np.testing.assert_allclose(elu, [-1.0, -1.0, 50.0, 1e4])
+
+
+def test_maxout_takes_the_max_over_each_units_pieces():
+    x = np.eye(2)
+    w = np.array([[1.0, 5.0, -1.0, -2.0], [3.0, 2.0, 0.0, 7.0]])  # unit 0: columns 0, 1; unit 1: columns 2, 3
+    out, _ = layers.maxout_forward(x, w, np.zeros(4), pieces=2)
+    assert out.tolist() == [[5.0, -1.0], [3.0, 7.0]]
+    with pytest.raises(ValueError, match="groups of 3"):
+        layers.maxout_forward(x, w, np.zeros(4), pieces=3)
+
+
+def test_dropout_preserves_the_expected_activation():
+    rng = np.random.default_rng(2)
+    x = rng.uniform(0.5, 2.0, (4, 5))
+    p, draws = 0.3, 20000
+    total = np.zeros_like(x)
+    zeros = 0
+    for _ in range(draws):
+        out, mask = layers.dropout_forward(x, p, True, rng=rng)
+        total += out
+        zeros += np.count_nonzero(out == 0)
+    # E[out] = x; each entry's mean over draws has std x * sqrt(p / (1 - p) / draws) <= 0.0093.
+    np.testing.assert_allclose(total / draws, x, atol=0.05)
+    assert abs(zeros / (draws * x.size) - p) < 0.005
+    assert set(np.unique(mask)) <= {0.0, 1 / (1 - p)}
+
+
+def test_dropout_is_identity_in_test_mode_and_with_p_zero():
+    x = np.arange(6.0).reshape(2, 3)
+    assert layers.dropout_forward(x, 0.5, False)[0] is x
+    assert layers.dropout_forward(x, 0.0, True)[0] is x
+    assert layers.dropout_backward(x, None) is x
+    with pytest.raises(ValueError, match="mask or an rng"):
+        layers.dropout_forward(x, 0.5, True)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        layers.dropout_mask((2,), 1.0, np.random.default_rng(0))
+
+
+def test_dropout_uses_a_given_mask():
+    x = np.ones((2, 2))
+    mask = np.array([[0.0, 2.0], [2.0, 0.0]])
+    out, _ = layers.dropout_forward(x, 0.5, True, mask=mask, rng=np.random.default_rng(0))
+    assert out.tolist() == mask.tolist()
+
+
+def test_batchnorm_train_normalizes_and_updates_running_stats():
+    rng = np.random.default_rng(3)
+    x = 3 * rng.standard_normal((50, 4)) + 7
+    state = _bn_state(4)
+    out, _ = layers.batchnorm_forward(x, np.full(4, 2.0), np.full(4, -1.0), state, True, momentum=0.9, eps=0)
+    np.testing.assert_allclose(out.mean(axis=0), -1.0, atol=1e-12)
+    np.testing.assert_allclose(out.std(axis=0), 2.0, rtol=1e-12)
+    np.testing.assert_allclose(state["mean"], 0.1 * x.mean(axis=0))
+    np.testing.assert_allclose(state["var"], 0.9 + 0.1 * x.var(axis=0))
+
+
+def test_batchnorm_test_mode_uses_running_stats_and_leaves_them():
+    rng = np.random.default_rng(4)
+    state = _bn_state(3, rng)
+    before = {k: v.copy() for k, v in state.items()}
+    x, gamma, beta = rng.standard_normal((5, 3)), rng.uniform(1, 2, 3), rng.standard_normal(3)
+    out, _ = layers.batchnorm_forward(x, gamma, beta, state, False, eps=1e-5)
+    np.testing.assert_allclose(out, (x - before["mean"]) / np.sqrt(before["var"] + 1e-5) * gamma + beta)
+    for key in state:
+        np.testing.assert_array_equal(state[key], before[key])
+
+
+def test_batchnorm_on_sequences_normalizes_each_channel_over_batch_and_length():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((6, 3, 5)) * np.array([1.0, 2.0, 3.0])[:, None] + 4
+    out, _ = layers.batchnorm_forward(x, np.ones(3), np.zeros(3), _bn_state(3), True, eps=0)
+    np.testing.assert_allclose(out.mean(axis=(0, 2)), 0, atol=1e-12)
+    np.testing.assert_allclose(out.std(axis=(0, 2)), 1, rtol=1e-12)
+
+
+def _naive_conv1d(x, w, b, stride, pad):
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad)))
+    n, f, k = len(x), len(w), w.shape[2]
+    l_out = (xp.shape[2] - k) // stride + 1
+    out = np.zeros((n, f, l_out))
+    for i in range(n):
+        for j in range(f):
+            for t in range(l_out):
+                out[i, j, t] = np.sum(xp[i, :, t * stride:t * stride + k] * w[j]) + b[j]
+    return out
+
+
+@pytest.mark.parametrize("stride, pad", [(1, 0), (1, 2), (2, 1), (3, 0)])
+def test_conv1d_matches_naive_convolution(stride, pad):
+    rng = np.random.default_rng(6)
+    x, w, b = rng.standard_normal((2, 3, 10)), rng.standard_normal((4, 3, 3)), rng.standard_normal(4)
+    out, _ = layers.conv1d_forward(x, w, b, stride=stride, pad=pad)
+    np.testing.assert_allclose(out, _naive_conv1d(x, w, b, stride, pad), rtol=1e-12, atol=1e-12)
+
+
+def test_conv1d_rejects_inputs_shorter_than_the_kernel():
+    with pytest.raises(ValueError, match="shorter than the kernel"):
+        layers.conv1d_forward(np.ones((1, 1, 2)), np.ones((1, 1, 3)), np.zeros(1))
+
+
+def test_maxpool1d_takes_window_maxima_and_routes_gradients_to_them():
+    x = np.array([[[1.0, 5.0, 2.0, 4.0, 3.0, 0.0, 9.0]]])
+    out, cache = layers.maxpool1d_forward(x, 2)
+    assert out.tolist() == [[[5.0, 4.0, 3.0]]]
+    dx = layers.maxpool1d_backward(np.array([[[10.0, 20.0, 30.0]]]), cache)
+    assert dx.tolist() == [[[0.0, 10.0, 0.0, 20.0, 30.0, 0.0, 0.0]]]
