@@ -231,25 +231,38 @@ def _stratified_indices(y: np.ndarray, num_classes: int, val_fraction: float, te
     return tuple(rng.permutation(np.concatenate(p).astype(np.int64)) for p in parts)
 
 
-def _preprocess(xs: dict[str, np.ndarray], mode: str) -> None:
-    """Centre (and for "standardize" scale) every split in place with the training split's statistics."""
+def preprocessing_stats(x_train: np.ndarray, mode: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(mean, scale) of preprocess `mode` fitted on the training split: float32 per-feature arrays, None where
+    the mode does not use one ("none": neither, "mean": no scale)."""
+    if mode not in PREPROCESS:
+        raise DataError(f"preprocess: expected one of {', '.join(PREPROCESS)}, got {mode!r}")
     if mode == "none":
-        return
-    train = xs["train"]
-    mean = train.mean(axis=0, dtype=np.float64)
+        return None, None
+    mean = x_train.mean(axis=0, dtype=np.float64)
     scale = None
     if mode == "standardize":
         sum_sq = np.zeros_like(mean)
-        for start in range(0, len(train), _CHUNK):
-            centred = train[start:start + _CHUNK] - mean
+        for start in range(0, len(x_train), _CHUNK):
+            centred = x_train[start:start + _CHUNK] - mean
             sum_sq += (centred * centred).sum(axis=0)
-        std = np.sqrt(sum_sq / len(train))
+        std = np.sqrt(sum_sq / len(x_train))
         scale = np.where(std > 1e-6 * (1.0 + np.abs(mean)), std, 1.0).astype(np.float32)
-    mean = mean.astype(np.float32)
-    for x in xs.values():
+    return mean.astype(np.float32), scale
+
+
+def apply_preprocessing(x: np.ndarray, mean: np.ndarray | None, scale: np.ndarray | None) -> None:
+    """Centre x by `mean` and divide it by `scale` in place (either may be None), as preprocessing_stats fitted."""
+    if mean is not None:
         x -= mean
-        if scale is not None:
-            x /= scale
+    if scale is not None:
+        x /= scale
+
+
+def _preprocess(xs: dict[str, np.ndarray], mode: str) -> None:
+    """Centre (and for "standardize" scale) every split in place with the training split's statistics."""
+    mean, scale = preprocessing_stats(xs["train"], mode)
+    for x in xs.values():
+        apply_preprocessing(x, mean, scale)
 
 
 def _read_digits() -> dict:
