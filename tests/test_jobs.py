@@ -1,0 +1,294 @@
+"""Tests for the RQ side of the worker, in-process on fakeredis: allow-list, no unpickling, stops, timeouts."""
+import pickle
+import signal
+import sys
+import threading
+import time
+import zlib
+
+import fakeredis
+import pytest
+from rq import Callback
+from rq.command import send_stop_job_command
+from rq.job import Job, JobStatus
+from rq.queue import Queue
+from rq.serializers import JSONSerializer
+
+from master.dispatch import Dispatcher, job_id
+from worker.control import read_progress, request_stop
+from worker.jobs import INTERRUPT, STOP_COMMAND_REASON, TrialWorker, refusal, train_trial
+from worker.spec import TrialSpec
+from worker.store import ExperimentStore
+
+QUEUE = "hs-test"
+
+
+def stubborn_job():
+    """Ignores stop requests, the way a trial stuck outside its minibatch loop would."""
+    with INTERRUPT.running():
+        while True:
+            time.sleep(0.01)
+
+
+def sleepy_job(seconds):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(0.01)
+    return "slept"
+
+
+def name_of(func):
+    return f"{func.__module__}.{func.__name__}"
+
+
+@pytest.fixture(autouse=True)
+def keep_signal_handlers():
+    """The worker installs SIGINT/SIGTERM handlers and uses SIGALRM; give pytest its own back."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+@pytest.fixture
+def conn():
+    return fakeredis.FakeRedis()
+
+
+@pytest.fixture
+def storage(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYPERSEARCH_STORAGE", str(tmp_path))
+    return tmp_path
+
+
+def make_spec(trial_id="coarse-0001", epochs=2, **overrides):
+    fields = dict(experiment="exp", trial_id=trial_id, stage="coarse", dataset="digits", model={"hidden": [32]},
+                  solver={"update": "adam", "lr": 1e-3, "batch_size": 64}, epochs=epochs, seed=1)
+    fields.update(overrides)
+    return TrialSpec(**fields)
+
+
+def run_worker(conn, **kwargs):
+    worker = TrialWorker([QUEUE], connection=conn, name=kwargs.pop("name", "w1"), **kwargs)
+    worker.work(burst=True)
+    worker.refresh()  # job counts live in Redis
+    return worker
+
+
+def fetch(conn, jid):
+    return Job.fetch(jid, connection=conn, serializer=JSONSerializer)
+
+
+def in_background(target):
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread
+
+
+def wait_until(predicate, timeout=30.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.005)
+    raise AssertionError("condition not reached in time")
+
+
+# -- the job function -------------------------------------------------------------------------------------------
+
+def test_trials_run_in_process_and_return_their_result(conn, storage):
+    specs = [make_spec(f"coarse-000{i}", seed=i) for i in range(3)]
+    assert Dispatcher(conn, QUEUE).enqueue(specs) == [s.trial_id for s in specs]
+    worker = run_worker(conn)
+    assert worker.successful_job_count == 3
+    store = ExperimentStore(storage, "exp")
+    for spec in specs:
+        job = fetch(conn, job_id("exp", spec.trial_id))
+        assert job.get_status() == JobStatus.FINISHED
+        assert job.return_value() == store.read_result(spec.trial_id)
+        assert job.return_value()["state"] == "COMPLETED" and job.return_value()["worker"] == "w1"
+    assert {t: p["state"] for t, p in read_progress(conn, "exp").items()} == {s.trial_id: "COMPLETED" for s in specs}
+
+
+def test_an_invalid_spec_fails_the_job_with_the_field_named(conn, storage):
+    job = Queue(QUEUE, connection=conn, serializer=JSONSerializer).enqueue(
+        "worker.jobs.train_trial", {**make_spec().to_dict(), "epochs": 0})
+    run_worker(conn)
+    assert fetch(conn, job.id).get_status() == JobStatus.FAILED
+    assert "epochs: expected an integer >= 1" in fetch(conn, job.id).latest_result().exc_string
+
+
+def test_train_trial_outside_a_worker_says_so():
+    with pytest.raises(RuntimeError, match="inside an RQ worker"):
+        train_trial(make_spec().to_dict())
+
+
+# -- the allow-list and the serializer ----------------------------------------------------------------------------
+
+@pytest.fixture
+def evil_module(tmp_path, monkeypatch):
+    """A module whose import leaves a marker file: proves whether the worker imported it."""
+    (tmp_path / "evil_mod.py").write_text(
+        f"open({str(tmp_path / 'imported')!r}, 'w').close()\n"
+        "def run(*args, **kwargs):\n    return 'ran'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path / "imported"
+    sys.modules.pop("evil_mod", None)
+
+
+def test_a_function_off_the_allow_list_is_refused_with_a_reason(conn, storage, tmp_path):
+    marker = tmp_path / "pwned"
+    job = Queue(QUEUE, connection=conn, serializer=JSONSerializer).enqueue("os.system", f"touch {marker}")
+    worker = run_worker(conn)
+    job = fetch(conn, job.id)
+    assert job.get_status() == JobStatus.FAILED
+    assert job.latest_result().exc_string == "refused: 'os.system' is not an allowed job function"
+    assert not marker.exists() and worker.failed_job_count == 1
+
+
+def test_refusal_happens_before_the_function_is_imported(conn, storage, evil_module):
+    job = Queue(QUEUE, connection=conn, serializer=JSONSerializer).enqueue("evil_mod.run")
+    run_worker(conn)
+    assert fetch(conn, job.id).latest_result().exc_string == "refused: 'evil_mod.run' is not an allowed job function"
+    assert not evil_module.exists() and "evil_mod" not in sys.modules
+
+
+def test_a_callback_off_the_allow_list_is_refused_too(conn, storage, evil_module):
+    job = Queue(QUEUE, connection=conn, serializer=JSONSerializer).enqueue(
+        "worker.jobs.train_trial", make_spec().to_dict(), on_failure=Callback("evil_mod.run"))
+    run_worker(conn)
+    assert fetch(conn, job.id).latest_result().exc_string == "refused: 'evil_mod.run' is not an allowed job function"
+    assert not evil_module.exists()
+
+
+def test_a_pickled_payload_is_never_unpickled(conn, storage, tmp_path):
+    marker = tmp_path / "unpickled"
+
+    class Payload:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    job = Queue(QUEUE, connection=conn, serializer=JSONSerializer).enqueue("worker.jobs.train_trial", {})
+    conn.hset(job.key, "data", zlib.compress(pickle.dumps(("worker.jobs.train_trial", None, [Payload()], {}))))
+    worker = run_worker(conn)
+    job = fetch(conn, job.id)
+    assert job.get_status() == JobStatus.FAILED
+    assert job.latest_result().exc_string.startswith("refused: the job's data is not a JSON job payload")
+    assert not marker.exists() and worker.failed_job_count == 1
+
+
+def test_refusal_reads_only_the_payload():
+    conn = fakeredis.FakeRedis()
+    ok = Job.create("worker.jobs.train_trial", args=({},), connection=conn, serializer=JSONSerializer)
+    assert refusal(ok) is None
+    bad = Job.create("builtins.eval", args=("1",), connection=conn, serializer=JSONSerializer)
+    assert refusal(bad) == "refused: 'builtins.eval' is not an allowed job function"
+    assert refusal(ok, allowed=frozenset()) == "refused: 'worker.jobs.train_trial' is not an allowed job function"
+
+
+def test_the_worker_only_speaks_json(conn):
+    with pytest.raises(ValueError, match="only speaks JSON"):
+        TrialWorker([QUEUE], connection=conn, serializer="rq.serializers.DefaultSerializer")
+
+
+# -- stopping a running trial ---------------------------------------------------------------------------------------
+
+def start_long_trial(conn, storage):
+    spec = make_spec(epochs=5000, model={"hidden": [64]})
+    Dispatcher(conn, QUEUE).enqueue([spec])
+    return spec, ExperimentStore(storage, "exp")
+
+
+def test_a_stop_key_is_honoured_within_a_second(conn, storage):
+    spec, store = start_long_trial(conn, storage)
+    asked = {}
+
+    def stop_after_first_epoch():
+        wait_until(lambda: read_progress(conn, "exp").get(spec.trial_id, {}).get("epoch", 0) >= 1)
+        asked["at"] = time.time()
+        request_stop(conn, "exp", spec.trial_id, "stopped by user")
+
+    in_background(stop_after_first_epoch)
+    run_worker(conn)
+    result = store.read_result(spec.trial_id)
+    assert result["state"] == "KILLED" and result["reason"] == "stopped by user"
+    assert result["finished_at"] - asked["at"] < 1.0
+    assert 1 <= result["epochs_done"] < spec.epochs
+    assert fetch(conn, job_id("exp", spec.trial_id)).get_status() == JobStatus.FINISHED
+
+
+def test_rq_stop_job_command_stops_an_in_process_trial(conn, storage):
+    spec, store = start_long_trial(conn, storage)
+    jid = job_id("exp", spec.trial_id)
+    asked = {}
+
+    def send_stop():
+        wait_until(lambda: read_progress(conn, "exp").get(spec.trial_id, {}).get("epoch", 0) >= 1)
+        asked["at"] = time.time()
+        send_stop_job_command(conn, jid, serializer=JSONSerializer)
+
+    in_background(send_stop)
+    run_worker(conn)
+    result = store.read_result(spec.trial_id)
+    assert result["state"] == "KILLED" and result["reason"] == STOP_COMMAND_REASON
+    assert result["finished_at"] - asked["at"] < 1.0
+    job = fetch(conn, jid)
+    assert job.get_status() == JobStatus.STOPPED  # as with RQ's forking worker
+    assert jid in Queue(QUEUE, connection=conn).failed_job_registry.get_job_ids()
+
+
+def test_a_job_that_ignores_the_stop_command_is_interrupted(conn, storage):
+    queue = Queue(QUEUE, connection=conn, serializer=JSONSerializer)
+    job = queue.enqueue(name_of(stubborn_job))
+    took = {}
+
+    def send_stop():
+        wait_until(lambda: fetch(conn, job.id).get_status() == JobStatus.STARTED)
+        took["asked"] = time.monotonic()
+        send_stop_job_command(conn, job.id, serializer=JSONSerializer)
+
+    in_background(send_stop)
+    run_worker(conn, allowed=frozenset({name_of(stubborn_job)}), stop_grace=0.5)
+    took["done"] = time.monotonic()
+    job = fetch(conn, job.id)
+    assert job.get_status() == JobStatus.STOPPED
+    assert "StopJob" in job.latest_result().exc_string
+    assert 0.4 < took["done"] - took["asked"] < 3.0
+
+
+def test_the_job_timeout_still_works_in_process(conn, storage):
+    job = Queue(QUEUE, connection=conn, serializer=JSONSerializer).enqueue(name_of(sleepy_job), 30, job_timeout=1)
+    started = time.monotonic()
+    run_worker(conn, allowed=frozenset({name_of(sleepy_job)}))
+    assert time.monotonic() - started < 5
+    job = fetch(conn, job.id)
+    assert job.get_status() == JobStatus.FAILED
+    assert "JobTimeoutException" in job.latest_result().exc_string
+
+
+def test_a_trial_past_its_timeout_is_recorded_failed(conn, storage):
+    spec = make_spec(epochs=5000)
+    dispatcher = Dispatcher(conn, QUEUE)
+    dispatcher.job_timeout = lambda s: 1
+    dispatcher.enqueue([spec])
+    run_worker(conn)
+    result = ExperimentStore(storage, "exp").read_result(spec.trial_id)
+    assert result["state"] == "FAILED" and "JobTimeoutException" in result["reason"]
+    assert fetch(conn, job_id("exp", spec.trial_id)).get_status() == JobStatus.FAILED
+
+
+def test_heartbeats_continue_while_a_job_runs(conn, storage):
+    job = Queue(QUEUE, connection=conn, serializer=JSONSerializer).enqueue(name_of(sleepy_job), 2.5)
+    beats = set()
+
+    def sample():
+        wait_until(lambda: fetch(conn, job.id).get_status() == JobStatus.STARTED)
+        while fetch(conn, job.id).get_status() == JobStatus.STARTED:
+            beats.add(conn.hget("rq:worker:w1", "last_heartbeat"))
+            time.sleep(0.05)
+
+    sampler = in_background(sample)
+    run_worker(conn, allowed=frozenset({name_of(sleepy_job)}), job_monitoring_interval=1)
+    sampler.join(5)
+    assert fetch(conn, job.id).return_value() == "slept"
+    assert len(beats) >= 3  # the start plus at least two beats during the 2.5 s job

@@ -1,0 +1,121 @@
+"""The one RQ entry point, ``train_trial``, and the in-process allow-listing RQ worker that runs it."""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import redis
+from rq import get_current_job
+from rq.exceptions import DeserializationError
+from rq.job import Job
+from rq.queue import Queue
+from rq.serializers import JSONSerializer
+from rq.worker import BaseWorker, SimpleWorker
+
+from worker.control import STOP_GRACE_SECONDS, JobInterrupt, RedisControl, StopJob
+from worker.spec import TrialSpec, TrialState
+from worker.store import ExperimentStore, storage_root
+from worker.trainer import run_trial
+
+log = logging.getLogger(__name__)
+
+ALLOWED_FUNCTIONS = frozenset({"worker.jobs.train_trial"})
+STOP_COMMAND_REASON = "stopped by user (RQ stop-job command)"
+HEARTBEAT_SECONDS = 10  # RQ worker/job heartbeat while a job runs; a dead worker's job is seen after ~70 s
+INTERRUPT = JobInterrupt()  # the stop request for the job this process runs (one at a time)
+
+
+def train_trial(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one trial inside an RQ worker; storage from the worker (``--storage`` / $HYPERSEARCH_STORAGE)."""
+    trial = TrialSpec.from_dict(spec)
+    job = get_current_job()
+    if job is None:
+        raise RuntimeError("train_trial runs inside an RQ worker (worker start), not on its own")
+    store = ExperimentStore(storage_root(), trial.experiment).ensure()
+    control = RedisControl(job.connection, trial.experiment, trial.trial_id, job.worker_name, interrupt=INTERRUPT)
+    with INTERRUPT.running():
+        result = run_trial(trial, store, control, job.worker_name)
+    if INTERRUPT.reason is not None and result["state"] == TrialState.KILLED.value:
+        raise StopJob(result["reason"])  # RQ's stop-job command: the job ends STOPPED, as with RQ's forking worker
+    return result
+
+
+def refusal(job: Job, allowed: frozenset[str] = ALLOWED_FUNCTIONS) -> str | None:
+    """Why ``job`` must not run, read from its JSON payload without importing anything; None if it may."""
+    try:
+        func_name, instance = job.func_name, job.instance
+    except DeserializationError:
+        return "refused: the job's data is not a JSON job payload (pickled or corrupt); it was not unpickled"
+    if instance is not None:
+        return "refused: jobs that call a method on an instance are not allowed"
+    callbacks = [getattr(job, f"_{kind}_callback_name", None) for kind in ("success", "failure", "stopped")]
+    for name in [func_name, *callbacks]:
+        if name is not None and name not in allowed:
+            return f"refused: {name!r} is not an allowed job function"
+    return None
+
+
+class _Heartbeat(threading.Thread):
+    """Keeps the worker's and the job's RQ heartbeats fresh while a job runs in the worker's main thread."""
+
+    def __init__(self, worker: TrialWorker, job: Job, execution: Any):
+        super().__init__(name=f"heartbeat-{job.id}", daemon=True)
+        self.worker, self.job, self.execution = worker, job, execution
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.worker.job_monitoring_interval):
+            try:
+                self.worker.maintain_heartbeats(self.job, self.execution)
+            except redis.RedisError as exc:
+                log.warning("heartbeat for job %s failed: %s", self.job.id, exc)
+
+
+class TrialWorker(SimpleWorker):
+    """An RQ worker that runs allow-listed jobs in its own process (no fork per job) with the JSON serializer.
+
+    Stopping still works: the trainer polls its stop key between batches, and RQ's stop-job command
+    (which a plain SimpleWorker ignores) sets an in-process stop request the trainer sees at once; a job
+    still running ``stop_grace`` seconds later gets StopJob raised in its thread. Either way the RQ job
+    ends STOPPED, as with RQ's forking worker. Job timeouts use RQ's SIGALRM death penalty, which works in
+    the main thread where the job runs; a heartbeat thread keeps the worker visible during long jobs.
+    """
+
+    get_heartbeat_ttl = BaseWorker.get_heartbeat_ttl  # heartbeats arrive while a job runs, as with forking
+    log_result_lifespan = False  # results are kept forever by design; no line per job about it
+
+    def __init__(self, queues: Any, *, allowed: frozenset[str] = ALLOWED_FUNCTIONS,
+                 stop_grace: float = STOP_GRACE_SECONDS, **kwargs: Any):
+        if kwargs.get("serializer", JSONSerializer) is not JSONSerializer:
+            raise ValueError("TrialWorker only speaks JSON (no pickle on the wire)")
+        kwargs["serializer"] = JSONSerializer
+        kwargs.setdefault("job_monitoring_interval", HEARTBEAT_SECONDS)
+        super().__init__(queues, **kwargs)
+        self.allowed = allowed
+        self.stop_grace = stop_grace
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        self._stopped_job_id = None
+        INTERRUPT.clear()
+        super().execute_job(job, queue)
+
+    def perform_job(self, job: Job, queue: Queue, execution: Any) -> bool:
+        reason = refusal(job, self.allowed)
+        if reason is not None:
+            log.warning("job %s %s", job.id, reason)
+            job.retries_left, job.webhooks = None, []  # a refused job is neither retried nor announced
+            self.handle_job_failure(job, queue, exc_string=reason, execution=execution)
+            return False
+        heartbeat = _Heartbeat(self, job, execution)
+        heartbeat.start()
+        try:
+            return super().perform_job(job, queue, execution)
+        finally:
+            heartbeat.done.set()
+
+    def kill_horse(self, sig: Any = None) -> None:
+        """RQ's stop-job / stop-execution commands land here (from the pub/sub thread): ask the job to stop."""
+        if self.get_current_job_id() is not None:
+            log.info("stop requested for job %s", self.get_current_job_id())
+            INTERRUPT.request(STOP_COMMAND_REASON, self.stop_grace)
