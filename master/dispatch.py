@@ -1,0 +1,194 @@
+"""Dispatch trials to workers through RQ (the only master module that talks to RQ): JSON jobs, one per trial."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Iterable
+
+import redis
+from rq.job import Job, JobStatus
+from rq.queue import Queue
+from rq.serializers import JSONSerializer
+from rq.worker import Worker
+
+from worker.control import DEFAULT_REDIS_URL, ControlError, mask_url, open_redis, read_progress, redis_url
+from worker.control import request_stop as _request_stop
+from worker.control import reset_trial
+from worker.spec import TrialSpec, TrialState, check_name
+from worker.store import ExperimentStore
+
+__all__ = ["DispatchError", "Dispatcher", "connect", "job_id", "mask_url", "redis_url", "trial_of"]
+
+log = logging.getLogger(__name__)
+
+JOB_FUNCTION = "worker.jobs.train_trial"
+DEFAULT_QUEUE = "hypersearch"
+TIMEOUT_BASE_SECONDS = 300  # data loading, sanity checks, the first checkpoint
+TIMEOUT_PER_EPOCH_SECONDS = 600  # generous: a job timeout catches a hung trial, not a slow one
+FAILURE_TTL_SECONDS = 365 * 24 * 3600
+ACTIVE_STATUSES = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
+_WATCH_RETRIES = 20
+
+
+class DispatchError(RuntimeError):
+    """Redis cannot be reached or refused a dispatch; the message masks passwords."""
+
+
+def connect(url: str | None = None) -> redis.Redis:
+    """A Redis client that answered PING: ``url``, else $REDIS_URL, else the local default."""
+    try:
+        return open_redis(redis_url(url) or DEFAULT_REDIS_URL)
+    except ControlError as exc:
+        raise DispatchError(str(exc)) from None
+
+
+def _escape(name: str) -> str:
+    return name.replace("_", "_u").replace(".", "_d")
+
+
+def job_id(experiment: str, trial_id: str) -> str:
+    """The trial's deterministic RQ job id, ``hs_<experiment>__<trial id>``.
+
+    RQ 3 job ids allow only ``[A-Za-z0-9_-]``, so '_' is written '_u' and '.' '_d'; the mapping stays
+    one-to-one (``__`` only ever separates the two names), e.g. ``hs_digits-mlp__coarse-0042``.
+    """
+    return f"{_job_prefix(experiment)}{_escape(check_name(trial_id, 'trial_id'))}"
+
+
+def _job_prefix(experiment: str) -> str:
+    return f"hs_{_escape(check_name(experiment, 'experiment'))}__"
+
+
+def trial_of(rq_job_id: str) -> tuple[str, str] | None:
+    """(experiment, trial id) of one of our job ids, or None for any other job."""
+    if not rq_job_id.startswith("hs_") or "__" not in rq_job_id:
+        return None
+    experiment, trial = (name.replace("_d", ".").replace("_u", "_") for name in rq_job_id[3:].split("__", 1))
+    return experiment, trial
+
+
+class Dispatcher:
+    """Enqueues trials (idempotently, by deterministic job id) and reads the queue's and workers' state."""
+
+    def __init__(self, conn: redis.Redis, queue: str = DEFAULT_QUEUE, *, storage: str | Path | None = None,
+                 seconds_per_epoch: int = TIMEOUT_PER_EPOCH_SECONDS):
+        self.conn = conn
+        self.queue = Queue(queue, connection=conn, serializer=JSONSerializer)
+        self.storage = Path(storage) if storage is not None else None
+        self.seconds_per_epoch = seconds_per_epoch
+
+    def job_timeout(self, spec: TrialSpec) -> int:
+        """Seconds a trial's job may run before RQ fails it: a fixed allowance plus one per epoch."""
+        return TIMEOUT_BASE_SECONDS + self.seconds_per_epoch * spec.epochs
+
+    def enqueue(self, specs: Iterable[TrialSpec], force: bool = False) -> list[str]:
+        """Enqueue the trials that have no job yet (and, with storage, no terminal result.json); return
+        their ids. ``force`` re-runs finished, failed and stopped ones too (resuming from checkpoints);
+        a trial whose job is queued or running is never enqueued twice."""
+        specs = list(specs)
+        wanted = {job_id(s.experiment, s.trial_id): s for s in specs}
+        if force:
+            self._drop_inactive_jobs(list(wanted))
+        else:
+            wanted = {jid: s for jid, s in wanted.items() if not self._has_terminal_result(s)}
+        enqueued = self._enqueue_missing(wanted, clear_results=force)
+        log.info("enqueued %d of %d trials on queue %s", len(enqueued), len(specs), self.queue.name)
+        return enqueued
+
+    def _has_terminal_result(self, spec: TrialSpec) -> bool:
+        if self.storage is None:
+            return False
+        result = ExperimentStore(self.storage, spec.experiment).read_result(spec.trial_id)
+        return isinstance(result, dict) and result.get("state") in {s.value for s in TrialState if s.terminal}
+
+    def _drop_inactive_jobs(self, ids: list[str]) -> None:
+        """Delete the jobs (finished, failed, stopped, canceled) among ``ids`` so they can be enqueued afresh."""
+        for job in Job.fetch_many(ids, connection=self.conn, serializer=JSONSerializer):
+            if job is None:
+                continue
+            if job.get_status(refresh=False) in ACTIVE_STATUSES:
+                log.warning("trial job %s is %s: not enqueued again", job.id, job.get_status(refresh=False).value)
+            else:
+                job.delete()
+
+    def _missing(self, ids: list[str]) -> list[str]:
+        with self.conn.pipeline(transaction=False) as pipe:
+            for jid in ids:
+                pipe.exists(Job.key_for(jid))
+            return [jid for jid, found in zip(ids, pipe.execute()) if not found]
+
+    def _enqueue_missing(self, wanted: dict[str, TrialSpec], clear_results: bool) -> list[str]:
+        """Enqueue the specs whose job key does not exist, in one transaction watching those keys."""
+        with self.conn.pipeline() as pipe:
+            for _ in range(_WATCH_RETRIES):
+                missing = self._missing(list(wanted))
+                if not missing:
+                    return []
+                try:
+                    pipe.watch(*[Job.key_for(jid) for jid in missing])
+                    if self._missing(missing) != missing:  # one was created before the watch took hold
+                        pipe.reset()
+                        continue
+                    specs = [wanted[jid] for jid in missing]
+                    if clear_results and self.storage is not None:
+                        for s in specs:
+                            ExperimentStore(self.storage, s.experiment).clear_result(s.trial_id)
+                    pipe.multi()
+                    for s in specs:
+                        reset_trial(pipe, s.experiment, s.trial_id, s.epochs)
+                    self.queue.enqueue_many([self._job_data(jid, s) for jid, s in zip(missing, specs)], pipeline=pipe)
+                    pipe.execute()
+                    return [s.trial_id for s in specs]
+                except redis.WatchError:
+                    pipe.reset()
+        raise DispatchError(f"could not enqueue {len(wanted)} trials: their jobs kept changing under us")
+
+    def _job_data(self, jid: str, spec: TrialSpec) -> Any:
+        return Queue.prepare_data(
+            JOB_FUNCTION, args=(spec.to_dict(),), job_id=jid, timeout=self.job_timeout(spec),
+            result_ttl=-1, failure_ttl=FAILURE_TTL_SECONDS, description=f"trial {spec.experiment}/{spec.trial_id}",
+        )
+
+    def progress(self, experiment: str) -> dict[str, dict[str, Any]]:
+        """{trial id: live progress fields} of the experiment's trials."""
+        return read_progress(self.conn, experiment)
+
+    def request_stop(self, experiment: str, trial_id: str, reason: str = "stopped by user") -> None:
+        """Ask for a trial to be stopped (honoured within about a second, also if it has not started yet)."""
+        _request_stop(self.conn, experiment, trial_id, reason)
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Live workers on this queue: name, state, current job (and trial), last heartbeat (unix time)."""
+        out = []
+        for w in Worker.all(queue=self.queue, serializer=JSONSerializer):
+            current = w.get_current_job_id()
+            trial = trial_of(current) if current else None
+            out.append({
+                "name": w.name, "state": w.get_state(), "hostname": w.hostname, "pid": w.pid,
+                "current_job": current, "experiment": trial[0] if trial else None,
+                "trial_id": trial[1] if trial else None,
+                "last_heartbeat": w.last_heartbeat.timestamp() if w.last_heartbeat else None,
+                "successful_jobs": w.successful_job_count, "failed_jobs": w.failed_job_count,
+            })
+        return out
+
+    def counts(self, experiment: str) -> dict[str, int]:
+        """How many of the experiment's jobs are queued, started, finished, failed and stopped."""
+        prefix = _job_prefix(experiment)
+        q = self.queue
+
+        def ours(ids: list[str]) -> list[str]:
+            return [i for i in ids if i.startswith(prefix)]
+
+        failed_or_stopped = ours(q.failed_job_registry.get_job_ids(cleanup=False))
+        with self.conn.pipeline(transaction=False) as pipe:
+            for jid in failed_or_stopped:
+                pipe.hget(Job.key_for(jid), "status")
+            stopped = sum(status == JobStatus.STOPPED.value.encode() for status in pipe.execute())
+        return {
+            "queued": len(ours(q.get_job_ids())),
+            "started": len(ours(q.started_job_registry.get_job_ids(cleanup=False))),
+            "finished": len(ours(q.finished_job_registry.get_job_ids(cleanup=False))),
+            "failed": len(failed_or_stopped) - stopped,
+            "stopped": stopped,
+        }
