@@ -1,0 +1,219 @@
+"""End-to-end tests of `worker start` processes against the real Redis on 127.0.0.1:6379 (DB 13)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import redis
+from rq.command import send_stop_job_command
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+
+from master.dispatch import Dispatcher, job_id
+from worker.spec import TrialSpec
+from worker.store import ExperimentStore
+
+URL = "redis://127.0.0.1:6379/13"
+
+
+def worker_command(url, storage, queue, name, *extra):
+    return [sys.executable, "-m", "worker.cli", "start", "--url", url, "--storage", str(storage),
+            "--queue", queue, "--name", name, *extra]
+
+
+@pytest.fixture
+def real_redis():
+    """A client on DB 13 and a unique tag; every key naming the tag is deleted afterwards."""
+    conn = redis.Redis.from_url(URL, socket_connect_timeout=1)
+    try:
+        conn.ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"needs the Redis server on 127.0.0.1:6379 ({exc})")
+    tag = uuid.uuid4().hex[:10]
+    yield conn, tag
+    keys = list(conn.scan_iter(match=f"*{tag}*", count=1000))
+    if keys:
+        conn.delete(*keys)
+    for registry in (b"rq:queues", b"rq:workers"):
+        members = [m for m in conn.smembers(registry) if tag.encode() in m]
+        if members:
+            conn.srem(registry, *members)
+
+
+class Workers:
+    """`worker start` subprocesses that are always terminated (then killed) at the end."""
+
+    def __init__(self, tmp_path):
+        self.tmp_path, self.procs = tmp_path, []
+
+    def start(self, command):
+        log = open(self.tmp_path / f"worker-{len(self.procs)}.log", "wb")
+        self.procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+        log.close()
+        return self.procs[-1]
+
+    def logs(self):
+        return "".join(p.read_text() for p in sorted(self.tmp_path.glob("worker-*.log")))
+
+    def stop(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+@pytest.fixture
+def workers(tmp_path):
+    w = Workers(tmp_path)
+    yield w
+    w.stop()
+
+
+def make_spec(experiment, index, epochs=1, hidden=(32,)):
+    return TrialSpec(experiment=experiment, trial_id=f"coarse-{index:04d}", stage="coarse", dataset="digits",
+                     model={"hidden": list(hidden)}, solver={"update": "adam", "lr": 3e-3, "batch_size": 64},
+                     epochs=epochs, seed=index, data={"preprocess": "standardize"})
+
+
+def wait_for(predicate, timeout, what):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+def test_two_workers_complete_eight_trials_with_consistent_records(real_redis, workers, tmp_path):
+    conn, tag = real_redis
+    experiment, queue, storage = f"it-{tag}", f"hs-it-{tag}", tmp_path / "storage"
+    specs = [make_spec(experiment, i) for i in range(8)]
+    dispatcher = Dispatcher(conn, queue, storage=storage)
+    assert len(dispatcher.enqueue(specs)) == 8
+    procs = [workers.start(worker_command(URL, storage, queue, f"it-{tag}-{n}", "--burst")) for n in (1, 2)]
+    for p in procs:
+        assert p.wait(180) == 0, workers.logs()
+
+    store = ExperimentStore(storage, experiment)
+    for spec in specs:
+        result = store.read_result(spec.trial_id)
+        assert result["state"] == "COMPLETED", result
+        assert result["worker"] in {f"it-{tag}-1", f"it-{tag}-2"}
+        history = store.read_history(spec.trial_id)
+        assert [r["epoch"] for r in history] == [1]
+        (ckpt,) = store.checkpoints(spec.trial_id)
+        assert ckpt.path.name == result["checkpoint"]
+        assert ckpt.val_acc == round(history[0]["val_acc"], 4) == result["best_val_acc"]
+        job = Job.fetch(job_id(experiment, spec.trial_id), connection=conn, serializer=JSONSerializer)
+        assert job.get_status() == JobStatus.FINISHED and job.return_value() == result
+    assert dispatcher.counts(experiment)["finished"] == 8
+    assert dispatcher.enqueue(specs) == []  # launching again enqueues nothing
+    assert Dispatcher(conn, queue).enqueue(specs) == []  # not even without storage: the jobs are kept
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+def test_stops_reach_trials_in_other_processes(real_redis, workers, tmp_path):
+    conn, tag = real_redis
+    experiment, queue, storage = f"it-{tag}", f"hs-it-{tag}", tmp_path / "storage"
+    dispatcher = Dispatcher(conn, queue)
+    by_key, by_command = make_spec(experiment, 0, epochs=5000), make_spec(experiment, 1, epochs=5000)
+    dispatcher.enqueue([by_key, by_command])
+    name = f"it-{tag}-1"
+    proc = workers.start(worker_command(URL, storage, queue, name, "--burst"))
+    store = ExperimentStore(storage, experiment)
+
+    def running(spec):
+        return lambda: dispatcher.progress(experiment).get(spec.trial_id, {}).get("epoch", 0) >= 1
+
+    wait_for(running(by_key), 60, "the first trial to run")
+    asked = time.time()
+    dispatcher.request_stop(experiment, by_key.trial_id, "stopped by user")
+    wait_for(lambda: store.read_result(by_key.trial_id) is not None, 10, "the first trial to stop")
+    result = store.read_result(by_key.trial_id)
+    assert result["state"] == "KILLED" and result["reason"] == "stopped by user"
+    assert result["finished_at"] - asked < 1.0
+
+    wait_for(running(by_command), 60, "the second trial to run")
+    assert [w["trial_id"] for w in dispatcher.workers() if w["name"] == name] == [by_command.trial_id]
+    asked = time.time()
+    send_stop_job_command(conn, job_id(experiment, by_command.trial_id), serializer=JSONSerializer)
+    assert proc.wait(30) == 0, workers.logs()
+    result = store.read_result(by_command.trial_id)
+    assert result["state"] == "KILLED" and result["finished_at"] - asked < 1.0
+    job = Job.fetch(job_id(experiment, by_command.trial_id), connection=conn, serializer=JSONSerializer)
+    assert job.get_status() == JobStatus.STOPPED
+    assert dispatcher.counts(experiment) == {"queued": 0, "started": 0, "finished": 1, "failed": 0, "stopped": 1}
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+def test_sigterm_is_a_warm_shutdown(real_redis, workers, tmp_path):
+    conn, tag = real_redis
+    experiment, queue, storage = f"it-{tag}", f"hs-it-{tag}", tmp_path / "storage"
+    dispatcher = Dispatcher(conn, queue)
+    spec = make_spec(experiment, 0, epochs=60, hidden=(128,))
+    dispatcher.enqueue([spec, make_spec(experiment, 1)])
+    proc = workers.start(worker_command(URL, storage, queue, f"it-{tag}-1"))  # not --burst
+    wait_for(lambda: dispatcher.progress(experiment).get(spec.trial_id, {}).get("epoch", 0) >= 1, 60,
+             "the trial to run")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(120) == 0, workers.logs()
+    store = ExperimentStore(storage, experiment)
+    assert store.read_result(spec.trial_id)["state"] == "COMPLETED"  # the running trial was finished
+    assert store.read_result("coarse-0001") is None  # and no new one was started
+    assert dispatcher.counts(experiment)["queued"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+def test_a_password_url_works_and_the_password_is_never_logged(real_redis, workers, tmp_path):
+    conn, tag = real_redis
+    user, password = f"hs-it-{tag}", f"pw-{uuid.uuid4().hex}"
+    conn.acl_setuser(user, enabled=True, passwords=[f"+{password}"], keys=["*"], channels=["*"],
+                     commands=["+@all"])
+    try:
+        url = f"redis://{user}:{password}@127.0.0.1:6379/13"
+        experiment, queue, storage = f"it-{tag}", f"hs-it-{tag}", tmp_path / "storage"
+        assert Dispatcher(redis.Redis.from_url(url), queue).enqueue([make_spec(experiment, 0)]) == ["coarse-0000"]
+        proc = workers.start(worker_command(url, storage, queue, f"it-{tag}-1", "--burst"))
+        assert proc.wait(120) == 0, workers.logs()
+        assert ExperimentStore(storage, experiment).read_result("coarse-0000")["state"] == "COMPLETED"
+        assert f"{user}:***@127.0.0.1" in workers.logs() and password not in workers.logs()
+
+        bad = workers.start(worker_command(url.replace(password, "wrong"), storage, queue, f"it-{tag}-2"))
+        assert bad.wait(30) == 2
+        assert "invalid username-password pair" in workers.logs()
+    finally:
+        conn.acl_deluser(user)
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "worker.cli", *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})
+
+
+def test_unreachable_redis_is_one_line_and_exit_2(tmp_path):
+    done = run_cli("start", "--storage", str(tmp_path), "--burst", env={"REDIS_URL": "redis://:hunter2@127.0.0.1:1/0"})
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "worker: cannot reach Redis at redis://:***@127.0.0.1:1/0: Error 111 connecting to 127.0.0.1:1. "
+        "Connection refused."]
+    assert "hunter2" not in done.stdout + done.stderr
+
+
+def test_unwritable_storage_is_one_line_and_exit_2(tmp_path):
+    (tmp_path / "file").write_text("")
+    done = run_cli("start", "--url", "redis://127.0.0.1:1/0", "--storage", str(tmp_path / "file" / "sub"))
+    assert done.returncode == 2
+    assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith(f"worker: storage {tmp_path}/file/sub:")
