@@ -295,3 +295,20 @@ def test_resume_real_model_with_dropout_and_batchnorm_is_exact(tmp_path, digits)
     for key in a:
         assert np.array_equal(a[key], b[key]), key
     assert straight.best_val_acc > 0.8  # it did train
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_train_digits_example_reaches_97_percent(seed):
+    import importlib.util
+    from pathlib import Path
+
+    from threadpoolctl import threadpool_limits
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "train_digits.py"
+    spec = importlib.util.spec_from_file_location("train_digits", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    with threadpool_limits(1):
+        test_acc, ema_test_acc = example.train(seed, log=lambda line: None)
+    assert test_acc >= 0.97 and ema_test_acc >= 0.97
