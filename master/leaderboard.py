@@ -1,0 +1,130 @@
+"""The leaderboard: one row per trial built from shared storage alone, and its rich table."""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pandas as pd
+from rich import box
+from rich.table import Table
+
+from worker.spec import TrialState
+from worker.store import ExperimentStore
+
+BASE_COLUMNS = ["trial", "stage", "state", "reason", "val_acc", "best_epoch", "train_acc", "epochs",
+                "seconds", "worker"]
+STATE_STYLES = {TrialState.COMPLETED.value: "green", TrialState.KILLED.value: "yellow",
+                TrialState.DIVERGED.value: "red", TrialState.FAILED.value: "red",
+                TrialState.RUNNING.value: "cyan", TrialState.QUEUED.value: "dim"}
+
+
+def _number(value: Any) -> float:
+    """``value`` as a float (Redis hands back strings), NaN when missing or unparsable."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _best_of(history: list[dict[str, Any]]) -> tuple[float, int | None]:
+    """(best validation accuracy, its epoch) over the history records; the earliest epoch wins ties."""
+    scored = [r for r in history if math.isfinite(_number(r.get("val_acc")))]
+    if not scored:
+        return math.nan, None
+    best = max(scored, key=lambda r: (_number(r["val_acc"]), -r["epoch"]))
+    return _number(best["val_acc"]), best["epoch"]
+
+
+def trial_row(store: ExperimentStore, trial_id: str, spec: dict[str, Any],
+              live: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One leaderboard row; ``live`` is the trial's Redis progress hash, if known, for unfinished trials."""
+    result = store.read_result(trial_id)
+    history = store.read_history(trial_id)
+    live = live or {}
+    if isinstance(result, dict) and result.get("state"):
+        state, reason = result["state"], result.get("reason") or ""
+        val_acc, best_epoch = _number(result.get("best_val_acc")), result.get("best_epoch")
+        epochs, seconds = result.get("epochs_done"), _number(result.get("seconds"))
+        worker = result.get("worker") or ""
+    else:
+        started = bool(history) or bool(store.checkpoints(trial_id))
+        inferred = TrialState.RUNNING if started else TrialState.QUEUED
+        state, reason = live.get("state") or inferred.value, live.get("reason") or ""
+        val_acc, best_epoch = _best_of(history)
+        epochs = max((r["epoch"] for r in history), default=0)
+        seconds = sum(_number(r.get("seconds")) for r in history if math.isfinite(_number(r.get("seconds"))))
+        worker = live.get("worker") or ""
+    at_best = next((r for r in history if r["epoch"] == best_epoch), {})
+    return {"trial": trial_id, "stage": spec.get("stage", ""), "state": str(state), "reason": reason,
+            "val_acc": val_acc, "best_epoch": best_epoch, "train_acc": _number(at_best.get("train_acc")),
+            "epochs": epochs, "seconds": seconds, "worker": worker, **(spec.get("params") or {})}
+
+
+def build_leaderboard(store: ExperimentStore, progress: dict[str, dict[str, Any]] | None = None,
+                      stage: str | None = None) -> pd.DataFrame:
+    """Every trial of the experiment (of ``stage`` if given), best validation accuracy first."""
+    progress = progress or {}
+    rows = [trial_row(store, tid, spec, progress.get(tid)) for tid, spec in store.iter_trials()
+            if stage is None or spec.get("stage") == stage]
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return pd.DataFrame(columns=BASE_COLUMNS)
+    params = sorted(c for c in df.columns if c not in BASE_COLUMNS)
+    df = df[BASE_COLUMNS + params]
+    df["best_epoch"] = df["best_epoch"].astype("Int64")
+    df["epochs"] = df["epochs"].astype("Int64")
+    return df.sort_values(["val_acc", "trial"], ascending=[False, True], na_position="last",
+                          kind="stable").reset_index(drop=True)
+
+
+def param_columns(df: pd.DataFrame) -> list[str]:
+    """The sampled-hyperparameter columns (dotted names such as ``solver.lr``)."""
+    return [c for c in df.columns if c not in BASE_COLUMNS]
+
+
+def _short_labels(names: list[str]) -> dict[str, str]:
+    """Last dotted component of each name where that is unambiguous, else the full name."""
+    last = [n.rsplit(".", 1)[-1] for n in names]
+    return {n: (s if last.count(s) == 1 else n) for n, s in zip(names, last)}
+
+
+def _cell(value: Any, fmt: str = "{:.3g}") -> str:
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, separators=(",", ":"))
+    if isinstance(value, float):
+        return fmt.format(value)
+    return str(value)
+
+
+def render_table(df: pd.DataFrame, top: int = 10, title: str | None = None) -> Table:
+    """A rich table of the best ``top`` rows: trial, state, val and train accuracy, best/run epochs, seconds,
+    hyperparameters, worker; plus the reason of any shown trial that did not complete."""
+    shown = df.head(top)
+    params = param_columns(df)
+    labels = _short_labels(params)
+    failed = shown[(shown["state"] != TrialState.COMPLETED.value) & (shown["reason"].astype(str) != "")]
+    table = Table(title=title or f"top {min(top, len(df))} of {len(df)} trials", title_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    for name in ("trial", "state"):
+        table.add_column(name, no_wrap=True, min_width=max([len(name)] + [len(str(v)) for v in shown[name]]))
+    for name in ("val", "train", "ep", "secs"):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("hyperparameters", overflow="fold", min_width=20)
+    table.add_column("worker", overflow="ellipsis", no_wrap=True, max_width=16)
+    if len(failed):
+        table.add_column("reason", overflow="fold")
+    for values in shown.to_dict("records"):
+        style = STATE_STYLES.get(values["state"], "")
+        cells = [values["trial"], f"[{style}]{values['state']}[/]" if style else values["state"],
+                 _cell(values["val_acc"], "{:.4f}"), _cell(values["train_acc"], "{:.4f}"),
+                 f"{_cell(values['best_epoch'])}/{_cell(values['epochs'])}", _cell(values["seconds"], "{:.1f}")]
+        cells.append(" ".join(f"{labels[name]}={_cell(values[name])}" for name in params
+                              if _cell(values[name]) != "-"))
+        cells.append(_cell(values["worker"]))
+        if len(failed):
+            cells.append("" if values["state"] == TrialState.COMPLETED.value else _cell(values["reason"]))
+        table.add_row(*cells)
+    return table
