@@ -1,0 +1,446 @@
+"""Models (MLP and 1-D CNN) built from a plain config dict: loss and gradients, inference, npz checkpoints."""
+import json
+import math
+import numbers
+import os
+import re
+import zipfile
+from collections.abc import Mapping
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from nncore import layers
+from nncore.errors import ConfigError, DataError
+from nncore.init import INIT_KINDS, init_weight
+from nncore.losses import l2_penalty, softmax, softmax_loss, svm_loss
+
+MODEL_DEFAULTS = {
+    "arch": "mlp",
+    "hidden": [128],
+    "activation": "relu",
+    "leaky_alpha": 0.01,
+    "elu_alpha": 1.0,
+    "maxout_pieces": 2,
+    "dropout": 0.0,
+    "batchnorm": False,
+    "init": "he",
+    "init_scale": 0.01,
+    "loss": "softmax",
+    "conv_channels": [16],
+    "conv_kernel": 5,
+    "conv_pool": 2,
+}
+ARCHS = ("mlp", "conv1d")
+ACTIVATIONS = ("relu", "leaky_relu", "elu", "tanh", "sigmoid", "maxout")
+LOSSES = {"softmax": softmax_loss, "svm": svm_loss}
+MAX_UNITS = 65536
+MAX_LAYERS = 64
+MAX_CONV_BLOCKS = 16
+MAX_PARAMS = 50_000_000
+
+_PARAM_NAME = re.compile(r"(?:W|b|gamma|beta)(c?)(\d+)|bn(c?)(\d+)_(?:mean|var)")
+
+
+def layer_of(name):
+    """The layer a parameter or buffer belongs to: "W2" -> "layer2", "gammac1" / "bnc1_var" -> "conv1"."""
+    match = _PARAM_NAME.fullmatch(name)
+    if match is None:
+        raise ValueError(f"layer_of: {name!r} is not a model parameter or buffer name")
+    conv, index = match.group(1, 2) if match[2] else match.group(3, 4)
+    return ("conv" if conv else "layer") + index
+
+
+def _fail(field, expected, value):
+    raise ConfigError(f"model.{field}: expected {expected}, got {value!r}")
+
+
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _int(field, value, lo, hi):
+    if not (_is_int(value) and lo <= value <= hi):
+        _fail(field, f"an int in [{lo}, {hi}]", value)
+    return int(value)
+
+
+def _int_list(field, value, lo, hi, max_len, min_len=0):
+    if not (isinstance(value, (list, tuple)) and min_len <= len(value) <= max_len
+            and all(_is_int(v) and lo <= v <= hi for v in value)):
+        _fail(field, f"a list of {min_len} to {max_len} ints in [{lo}, {hi}]", value)
+    return [int(v) for v in value]
+
+
+def _number(field, value, lo, hi, lo_open=False, hi_open=False):
+    ok = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+          and (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi))
+    if not ok:
+        _fail(field, f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}", value)
+    return float(value)
+
+
+def _choice(field, value, choices):
+    if not (isinstance(value, str) and value in choices):
+        _fail(field, "one of " + ", ".join(map(repr, choices)), value)
+    return str(value)
+
+
+def _bool(field, value):
+    if not isinstance(value, (bool, np.bool_)):
+        _fail(field, "true or false", value)
+    return bool(value)
+
+
+_CHECKS = {
+    "arch": partial(_choice, choices=ARCHS),
+    "hidden": partial(_int_list, lo=1, hi=MAX_UNITS, max_len=MAX_LAYERS),
+    "activation": partial(_choice, choices=ACTIVATIONS),
+    "leaky_alpha": partial(_number, lo=0.0, hi=1.0, hi_open=True),
+    "elu_alpha": partial(_number, lo=0.0, hi=10.0, lo_open=True),
+    "maxout_pieces": partial(_int, lo=2, hi=16),
+    "dropout": partial(_number, lo=0.0, hi=1.0, hi_open=True),
+    "batchnorm": _bool,
+    "init": partial(_choice, choices=INIT_KINDS),
+    "init_scale": partial(_number, lo=0.0, hi=10.0, lo_open=True),
+    "loss": partial(_choice, choices=tuple(LOSSES)),
+    "conv_channels": partial(_int_list, lo=1, hi=MAX_UNITS, max_len=MAX_CONV_BLOCKS, min_len=1),
+    "conv_kernel": partial(_int, lo=1, hi=1024),
+    "conv_pool": partial(_int, lo=1, hi=1024),
+}
+
+
+def _pieces(cfg):
+    """Linear units per output unit: maxout_pieces for maxout, else 1."""
+    return cfg["maxout_pieces"] if cfg["activation"] == "maxout" else 1
+
+
+def _size_error(field, total, context):
+    return ConfigError(f"model.{field}: {total:,} parameters {context} exceed the limit of {MAX_PARAMS:,}")
+
+
+def validate_model_config(cfg):
+    """A complete, normalized copy of a model config: defaults filled in, every field type- and range-checked.
+
+    Raises ConfigError naming the field ("model.<field>: ..."). Absurd sizes are refused here, before
+    anything is allocated (the exact parameter count is checked again once input shape and classes are known).
+    """
+    if not isinstance(cfg, Mapping):
+        raise ConfigError(f"model: expected a table of fields, got {type(cfg).__name__}")
+    unknown = sorted(str(key) for key in cfg if key not in MODEL_DEFAULTS)
+    if unknown:
+        raise ConfigError(f"model.{unknown[0]}: unknown field (known: {', '.join(sorted(MODEL_DEFAULTS))})")
+    out = {field: check(field, cfg.get(field, MODEL_DEFAULTS[field])) for field, check in _CHECKS.items()}
+    hidden = out["hidden"]
+    between = sum(a * b * _pieces(out) for a, b in zip(hidden, hidden[1:]))
+    if between > MAX_PARAMS:
+        raise _size_error("hidden", between, "between hidden layers alone")
+    return out
+
+
+def _conv_pad(kernel):
+    """Zero padding that keeps the length for odd kernels (stride 1)."""
+    return (kernel - 1) // 2
+
+
+def _shapes(cfg, input_shape, num_classes):
+    """({param: shape}, {buffer: shape}) in layer order for a validated config; ConfigError if too big."""
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    if not input_shape or min(input_shape) < 1:
+        raise ValueError(f"input_shape must be a non-empty tuple of positive sizes, got {input_shape}")
+    params, buffers = {}, {}
+    pieces = _pieces(cfg)
+
+    def add_layer(suffix, weight_shape, units):
+        params[f"W{suffix}"] = weight_shape
+        if not cfg["batchnorm"]:
+            params[f"b{suffix}"] = (units,)
+        else:
+            params[f"gamma{suffix}"] = params[f"beta{suffix}"] = (units,)
+            buffers[f"bn{suffix}_mean"] = buffers[f"bn{suffix}_var"] = (units,)
+
+    if cfg["arch"] == "conv1d":
+        if len(input_shape) != 2:
+            raise ConfigError(f"model.arch: 'conv1d' needs per-sample inputs shaped (channels, length), "
+                              f"got input shape {input_shape}")
+        channels, length = input_shape
+        kernel, pool = cfg["conv_kernel"], cfg["conv_pool"]
+        for i, filters in enumerate(cfg["conv_channels"], 1):
+            add_layer(f"c{i}", (filters * pieces, channels, kernel), filters * pieces)
+            length = (length + 2 * _conv_pad(kernel) - kernel + 1) // pool
+            if length < 1:
+                raise ConfigError(f"model.conv_channels: conv block {i} shrinks the sequence to length 0 "
+                                  f"(input length {input_shape[1]}, conv_kernel {kernel}, conv_pool {pool})")
+            channels = filters
+        width = channels * length
+    else:
+        width = math.prod(input_shape)
+    for i, units in enumerate(cfg["hidden"], 1):
+        add_layer(str(i), (width, units * pieces), units * pieces)
+        width = units
+    out = len(cfg["hidden"]) + 1
+    params[f"W{out}"], params[f"b{out}"] = (width, num_classes), (num_classes,)
+    total = sum(math.prod(shape) for shape in params.values())
+    if total > MAX_PARAMS:
+        conv = sum(math.prod(s) for name, s in params.items() if layer_of(name).startswith("conv"))
+        field = "conv_channels" if 2 * conv > total else "hidden"
+        raise _size_error(field, total, f"(input shape {input_shape}, {num_classes} classes)")
+    return params, buffers
+
+
+def _fans(shape):
+    """(fan_in, fan_out) of an affine weight (D, H) or a conv weight (F, C, K)."""
+    if len(shape) == 3:
+        filters, channels, kernel = shape
+        return channels * kernel, filters * kernel
+    return shape
+
+
+def _relu_inplace(z):
+    return layers.relu_forward(z, out=z)
+
+
+def _relu_backward_inplace(dout, cache):
+    return layers.relu_backward(dout, cache, out=dout)
+
+
+def _activation(cfg):
+    """(forward, backward) of the configured nonlinearity. Every input the model hands these is a fresh
+    array it owns (the output of a linear or batchnorm layer, or a gradient just computed), so ReLU works in place."""
+    kind = cfg["activation"]
+    return {
+        "relu": (_relu_inplace, _relu_backward_inplace),
+        "leaky_relu": (partial(layers.leaky_relu_forward, alpha=cfg["leaky_alpha"]), layers.leaky_relu_backward),
+        "elu": (partial(layers.elu_forward, alpha=cfg["elu_alpha"]), layers.elu_backward),
+        "tanh": (layers.tanh_forward, layers.tanh_backward),
+        "sigmoid": (layers.sigmoid_forward, layers.sigmoid_backward),
+        "maxout": (partial(layers.max_pieces_forward, pieces=cfg["maxout_pieces"]), layers.max_pieces_backward),
+    }[kind]
+
+
+def _record(tape, backward, cache, names=()):
+    """Append a backward step to the tape (None when not recording). The first step is always the first
+    linear layer, whose input gradient (w.r.t. the data) is never needed."""
+    if tape is None:
+        return
+    if not tape:
+        backward = partial(backward, input_grad=False)
+    tape.append((backward, cache, names))
+
+
+def _check_arrays(kind, arrays, shapes):
+    if set(arrays) != set(shapes):
+        raise ValueError(f"{kind}: expected arrays {sorted(shapes)}, got {sorted(arrays)}")
+    for name, shape in shapes.items():
+        if arrays[name].shape != shape:
+            raise ValueError(f"{kind}[{name!r}]: expected shape {shape}, got {arrays[name].shape}")
+
+
+class Model:
+    """A network (conv blocks, hidden layers, output layer) with its parameters and batchnorm buffers.
+
+    Parameter names: "W{i}", "b{i}" for hidden layer i and the output layer (i = len(hidden) + 1);
+    "Wc{i}", "bc{i}" for conv block i; with batchnorm, hidden layers and conv blocks have "gamma{i}",
+    "beta{i}" / "gammac{i}", "betac{i}" instead of the bias. Buffers:
+    "bn{i}_mean", "bn{i}_var", "bnc{i}_mean", "bnc{i}_var". Layers: "conv{i}", "layer{i}" (see layer_of).
+    """
+
+    layer_of = staticmethod(layer_of)
+
+    def __init__(self, config, input_shape, num_classes, params, buffers):
+        self.config = validate_model_config(config)
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.num_classes = int(num_classes)
+        param_shapes, buffer_shapes = _shapes(self.config, self.input_shape, self.num_classes)
+        _check_arrays("params", params, param_shapes)
+        _check_arrays("buffers", buffers, buffer_shapes)
+        self.params = {name: params[name] for name in param_shapes}
+        self.buffers = {name: buffers[name] for name in buffer_shapes}
+        dtypes = {a.dtype for a in (*self.params.values(), *self.buffers.values())}
+        if len(dtypes) != 1 or not np.issubdtype(next(iter(dtypes)), np.floating):
+            raise ValueError(f"params and buffers must share one float dtype, got {sorted(map(str, dtypes))}")
+        self.weight_names = [name for name in param_shapes if name.startswith("W")]
+        self.layer_names = list(dict.fromkeys(map(layer_of, param_shapes)))
+        self._act_forward, self._act_backward = _activation(self.config)
+        self._data_loss = LOSSES[self.config["loss"]]
+
+    @property
+    def dtype(self):
+        return next(iter(self.params.values())).dtype
+
+    def _input(self, x):
+        x = np.asarray(x, dtype=self.dtype)
+        if x.shape[1:] != self.input_shape:
+            raise ValueError(f"model expects inputs shaped (N, {', '.join(map(str, self.input_shape))}), "
+                             f"got {x.shape}")
+        return x
+
+    def _hidden(self, h, params, suffix, train, tape, acts):
+        """Linear (conv for suffix "c{i}", else affine), optional batchnorm, nonlinearity.
+
+        A layer followed by batchnorm has no bias: beta takes its role (a bias there has zero gradient).
+        """
+        bn = self.config["batchnorm"]
+        w, b = f"W{suffix}", f"b{suffix}"
+        bias, names = (None, (w,)) if bn else (params[b], (w, b))
+        if suffix.startswith("c"):
+            h, cache = layers.conv1d_forward(h, params[w], bias, pad=_conv_pad(self.config["conv_kernel"]))
+            _record(tape, layers.conv1d_backward, cache, names)
+        else:
+            h, cache = layers.affine_forward(h, params[w], bias)
+            _record(tape, layers.affine_backward, cache, names)
+        if bn:
+            state = {"mean": self.buffers[f"bn{suffix}_mean"], "var": self.buffers[f"bn{suffix}_var"]}
+            gamma, beta = f"gamma{suffix}", f"beta{suffix}"
+            h, cache = layers.batchnorm_forward(h, params[gamma], params[beta], state, train)
+            _record(tape, layers.batchnorm_backward, cache, (gamma, beta))
+        h, cache = self._act_forward(h)
+        _record(tape, self._act_backward, cache)
+        if acts is not None:
+            acts[layer_of(w)] = h
+        return h
+
+    def _forward(self, x, params, train, masks=None, tape=None, acts=None):
+        """Scores for x; records backward steps on `tape` and hidden activations in `acts` when given."""
+        cfg = self.config
+        h = x
+        conv_blocks = len(cfg["conv_channels"]) if cfg["arch"] == "conv1d" else 0
+        for i in range(1, conv_blocks + 1):
+            h = self._hidden(h, params, f"c{i}", train, tape, acts)
+            if cfg["conv_pool"] > 1:
+                h, cache = layers.maxpool1d_forward(h, cfg["conv_pool"])
+                _record(tape, layers.maxpool1d_backward, cache)
+        for i in range(1, len(cfg["hidden"]) + 1):
+            h = self._hidden(h, params, str(i), train, tape, acts)
+            if masks:
+                h, cache = layers.dropout_forward(h, cfg["dropout"], True, mask=masks[f"layer{i}"])
+                _record(tape, layers.dropout_backward, cache)
+        out = len(cfg["hidden"]) + 1
+        scores, cache = layers.affine_forward(h, params[f"W{out}"], params[f"b{out}"])
+        _record(tape, layers.affine_backward, cache, (f"W{out}", f"b{out}"))
+        return scores
+
+    def sample_dropout_masks(self, n, rng):
+        """{"layer{i}": inverted-dropout mask (n, hidden[i-1])} for every hidden layer; {} without dropout."""
+        p = self.config["dropout"]
+        if p == 0:
+            return {}
+        return {f"layer{i}": layers.dropout_mask((n, units), p, rng, self.dtype)
+                for i, units in enumerate(self.config["hidden"], 1)}
+
+    def _masks(self, n, train, rng, given):
+        if given is not None and not train:
+            raise ValueError("dropout_masks apply only with train=True")
+        if not train or self.config["dropout"] == 0:
+            return None
+        if given is not None:
+            return given
+        if rng is None:
+            raise ValueError("Model.loss: train=True with dropout needs rng or dropout_masks")
+        return self.sample_dropout_masks(n, rng)
+
+    def loss(self, x, y, *, reg=0.0, train=True, rng=None, dropout_masks=None):
+        """(data loss + L2 penalty on weight_names, {param: gradient}).
+
+        train=True: dropout (masks drawn from rng unless dropout_masks are given) and batch statistics
+        (updating the running statistics in buffers); train=False: no dropout, running statistics.
+        """
+        x = self._input(x)
+        tape = []
+        scores = self._forward(x, self.params, train, self._masks(len(x), train, rng, dropout_masks), tape)
+        loss, dout = self._data_loss(scores, np.asarray(y))
+        grads = {}
+        for backward, cache, names in reversed(tape):
+            if names:
+                dout, *dparams = backward(dout, cache)
+                grads.update(zip(names, dparams))
+            else:
+                dout = backward(dout, cache)
+        grads = {name: grads[name] for name in self.params}
+        return loss + l2_penalty(self.params, self.weight_names, reg, grads), grads
+
+    def scores(self, x, params=None):
+        """Logits in test mode; `params` (same names, e.g. EMA weights) overrides self.params."""
+        return self._forward(self._input(x), self.params if params is None else params, train=False)
+
+    def predict_proba(self, x, params=None):
+        """Softmax class probabilities in test mode."""
+        return softmax(self.scores(x, params))
+
+    def activations(self, x):
+        """{layer: post-nonlinearity activations} of every conv block and hidden layer, in test mode."""
+        acts = {}
+        self._forward(self._input(x), self.params, train=False, acts=acts)
+        return acts
+
+    def astype(self, dtype):
+        """A copy of the model with params and buffers cast to dtype."""
+        params = {name: a.astype(dtype) for name, a in self.params.items()}
+        buffers = {name: a.astype(dtype) for name, a in self.buffers.items()}
+        return type(self)(self.config, self.input_shape, self.num_classes, params, buffers)
+
+    def save(self, path, extra=None):
+        """Write params, buffers, metadata and `extra` arrays to an .npz atomically (tmp, fsync, replace).
+
+        Metadata: "__config__" (the config as a JSON string, 0-d unicode array), "__input_shape__",
+        "__num_classes__". Extra array names must not collide with the model's own.
+        """
+        arrays = {**self.params, **self.buffers,
+                  "__config__": np.array(json.dumps(self.config, sort_keys=True)),
+                  "__input_shape__": np.array(self.input_shape, dtype=np.int64),
+                  "__num_classes__": np.array(self.num_classes, dtype=np.int64)}
+        for name, value in (extra or {}).items():
+            if name in arrays:
+                raise ValueError(f"save: extra array {name!r} collides with a model array")
+            arrays[name] = np.asarray(value)
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, allow_pickle=False, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path, return_extra=False):
+        """The model saved at path (no pickle); with return_extra=True, (model, {name: extra array}).
+
+        Raises DataError naming the file when it is not a valid checkpoint.
+        """
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                arrays = {name: archive[name] for name in archive.files}
+            config = validate_model_config(json.loads(arrays.pop("__config__").item()))
+            input_shape = tuple(arrays.pop("__input_shape__").tolist())
+            num_classes = int(arrays.pop("__num_classes__"))
+            param_shapes, buffer_shapes = _shapes(config, input_shape, num_classes)
+            params = {name: arrays.pop(name) for name in param_shapes if name in arrays}
+            buffers = {name: arrays.pop(name) for name in buffer_shapes if name in arrays}
+            model = cls(config, input_shape, num_classes, params, buffers)
+        except (KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise DataError(f"checkpoint {path}: {exc}") from exc
+        return (model, arrays) if return_extra else model
+
+
+def build_model(cfg, input_shape, num_classes, seed, dtype=np.float32):
+    """A freshly initialized Model: weights by cfg["init"], zero biases and betas, unit gammas,
+    running mean 0 and variance 1. Sizes are checked before anything is allocated."""
+    cfg = validate_model_config(cfg)
+    input_shape = tuple(int(d) for d in input_shape)
+    param_shapes, buffer_shapes = _shapes(cfg, input_shape, int(num_classes))
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, shape in param_shapes.items():
+        if name.startswith("W"):
+            params[name] = init_weight(cfg["init"], shape, *_fans(shape), rng, cfg["init_scale"], dtype)
+        else:
+            params[name] = (np.ones if name.startswith("gamma") else np.zeros)(shape, dtype=dtype)
+    buffers = {name: (np.ones if name.endswith("_var") else np.zeros)(shape, dtype=dtype)
+               for name, shape in buffer_shapes.items()}
+    return Model(cfg, input_shape, num_classes, params, buffers)
