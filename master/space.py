@@ -21,9 +21,10 @@ from worker.spec import NAME_RE, SpecError, TrialSpec, check_name, trial_id
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "logint", "choice")
 METHODS = ("random", "narrow", "promote")
-SECTIONS = ("experiment", "data", "model", "solver", "stages", "space")
+PRUNERS = ("asha", "median", "none")
+SECTIONS = ("experiment", "data", "model", "solver", "stages", "space", "watch")
 EXPERIMENT_KEYS = ("name", "dataset", "seed", "keep", "sanity")
-STAGE_KEYS = ("epochs", "trials", "method", "top", "quantile", "pad")
+STAGE_KEYS = ("epochs", "trials", "method", "top", "quantile", "pad", "prune", "rung", "eta")
 DISTRIBUTION_KEYS = ("dist", "low", "high", "values")
 # Fields a search space may sample, per section; a stage's epochs are its budget, never sampled.
 SAMPLED_FIELDS = {"model": tuple(MODEL_DEFAULTS), "solver": tuple(k for k in SOLVER_DEFAULTS if k != "epochs")}
@@ -177,6 +178,9 @@ class StageConfig:
     narrowed to the previous stage's best trials (``top`` of them, else the best ``quantile`` fraction,
     widened by ``pad`` of the range on each side); "promote" continues the previous stage's ``top`` best
     trials (so ``trials == top``) to this stage's ``epochs``. The narrowing itself lives in master.stages.
+    Within the stage, ``prune`` stops hopeless trials while they run: "asha" (asynchronous successive
+    halving, rungs at ``rung * eta**k`` epochs), "median" (below the median of the others from epoch
+    ``rung`` on) or "none"; master.pruning applies it.
     """
 
     name: str
@@ -186,6 +190,9 @@ class StageConfig:
     top: int | None = None
     quantile: float | None = None
     pad: float = 0.1
+    prune: str = "asha"
+    rung: int = 1
+    eta: int = 3
 
     def __post_init__(self) -> None:
         _name(self.name, "stages")
@@ -203,6 +210,10 @@ class StageConfig:
             raise SpaceError(f"{where}.quantile: expected a fraction in (0, 1], got {self.quantile!r}")
         if not 0 <= _number(self.pad, f"{where}.pad") < 1:
             raise SpaceError(f"{where}.pad: expected a fraction in [0, 1), got {self.pad!r}")
+        if self.prune not in PRUNERS:
+            raise SpaceError(f"{where}.prune: expected one of {', '.join(PRUNERS)}, got {self.prune!r}")
+        _int(self.rung, f"{where}.rung", 1)
+        _int(self.eta, f"{where}.eta", 2)
         getattr(self, f"_check_{self.method}")(where)
 
     def _check_random(self, where: str) -> None:
@@ -229,6 +240,32 @@ class StageConfig:
         """The TOML/JSON table form (without the name, which is the table's key, and unset fields)."""
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if f.name != "name" and getattr(self, f.name) is not None}
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    """How ``master watch`` polices running trials and workers (the ``[watch]`` table; master.monitor applies it)."""
+
+    explode_factor: float = 3.0  # an epoch's loss above this many times the initial loss: DIVERGED
+    stall_seconds: float = 900.0  # a running trial with no new epoch for this long: KILLED
+    heartbeat_seconds: float = 25.0  # a busy worker silent this long is dead and its trial requeued
+    fail_streak: int = 3  # a worker whose last this-many jobs failed is quarantined (shut down)
+    max_retries: int = 2  # a FAILED trial is retried (on any worker) at most this many times
+    stop_grace: float = 10.0  # seconds a cooperative stop may take before RQ's stop-job command follows
+    poll_seconds: float = 2.0  # how often the watch loop looks
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            where = f"watch.{f.name}"
+            if f.type == "int":
+                _int(value, where, 1 if f.name == "fail_streak" else 0)
+            elif _number(value, where) <= (1 if f.name == "explode_factor" else 0):
+                raise SpaceError(f"{where}: expected a number above {1 if f.name == 'explode_factor' else 0}, "
+                                 f"got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 DEFAULT_STAGES = (
@@ -267,6 +304,7 @@ class ExperimentConfig:
     solver: dict[str, Any] = field(default_factory=dict)
     stages: tuple[StageConfig, ...] = DEFAULT_STAGES
     space: tuple[Distribution, ...] = ()
+    watch: WatchConfig = field(default_factory=WatchConfig)
 
     def __post_init__(self) -> None:
         _name(self.name, "experiment.name")
@@ -282,6 +320,8 @@ class ExperimentConfig:
             raise SpaceError("solver.epochs: set per stage ([stages.<name>] epochs), not in [solver]")
         object.__setattr__(self, "stages", tuple(self.stages))
         object.__setattr__(self, "space", tuple(self.space))
+        if not isinstance(self.watch, WatchConfig):
+            raise SpaceError(f"watch: expected a WatchConfig, got {self.watch!r}")
         self._check_stages()
         self._check_space()
         self._check_specs()
@@ -371,6 +411,7 @@ class ExperimentConfig:
             **copy.deepcopy({"data": self.data, "model": self.model, "solver": self.solver}),
             "stages": {stage.name: stage.to_dict() for stage in self.stages},
             "space": space,
+            "watch": self.watch.to_dict(),
         }
 
 
@@ -420,6 +461,11 @@ def _space(table: dict[str, Any]) -> tuple[Distribution, ...]:
     return tuple(dists)
 
 
+def _watch(table: dict[str, Any]) -> WatchConfig:
+    _check_keys(table, tuple(f.name for f in fields(WatchConfig)), "watch.")
+    return WatchConfig(**table)
+
+
 def config_from_dict(doc: dict[str, Any]) -> ExperimentConfig:
     """Validate a parsed config document (the TOML's tables, or ``ExperimentConfig.to_dict()``)."""
     if not isinstance(doc, dict):
@@ -439,6 +485,7 @@ def config_from_dict(doc: dict[str, Any]) -> ExperimentConfig:
         solver=_table(doc, "solver", "solver"),
         stages=tuple(_stage(name, t, i == 0) for i, (name, t) in enumerate(stages.items())) or DEFAULT_STAGES,
         space=_space(_table(doc, "space", "space")),
+        watch=_watch(_table(doc, "watch", "watch")),
     )
 
 
