@@ -66,6 +66,29 @@ def read_json(path: Path) -> Any | None:
         return None
 
 
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file ([] when missing); a corrupt line is skipped with a warning."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    records = []
+    for n, line in enumerate(lines, 1):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            log.warning("skipping corrupt line %d of %s", n, path)
+            continue
+        if isinstance(rec, dict):
+            records.append(rec)
+    return records
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    """Write one JSON object per line, atomically."""
+    atomic_write_bytes(path, "".join(json.dumps(r, sort_keys=True, allow_nan=False) + "\n" for r in records).encode())
+
+
 def load_npz(path: Path) -> dict[str, np.ndarray]:
     """All arrays of an ``.npz`` file, never unpickling; StorageError naming the file when it is corrupt."""
     try:
@@ -167,30 +190,22 @@ class ExperimentStore:
     # history -----------------------------------------------------------------------------
     def read_history(self, trial_id: str) -> list[dict[str, Any]]:
         """Per-epoch records; a corrupt line is skipped with a warning naming the file."""
-        path = self.trial_dir(trial_id) / "history.jsonl"
-        try:
-            lines = path.read_text().splitlines()
-        except FileNotFoundError:
-            return []
-        records = []
-        for n, line in enumerate(lines, 1):
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                log.warning("skipping corrupt line %d of %s", n, path)
-                continue
-            if isinstance(rec, dict) and isinstance(rec.get("epoch"), int):
-                records.append(rec)
-        return records
+        return [r for r in read_jsonl(self.trial_dir(trial_id) / "history.jsonl") if isinstance(r.get("epoch"), int)]
 
     def write_history(self, trial_id: str, records: list[dict[str, Any]]) -> None:
-        body = "".join(json.dumps(r, sort_keys=True, allow_nan=False) + "\n" for r in records)
-        atomic_write_bytes(self.trial_dir(trial_id) / "history.jsonl", body.encode())
+        write_jsonl(self.trial_dir(trial_id) / "history.jsonl", records)
 
     def append_history(self, trial_id: str, record: dict[str, Any]) -> None:
         """Add one epoch's record, replacing any record of that epoch or later (a resumed epoch re-run)."""
         kept = [r for r in self.read_history(trial_id) if r["epoch"] < record["epoch"]]
         self.write_history(trial_id, kept + [record])
+
+    # events (what the master did to a trial and why: requeued, retried, stop requested) ---------
+    def read_events(self, trial_id: str) -> list[dict[str, Any]]:
+        return read_jsonl(self.trial_dir(trial_id) / "events.jsonl")
+
+    def append_event(self, trial_id: str, event: dict[str, Any]) -> None:
+        write_jsonl(self.trial_dir(trial_id) / "events.jsonl", self.read_events(trial_id) + [event])
 
     # checkpoints -------------------------------------------------------------------------
     def checkpoints(self, trial_id: str) -> list[Checkpoint]:
