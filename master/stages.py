@@ -1,0 +1,193 @@
+"""Stages of a coarse-to-fine search: each stage's trials (sampled, narrowed or promoted) and when a stage is done."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from master.borders import BorderFlag, analyse, top_trials
+from master.sampler import sample_trials
+from master.space import DEFAULT_QUANTILE, Distribution, ExperimentConfig, SpaceError, StageConfig
+from worker.spec import TERMINAL_STATES, SpecError, TrialSpec, TrialState
+from worker.store import ExperimentStore
+
+TERMINAL = {s.value for s in TERMINAL_STATES}
+RANKED_STATES = {TrialState.COMPLETED.value, TrialState.KILLED.value, TrialState.DIVERGED.value}
+DEFAULT_PAD = StageConfig.__dataclass_fields__["pad"].default
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """A finished trial of a stage, as narrowing and promotion see it."""
+
+    trial_id: str
+    spec: dict[str, Any]
+    state: str
+    val_acc: float
+    epochs_done: int
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What launching a stage enqueues, the ranges it samples and, for narrow, how they changed."""
+
+    stage: StageConfig
+    specs: tuple[TrialSpec, ...]
+    space: tuple[Distribution, ...]
+    previous: str | None = None
+    changes: tuple[tuple[str, dict[str, Any], dict[str, Any]], ...] = ()  # (name, old, new) that differ
+    flags: tuple[BorderFlag, ...] = ()  # the previous stage's
+    note: str = ""
+
+
+def previous_stage(config: ExperimentConfig, name: str) -> StageConfig | None:
+    """The stage before ``name`` in the config, None for the first."""
+    names = [s.name for s in config.stages]
+    i = names.index(config.stage(name).name)
+    return config.stages[i - 1] if i else None
+
+
+def next_stage(config: ExperimentConfig, name: str) -> StageConfig | None:
+    names = [s.name for s in config.stages]
+    i = names.index(config.stage(name).name)
+    return config.stages[i + 1] if i + 1 < len(names) else None
+
+
+def stage_space(store: ExperimentStore, config: ExperimentConfig, name: str) -> tuple[Distribution, ...]:
+    """The ranges stage ``name`` sampled: those recorded in stages/<name>.json, else the config's space."""
+    record = store.read_stage(name) or {}
+    ranges = record.get("ranges")
+    if not isinstance(ranges, dict) or not ranges:
+        return config.space
+    return tuple(Distribution(d.name, r["dist"], r.get("low"), r.get("high"), tuple(r.get("values", ())))
+                 if isinstance(r := ranges.get(d.name), dict) else d for d in config.space)
+
+
+def ranked(store: ExperimentStore, stage: str) -> list[Ranked]:
+    """The stage's trials with a result (COMPLETED, KILLED or DIVERGED), best validation accuracy first."""
+    out = []
+    for tid, spec in store.iter_trials():
+        if spec.get("stage") != stage:
+            continue
+        result = store.read_result(tid) or {}
+        if result.get("state") in RANKED_STATES:
+            out.append(Ranked(tid, spec, result["state"], float(result.get("best_val_acc") or 0.0),
+                              int(result.get("epochs_done") or 0)))
+    return sorted(out, key=lambda r: (-r.val_acc, r.trial_id))
+
+
+def selection(config: ExperimentConfig, name: str) -> tuple[int | None, float | None, float]:
+    """(top, quantile, pad) that judge stage ``name``'s best trials: the next stage's if it narrows,
+    else the defaults (best 20%, padded by 10% of the range)."""
+    after = next_stage(config, name)
+    if after is not None and after.method == "narrow":
+        return after.top, after.quantile, after.pad
+    return None, DEFAULT_QUANTILE, DEFAULT_PAD
+
+
+def validator(config: ExperimentConfig, stage: str) -> Any:
+    """``valid(name, value)``: whether nncore accepts ``value`` for the sampled field ``name``."""
+    def valid(name: str, value: Any) -> bool:
+        try:
+            config.trial_spec(stage, 0, 0, {name: value})
+        except SpecError:
+            return False
+        return True
+    return valid
+
+
+def border_flags(store: ExperimentStore, config: ExperimentConfig, name: str) -> list[BorderFlag]:
+    """Border flags of stage ``name`` from its finished trials so far (live while it runs)."""
+    top, quantile, pad = selection(config, name)
+    best = top_trials([(r.spec.get("params", {}), r.val_acc) for r in ranked(store, name)], top, quantile)
+    if not best:
+        return []
+    return analyse(best, stage_space(store, config, name), pad, validator(config, name))[1]
+
+
+def flag_messages(flags: list[BorderFlag], space: tuple[Distribution, ...]) -> list[str]:
+    dists = {d.name: d for d in space}
+    return [f.message(dists[f.name]) for f in flags if f.name in dists]
+
+
+def plan_stage(store: ExperimentStore, config: ExperimentConfig, name: str, seed: int | None = None,
+               trials: int | None = None) -> StagePlan:
+    """The trials of stage ``name``: sampled from the config's space (random), from ranges narrowed around
+    the previous stage's best trials (narrow), or the previous stage's best trials continued (promote).
+    Deterministic given storage, the config and ``seed``, so planning again gives the same trials."""
+    stage = config.stage(name)
+    seed = config.seed if seed is None else seed
+    before = previous_stage(config, name)
+    if stage.method == "random" or before is None:
+        return StagePlan(stage, tuple(sample_trials(config, name, trials or stage.trials, seed)), config.space)
+    done = ranked(store, before.name)
+    if not done:
+        raise SpaceError(f"stage {name}: stage {before.name} has no finished trial to {stage.method} from")
+    if stage.method == "promote":
+        return _promote(config, stage, before, done, trials)
+    return _narrow(store, config, stage, before, done, seed, trials)
+
+
+def _narrow(store: ExperimentStore, config: ExperimentConfig, stage: StageConfig, before: StageConfig,
+            done: list[Ranked], seed: int, trials: int | None) -> StagePlan:
+    old = stage_space(store, config, before.name)
+    best = top_trials([(r.spec.get("params", {}), r.val_acc) for r in done], stage.top, stage.quantile)
+    new, flags = analyse(best, old, stage.pad, validator(config, stage.name))
+    try:
+        narrowed = dataclasses.replace(config, space=new)
+    except SpaceError as exc:
+        raise SpaceError(f"stage {stage.name}: the narrowed ranges are rejected: {exc}") from None
+    changes = tuple((o.name, o.to_dict(), n.to_dict()) for o, n in zip(old, new) if o != n)
+    specs = sample_trials(narrowed, stage.name, trials or stage.trials, seed)
+    note = f"ranges from the best {len(best)} of {len(done)} finished trials of stage {before.name}"
+    return StagePlan(stage, tuple(specs), new, before.name, changes, tuple(flags), note)
+
+
+def _promote(config: ExperimentConfig, stage: StageConfig, before: StageConfig, done: list[Ranked],
+             trials: int | None) -> StagePlan:
+    completed = [r for r in done if r.state == TrialState.COMPLETED.value]
+    chosen = completed[:trials or stage.top]
+    specs = tuple(config.trial_spec(stage.name, i, r.spec["seed"], r.spec.get("params", {}), parent=r.trial_id)
+                  for i, r in enumerate(chosen))
+    note = (f"the best {len(chosen)} of {len(completed)} completed trials of stage {before.name} continue "
+            f"from epoch {before.epochs} to {stage.epochs}")
+    return StagePlan(stage, specs, config.space, before.name, note=note)
+
+
+@dataclass(frozen=True)
+class StageStatus:
+    """How far a stage's trials are: counts per state, trials still to run, failed trials still to retry."""
+
+    counts: dict[str, int]
+    unfinished: tuple[str, ...]
+    retryable: tuple[str, ...]
+
+    @property
+    def finished(self) -> bool:
+        return not self.unfinished and not self.retryable
+
+    def describe(self) -> str:
+        parts = [f"{n} {s}" for s, n in sorted(self.counts.items())]
+        if self.retryable:
+            parts.append(f"{len(self.retryable)} failed awaiting retry")
+        return ", ".join(parts) or "no trials"
+
+
+def retries(store: ExperimentStore, trial_id: str) -> int:
+    """How often the master has retried a failed trial."""
+    return sum(e.get("event") == "retry" for e in store.read_events(trial_id))
+
+
+def stage_status(store: ExperimentStore, trial_ids: list[str], max_retries: int) -> StageStatus:
+    """Where the stage's trials stand, from shared storage alone."""
+    counts: dict[str, int] = {}
+    unfinished, retryable = [], []
+    for tid in trial_ids:
+        state = (store.read_result(tid) or {}).get("state")
+        if state not in TERMINAL:
+            state = "unfinished"
+            unfinished.append(tid)
+        elif state == TrialState.FAILED.value and retries(store, tid) < max_retries:
+            retryable.append(tid)
+        counts[state] = counts.get(state, 0) + 1
+    return StageStatus(counts, tuple(unfinished), tuple(retryable))

@@ -1,0 +1,110 @@
+"""Tests for border flags and range narrowing: closed-form chance, sides, widening, weak evidence, choices."""
+import math
+
+import pytest
+
+from master.borders import (BorderFlag, analyse, border_side, chance_of_span, derive_range, narrow_choice,
+                            top_trials, weak_evidence)
+from master.space import Distribution
+
+LR = Distribution("solver.lr", "loguniform", 1e-6, 1e-1)
+DROPOUT = Distribution("model.dropout", "uniform", 0.0, 0.5)
+BATCH = Distribution("solver.batch_size", "int", 16, 256)
+HIDDEN = Distribution("model.hidden", "choice", values=([64], [128], [256, 128]))
+
+
+def always(value):
+    return True
+
+
+def lr_at(u):
+    return 10 ** (-6 + 5 * u)
+
+
+def test_chance_of_span_closed_form():
+    assert chance_of_span(0.5, 2) == pytest.approx(2 * 0.5 - 0.25)
+    assert chance_of_span(1.0, 7) == pytest.approx(1.0)
+    assert chance_of_span(0.0, 3) == 0.0
+    assert chance_of_span(0.5, 7) == pytest.approx(7 * 0.5**6 - 6 * 0.5**7)
+
+
+def test_weak_evidence():
+    assert weak_evidence([0.5, 0.51])  # too few trials to say anything
+    assert not weak_evidence([0.40, 0.45, 0.5, 0.55, 0.6])  # a tight cluster rarely happens by chance
+    assert weak_evidence([0.05, 0.5, 0.95])  # spread like random draws
+
+
+def test_top_trials_by_count_and_quantile():
+    scored = [({"i": i}, i / 10) for i in range(10)]
+    assert [p["i"] for p, _ in top_trials(scored, top=3)] == [9, 8, 7]
+    assert [p["i"] for p, _ in top_trials(scored, quantile=0.25)] == [9, 8, 7]  # ceil(2.5)
+    assert len(top_trials(scored[:2], quantile=0.2)) == 1
+
+
+def test_border_side_needs_the_best_at_the_edge_and_most_top_trials_on_that_half():
+    assert border_side([0.95, 0.7, 0.6]) == "upper"
+    assert border_side([0.05, 0.3, 0.2, 0.9]) == "lower"
+    assert border_side([0.5, 0.95]) is None  # the best is inside
+    assert border_side([0.95, 0.2, 0.3]) is None  # most of the top is on the other half
+    assert border_side([0.91]) == "upper"
+    assert border_side([]) is None
+
+
+def test_issue_example_upper_border_widens_and_narrows_the_other_side():
+    units = [0.9879, 0.95, 0.9, 0.8, 0.6, 0.5]  # best lr 8.7e-02; a tight enough cluster to narrow
+    low, high = derive_range(LR, units, 0.1, "upper", always)
+    assert (low, high) == (pytest.approx(1e-4), pytest.approx(1.0))
+    flag = BorderFlag(LR.name, "upper", lr_at(units[0]), 1e-6, 1e-1, low, high)
+    assert flag.message(LR) == ("solver.lr: best 8.7e-02 at the upper border of [1e-06, 1e-01] "
+                                "-> widen to [1e-04, 1e+00]")
+
+
+def test_narrowing_pads_and_clips_to_the_old_range():
+    low, high = derive_range(DROPOUT, [0.4, 0.44, 0.5, 0.54, 0.6], 0.1, None, always)
+    assert (low, high) == (pytest.approx(0.15), pytest.approx(0.35))  # units 0.4-0.1, 0.6+0.1 of [0, 0.5]
+    low, high = derive_range(LR, [0.97, 0.95, 0.93, 0.9], 0.1, None, always)
+    assert high == 1e-1 and low == pytest.approx(lr_at(0.8))
+
+
+def test_weak_evidence_keeps_the_old_range_exactly():
+    assert derive_range(LR, [0.1, 0.5, 0.9], 0.1, None, always) == (1e-6, 1e-1)
+    assert derive_range(LR, [0.95, 0.5, 0.9], 0.1, "upper", always) == (1e-6, pytest.approx(1.0))
+
+
+def test_lower_border_that_cannot_widen_keeps_its_bound():
+    units = [0.0, 0.02, 0.04, 0.06]
+    low, high = derive_range(DROPOUT, units, 0.1, "lower", lambda v: v >= 0)
+    assert low == 0.0 and high == pytest.approx(0.08)
+    flag = BorderFlag(DROPOUT.name, "lower", 0.0, 0.0, 0.5, low, high)
+    assert not flag.widened
+    assert flag.message(DROPOUT) == ("model.dropout: best 0 at the lower border of [0, 0.5] -> cannot widen past "
+                                     "the valid values; keep [0, 0.08]")
+
+
+def test_int_ranges_stay_ints_and_never_collapse():
+    low, high = derive_range(BATCH, [0.5, 0.5, 0.5, 0.5], 0.0, None, always)
+    assert (low, high) == (136, 137)
+    assert isinstance(low, int) and isinstance(high, int)
+
+
+def test_narrow_choice_drops_only_what_chance_rarely_leaves_out():
+    six = [[64], [128], [64], [64], [128], [128]]
+    assert narrow_choice(HIDDEN, six).values == ([64], [128])  # (2/3)^6 = 0.088 < 0.1
+    assert narrow_choice(HIDDEN, six[:3]) == HIDDEN  # (2/3)^3 = 0.30: could be chance
+
+
+def test_analyse_flags_both_borders_and_builds_the_new_space():
+    top = [({"solver.lr": lr_at(u), "model.dropout": d, "model.hidden": [64]}, 0.9 - i / 100)
+           for i, (u, d) in enumerate([(0.99, 0.01), (0.95, 0.02), (0.9, 0.03), (0.85, 0.04), (0.8, 0.05)])]
+    space, flags = analyse(top, (LR, DROPOUT, HIDDEN), 0.1, lambda name, v: not (name == "model.dropout" and v < 0))
+    assert {(f.name, f.side) for f in flags} == {("solver.lr", "upper"), ("model.dropout", "lower")}
+    lr, dropout, hidden = space
+    assert (lr.low, lr.high) == (pytest.approx(lr_at(0.7)), pytest.approx(1.0))
+    assert (dropout.low, dropout.high) == (0.0, pytest.approx(0.5 * 0.2))
+    assert hidden == HIDDEN  # a choice missing from 5 top trials: (2/3)^5 = 0.13, could be chance
+
+
+def test_flag_round_trips_to_dict():
+    flag = BorderFlag("solver.lr", "upper", 0.087, 1e-6, 0.1, 1e-4, 1.0)
+    assert BorderFlag(**flag.to_dict()) == flag
+    assert math.isclose(flag.to_dict()["best"], 0.087)

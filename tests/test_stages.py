@@ -1,0 +1,169 @@
+"""Tests for stages from storage alone: narrowing a synthetic leaderboard, border flags, promotion, completion."""
+import math
+
+import numpy as np
+import pytest
+
+from master.space import SpaceError, parse_config
+from master.stages import border_flags, plan_stage, previous_stage, ranked, stage_space, stage_status
+from worker.control import NullControl
+from worker.spec import TrialSpec
+from worker.store import ExperimentStore, load_npz
+from worker.trainer import run_trial
+
+CONFIG = """
+[experiment]
+name = "stages"
+dataset = "digits"
+
+[model]
+hidden = [16]
+
+[solver]
+update = "adam"
+batch_size = 64
+
+[stages.coarse]
+epochs = 1
+trials = 10
+
+[stages.medium]
+epochs = 2
+trials = 6
+method = "narrow"
+quantile = 0.4
+
+[stages.fine]
+epochs = 4
+trials = 2
+method = "promote"
+
+[space.solver]
+lr = { dist = "loguniform", low = 1e-6, high = 1e-1 }
+
+[space.model]
+dropout = { dist = "uniform", low = 0.0, high = 0.5 }
+hidden = { dist = "choice", values = [[32], [64]] }
+"""
+UNITS = [0.05 + 0.1 * i for i in range(10)]  # lr positions of the ten coarse trials
+DROPOUTS = [0.35, 0.1, 0.2, 0.3, 0.05, 0.4, 0.15, 0.45, 0.25, 0.5]
+
+
+@pytest.fixture
+def config():
+    return parse_config(CONFIG)
+
+
+@pytest.fixture
+def store(tmp_path):
+    return ExperimentStore(tmp_path, "stages").ensure()
+
+
+def lr_at(u):
+    return 10 ** (-6 + 5 * u)
+
+
+def write_trials(store, config, stage, accs, params_of, state="COMPLETED"):
+    """Synthetic trials: spec.json and result.json only (no training)."""
+    for i, acc in enumerate(accs):
+        spec = config.trial_spec(stage, i, 100 + i, params_of(i))
+        store.write_spec(spec.to_dict())
+        store.write_result(spec.trial_id, {"state": state, "reason": "", "best_val_acc": acc,
+                                           "epochs_done": config.stage(stage).epochs})
+
+
+def coarse_params(i):
+    hidden = [64] if i in (4, 5, 6, 7) else [32]
+    return {"solver.lr": lr_at(UNITS[i]), "model.dropout": DROPOUTS[i], "model.hidden": hidden}
+
+
+def test_narrow_derives_the_expected_ranges_from_a_synthetic_leaderboard(store, config):
+    # accuracy peaks at lr position 0.62: the top 40% are positions 0.65, 0.55, 0.75, 0.45 (span 0.3)
+    write_trials(store, config, "coarse", [1 - abs(u - 0.62) for u in UNITS], coarse_params)
+    assert [r.trial_id for r in ranked(store, "coarse")][:4] == ["coarse-0006", "coarse-0005", "coarse-0007",
+                                                                 "coarse-0004"]
+    plan = plan_stage(store, config, "medium")
+    lr, dropout, hidden = plan.space
+    assert (lr.low, lr.high) == (pytest.approx(lr_at(0.35)), pytest.approx(lr_at(0.85)))  # span padded by 0.1
+    assert (dropout.low, dropout.high) == (0.0, 0.5)  # top dropouts spread like chance: weak evidence, kept
+    assert hidden.values == ([64],)  # [32] missing from all 4 top trials: (1/2)^4 < 0.1
+    assert [name for name, _, _ in plan.changes] == ["solver.lr", "model.hidden"]
+    assert plan.flags == ()
+    assert [s.trial_id for s in plan.specs] == [f"medium-{i:04d}" for i in range(6)]
+    for spec in plan.specs:
+        assert lr.low <= spec.params["solver.lr"] <= lr.high and spec.params["model.hidden"] == [64]
+        assert spec.epochs == 2 and spec.parent is None
+    assert plan_stage(store, config, "medium").specs == plan.specs  # deterministic: launching again is idempotent
+
+
+def test_flags_at_the_upper_border_widen_that_side(store, config):
+    write_trials(store, config, "coarse", UNITS, coarse_params)  # accuracy rises with lr: the optimum is above
+    flags = border_flags(store, config, "coarse")
+    assert [(f.name, f.side) for f in flags] == [("solver.lr", "upper")]
+    assert flags[0].best == pytest.approx(lr_at(0.95))
+    plan = plan_stage(store, config, "medium")
+    assert plan.flags == tuple(flags)
+    assert plan.space[0].high == pytest.approx(1.0) and plan.space[0].low == pytest.approx(lr_at(0.55))
+
+
+def test_flags_at_the_lower_border_and_a_narrowed_stage_is_judged_in_its_own_ranges(store, config):
+    write_trials(store, config, "coarse", [1 - u for u in UNITS], coarse_params)
+    assert [(f.name, f.side) for f in border_flags(store, config, "coarse")] == [("solver.lr", "lower")]
+    store.write_stage("medium", {"ranges": {"solver.lr": {"dist": "loguniform", "low": 1e-3, "high": 1e-2}}})
+    assert stage_space(store, config, "medium")[0].low == 1e-3
+    assert stage_space(store, config, "medium")[1] == config.space[1]
+
+
+def test_promote_continues_the_best_completed_trials(store, config):
+    write_trials(store, config, "medium", [0.7, 0.9, 0.8], lambda i: {"solver.lr": 1e-3 * (i + 1)})
+    killed = config.trial_spec("medium", 3, 7, {"solver.lr": 0.05})
+    store.write_spec(killed.to_dict())
+    store.write_result(killed.trial_id, {"state": "KILLED", "best_val_acc": 0.99, "epochs_done": 1})
+    plan = plan_stage(store, config, "fine")
+    assert [(s.trial_id, s.parent, s.seed, s.epochs) for s in plan.specs] == [
+        ("fine-0000", "medium-0001", 101, 4), ("fine-0001", "medium-0002", 102, 4)]
+    assert plan.specs[0].params == {"solver.lr": 2e-3}
+    assert "from epoch 2 to 4" in plan.note
+
+
+def test_a_stage_needs_finished_trials_before_it(store, config):
+    with pytest.raises(SpaceError, match="^stage medium: stage coarse has no finished trial to narrow from"):
+        plan_stage(store, config, "medium")
+    assert previous_stage(config, "coarse") is None and previous_stage(config, "fine").name == "medium"
+
+
+def test_promote_resumes_epochs_exactly(tmp_path):
+    config = parse_config(CONFIG.replace('lr = { dist = "loguniform", low = 1e-6, high = 1e-1 }',
+                                         'lr = { dist = "loguniform", low = 1e-3, high = 3e-3 }'))
+    store = ExperimentStore(tmp_path, "stages").ensure()
+    parent = config.trial_spec("medium", 0, 5, {"solver.lr": 2e-3, "model.dropout": 0.1, "model.hidden": [32]})
+    run_trial(parent, store, NullControl())
+    (child,) = plan_stage(store, config, "fine", trials=1).specs
+    result = run_trial(child, store, NullControl())
+    history = store.read_history(child.trial_id)
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]  # no epoch repeated, none missing
+    assert history[:2] == store.read_history(parent.trial_id)  # the parent's epochs, not retrained
+    assert result["epochs_done"] == 4 and result["state"] == "COMPLETED"
+    straight = TrialSpec.from_dict({**child.to_dict(), "trial_id": "straight", "parent": None})
+    run_trial(straight, store, NullControl())
+    again = store.read_history("straight")
+    for a, b in zip(history, again):
+        assert a["val_acc"] == b["val_acc"] and math.isclose(a["train_loss"], b["train_loss"], rel_tol=1e-6)
+    final = load_npz(store.latest_checkpoint(child.trial_id).path)
+    reference = load_npz(store.latest_checkpoint("straight").path)
+    np.testing.assert_allclose(final["param.W1"], reference["param.W1"], rtol=1e-6)
+
+
+def test_stage_status_counts_unfinished_and_retryable(store, config):
+    write_trials(store, config, "coarse", [0.5, 0.6], coarse_params)
+    store.write_result("coarse-0001", {"state": "FAILED", "reason": "DataError"})
+    spec = config.trial_spec("coarse", 2, 0, coarse_params(2))
+    store.write_spec(spec.to_dict())
+    ids = ["coarse-0000", "coarse-0001", "coarse-0002"]
+    status = stage_status(store, ids, max_retries=1)
+    assert status.unfinished == ("coarse-0002",) and status.retryable == ("coarse-0001",)
+    assert not status.finished and status.counts == {"COMPLETED": 1, "FAILED": 1, "unfinished": 1}
+    store.append_event("coarse-0001", {"event": "retry"})
+    store.write_result("coarse-0002", {"state": "KILLED"})
+    status = stage_status(store, ids, max_retries=1)
+    assert status.finished and status.describe() == "1 COMPLETED, 1 FAILED, 1 KILLED"
