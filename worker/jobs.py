@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import redis
@@ -57,19 +58,31 @@ def refusal(job: Job, allowed: frozenset[str] = ALLOWED_FUNCTIONS) -> str | None
 
 
 class _Heartbeat(threading.Thread):
-    """Keeps the worker's and the job's RQ heartbeats fresh while a job runs in the worker's main thread."""
+    """Keeps the worker's and the running job's RQ heartbeats fresh while the main thread runs the job.
 
-    def __init__(self, worker: TrialWorker, job: Job, execution: Any):
-        super().__init__(name=f"heartbeat-{job.id}", daemon=True)
-        self.worker, self.job, self.execution = worker, job, execution
-        self.done = threading.Event()
+    One long-lived thread per worker (starting a thread per job costs about a millisecond on a busy machine).
+    """
+
+    def __init__(self, worker: TrialWorker):
+        super().__init__(name=f"heartbeat-{worker.name}", daemon=True)
+        self.worker = worker
+        self.lock = threading.Lock()
+        self.current: tuple[Job, Any] | None = None
 
     def run(self) -> None:
-        while not self.done.wait(self.worker.job_monitoring_interval):
-            try:
-                self.worker.maintain_heartbeats(self.job, self.execution)
-            except redis.RedisError as exc:
-                log.warning("heartbeat for job %s failed: %s", self.job.id, exc)
+        while True:
+            time.sleep(self.worker.job_monitoring_interval)
+            with self.lock:
+                if self.current is None:
+                    continue
+                try:
+                    self.worker.maintain_heartbeats(*self.current)
+                except redis.RedisError as exc:
+                    log.warning("heartbeat for job %s failed: %s", self.current[0].id, exc)
+
+    def watch(self, job: Job | None, execution: Any = None) -> None:
+        with self.lock:
+            self.current = None if job is None else (job, execution)
 
 
 class TrialWorker(SimpleWorker):
@@ -94,6 +107,7 @@ class TrialWorker(SimpleWorker):
         super().__init__(queues, **kwargs)
         self.allowed = allowed
         self.stop_grace = stop_grace
+        self._heartbeat: _Heartbeat | None = None
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         self._stopped_job_id = None
@@ -107,12 +121,14 @@ class TrialWorker(SimpleWorker):
             job.retries_left, job.webhooks = None, []  # a refused job is neither retried nor announced
             self.handle_job_failure(job, queue, exc_string=reason, execution=execution)
             return False
-        heartbeat = _Heartbeat(self, job, execution)
-        heartbeat.start()
+        if self._heartbeat is None:
+            self._heartbeat = _Heartbeat(self)
+            self._heartbeat.start()
+        self._heartbeat.watch(job, execution)
         try:
             return super().perform_job(job, queue, execution)
         finally:
-            heartbeat.done.set()
+            self._heartbeat.watch(None)
 
     def kill_horse(self, sig: Any = None) -> None:
         """RQ's stop-job / stop-execution commands land here (from the pub/sub thread): ask the job to stop."""

@@ -61,8 +61,8 @@ def run_trial(spec: TrialSpec, store: ExperimentStore, control: Any, worker_name
         solver = Solver(model, data, spec.solver, seed=spec.seed, should_stop=stop)
         solver.callback = lambda metrics: _end_of_epoch(spec, store, control, solver, metrics)
         start_epoch = _restore(spec, store, solver)
-        control.report({"epoch": start_epoch})
         if start_epoch:
+            control.report({"epoch": start_epoch})
             log.info("trial %s: resuming at epoch %d of %d", tid, start_epoch, spec.epochs)
         outcome = solver.train()
     except StopJob as exc:
