@@ -13,12 +13,15 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
 
+from worker.spec import TrialState
+
 log = logging.getLogger(__name__)
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 STOP_POLL_SECONDS = 0.2  # how often a running trial reads its stop key (honoured well within 1 s)
 KEY_TTL_SECONDS = 7 * 24 * 3600  # progress and stop keys expire; shared storage is the record
 ERROR_BACKOFF_SECONDS = 10.0  # after a failed stop poll (Redis gone), wait this long before the next one
+DIVERGED_PREFIX = "DIVERGED: "  # a stop request's reason starting so ends the trial DIVERGED, not KILLED
 STOP_GRACE_SECONDS = 5.0  # a job that ignores an in-process stop request this long gets StopJob raised in it
 
 
@@ -76,9 +79,19 @@ def stop_key(experiment: str, trial_id: str) -> str:
     return f"hs:{experiment}:stop:{trial_id}"
 
 
-def request_stop(conn: redis.Redis, experiment: str, trial_id: str, reason: str) -> None:
-    """Ask the worker running (or about to run) a trial to stop it; the reason ends up in its result."""
-    conn.set(stop_key(experiment, trial_id), reason or "stopped by user", ex=KEY_TTL_SECONDS)
+def request_stop(conn: redis.Redis, experiment: str, trial_id: str, reason: str,
+                 state: TrialState = TrialState.KILLED) -> None:
+    """Ask the worker running (or about to run) a trial to stop it; it ends in ``state`` (KILLED or DIVERGED)
+    and the reason ends up in its result."""
+    prefix = DIVERGED_PREFIX if state is TrialState.DIVERGED else ""
+    conn.set(stop_key(experiment, trial_id), prefix + (reason or "stopped by user"), ex=KEY_TTL_SECONDS)
+
+
+def stopped_as(reason: str) -> tuple[TrialState, str]:
+    """The state and reason a trial stopped on request ends with: DIVERGED when the master judged it so."""
+    if reason.startswith(DIVERGED_PREFIX):
+        return TrialState.DIVERGED, reason[len(DIVERGED_PREFIX):]
+    return TrialState.KILLED, reason
 
 
 def reset_trial(conn: Any, experiment: str, trial_id: str, epochs: int) -> None:

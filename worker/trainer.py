@@ -12,7 +12,7 @@ from nncore.data import load_dataset_cached
 from nncore.model import build_model
 from nncore.sanity import run_sanity_checks
 from nncore.solver import Solver
-from worker.control import StopJob
+from worker.control import StopJob, stopped_as
 from worker.spec import TrialSpec, TrialState
 from worker.store import ExperimentStore, load_npz
 
@@ -66,13 +66,15 @@ def run_trial(spec: TrialSpec, store: ExperimentStore, control: Any, worker_name
             log.info("trial %s: resuming at epoch %d of %d", tid, start_epoch, spec.epochs)
         outcome = solver.train()
     except StopJob as exc:
-        finish(TrialState.KILLED, control.should_stop() or str(exc))
+        finish(*stopped_as(control.should_stop() or str(exc)))
         raise
     except Exception as exc:
         finish(TrialState.FAILED, f"{type(exc).__name__}: {exc}")
         raise
     state = SOLVER_STATES[outcome["status"]]
-    return finish(state, stop.reason if state is TrialState.KILLED and stop.reason else outcome["reason"])
+    if state is TrialState.KILLED and stop.reason:
+        return finish(*stopped_as(stop.reason))
+    return finish(state, outcome["reason"])
 
 
 def _checkpoint_arrays(spec: TrialSpec, solver: Solver) -> dict[str, np.ndarray]:
