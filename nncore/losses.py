@@ -28,10 +28,10 @@ def softmax_loss(scores, y):
     e, rowmax = _shifted_exp(scores)
     sums = e.sum(axis=1, keepdims=True)
     correct = scores[rows, y] - rowmax[:, 0]
-    loss = float(np.mean(np.log(sums[:, 0]) - correct))
+    loss = (float(np.log(sums).sum()) - float(correct.sum())) / n
+    sums *= n
     e /= sums
-    e[rows, y] -= 1
-    e *= e.dtype.type(1 / n)
+    e[rows, y] -= e.dtype.type(1 / n)
     return loss, e
 
 

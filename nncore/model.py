@@ -423,7 +423,7 @@ class Model:
             params = {name: arrays.pop(name) for name in param_shapes if name in arrays}
             buffers = {name: arrays.pop(name) for name in buffer_shapes if name in arrays}
             model = cls(config, input_shape, num_classes, params, buffers)
-        except (KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        except (KeyError, TypeError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise DataError(f"checkpoint {path}: {exc}") from exc
         return (model, arrays) if return_extra else model
 
