@@ -6,6 +6,7 @@ import sys
 import time
 import uuid
 
+import numpy as np
 import pytest
 import redis
 from rq.command import send_stop_job_command
@@ -13,8 +14,10 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from master.dispatch import Dispatcher, job_id
+from worker.control import NullControl
 from worker.spec import TrialSpec
-from worker.store import ExperimentStore
+from worker.store import ExperimentStore, load_npz
+from worker.trainer import run_trial
 
 URL = "redis://127.0.0.1:6379/13"
 
@@ -173,6 +176,44 @@ def test_sigterm_is_a_warm_shutdown(real_redis, workers, tmp_path):
     assert store.read_result(spec.trial_id)["state"] == "COMPLETED"  # the running trial was finished
     assert store.read_result("coarse-0001") is None  # and no new one was started
     assert dispatcher.counts(experiment)["queued"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+def test_a_killed_worker_loses_at_most_the_epoch_in_flight(real_redis, workers, tmp_path):
+    conn, tag = real_redis
+    experiment, queue, storage = f"it-{tag}", f"hs-it-{tag}", tmp_path / "storage"
+    dispatcher = Dispatcher(conn, queue)
+    spec = make_spec(experiment, 0, epochs=40, hidden=(128,))
+    dispatcher.enqueue([spec])
+    proc = workers.start(worker_command(URL, storage, queue, f"it-{tag}-1"))
+    wait_for(lambda: dispatcher.progress(experiment).get(spec.trial_id, {}).get("epoch", 0) >= 3, 60,
+             "three epochs")
+    proc.kill()
+    proc.wait()
+    killed_at = time.time()
+    store = ExperimentStore(storage, experiment)
+    saved = store.latest_checkpoint(spec.trial_id).epoch
+    assert 3 <= saved < spec.epochs and store.read_result(spec.trial_id) is None
+
+    job = Job.fetch(job_id(experiment, spec.trial_id), connection=conn, serializer=JSONSerializer)
+    assert job.get_status() == JobStatus.STARTED  # a dead worker's job stays STARTED: requeue it by hand
+    job.delete()
+    assert dispatcher.enqueue([spec]) == [spec.trial_id]
+    assert workers.start(worker_command(URL, storage, queue, f"it-{tag}-2", "--burst")).wait(120) == 0
+
+    result = store.read_result(spec.trial_id)
+    assert result["state"] == "COMPLETED" and result["epochs_done"] == spec.epochs
+    history = store.read_history(spec.trial_id)
+    assert [r["epoch"] for r in history] == list(range(1, spec.epochs + 1))
+    assert all((r["time"] < killed_at) == (r["epoch"] <= saved) for r in history)  # only later epochs re-ran
+
+    straight = ExperimentStore(tmp_path / "straight", experiment).ensure()
+    run_trial(spec, straight, NullControl())
+    a = load_npz(straight.latest_checkpoint(spec.trial_id).path)
+    b = load_npz(store.latest_checkpoint(spec.trial_id).path)
+    for key in (k for k in a if k.startswith(("param.", "ema.", "opt."))):
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)  # resumed == uninterrupted
 
 
 @pytest.mark.slow
