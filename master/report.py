@@ -1,0 +1,398 @@
+"""The experiment report: leaderboard files (CSV, JSON) and a self-contained HTML page of plots, from shared storage."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from master.ensemble import read_ensembles
+from master.leaderboard import build_leaderboard, param_columns
+from worker.spec import TrialState
+from worker.store import ExperimentStore, atomic_write_bytes, read_json
+
+log = logging.getLogger(__name__)
+
+HTML_ROWS = 100  # leaderboard rows on the page; the files hold every trial
+LOG_DISTS = ("loguniform", "logint")
+RATIO_GUIDE = 1e-3  # cs231n: updates about a thousandth of the weights
+FLAGS_KEY = "border_flags"  # stages/<stage>.json: [{"name", "side": "lower"|"upper", "low", "high", ...}]
+STAGE_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
+FLAG_COLOR = "#d62728"
+STATE_COLORS = {TrialState.COMPLETED.value: "#2ca02c", TrialState.KILLED.value: "#ff9f1c",
+                TrialState.DIVERGED.value: "#d62728", TrialState.FAILED.value: "#7f1d1d",
+                TrialState.RUNNING.value: "#1f77b4", TrialState.QUEUED.value: "#b0b0b0"}
+DPI = 96
+
+
+@dataclass
+class Context:
+    """What the page needs besides the leaderboard: stage order, sampled distributions, ranges, flags."""
+
+    stages: list[str]
+    dists: dict[str, dict[str, Any]]
+    ranges: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # stage -> param -> range
+    flags: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # stage -> border flags
+
+    def color(self, stage: str) -> str:
+        return STAGE_COLORS[self.stages.index(stage) % len(STAGE_COLORS)] if stage in self.stages else "#444444"
+
+    def log_scale(self, param: str) -> bool:
+        found = [self.dists.get(param)] + [r.get(param) for r in self.ranges.values()]
+        return any(isinstance(d, dict) and d.get("dist") in LOG_DISTS for d in found)
+
+
+def read_context(store: ExperimentStore, df: pd.DataFrame) -> Context:
+    """Stage order and search space from experiment.json, per-stage ranges and border flags from stages/*.json."""
+    experiment = store.read_experiment()
+    config = experiment.get("config") if isinstance(experiment, dict) else None
+    config = config if isinstance(config, dict) else {}
+    configured = list(config.get("stages") or {}) if isinstance(config.get("stages"), dict) else []
+    stages = configured + [s for s in dict.fromkeys(df["stage"]) if s not in configured]
+    space = config.get("space") if isinstance(config.get("space"), dict) else {}
+    dists = {f"{section}.{key}": spec for section, entries in space.items() if isinstance(entries, dict)
+             for key, spec in entries.items()}
+    ctx = Context(stages, dists)
+    for path in sorted(store.stages_dir.glob("*.json")) if store.stages_dir.is_dir() else ():
+        record = read_json(path)
+        if not isinstance(record, dict):
+            if record is not None:
+                log.warning("skipping %s: not a stage record", path)
+            continue
+        stage = path.stem
+        if stage not in ctx.stages:
+            ctx.stages.append(stage)
+        if isinstance(record.get("ranges"), dict):
+            ctx.ranges[stage] = record["ranges"]
+        flags = record.get(FLAGS_KEY)
+        ctx.flags[stage] = [f for f in flags if isinstance(f, dict)] if isinstance(flags, list) else []
+    return ctx
+
+
+def warn_foreign(store: ExperimentStore) -> None:
+    """Warn about every entry of trials/ that is not a trial (no spec.json); corrupt files warn where read."""
+    if not store.trials_dir.is_dir():
+        return
+    trials = set(store.trial_ids())
+    for path in sorted(store.trials_dir.iterdir()):
+        if path.name not in trials:
+            log.warning("skipping %s: not a trial (no spec.json)", path)
+
+
+def numeric_params(df: pd.DataFrame) -> list[str]:
+    """Hyperparameter columns holding numbers (not lists, strings or booleans) for at least one trial."""
+    return [c for c in param_columns(df) if pd.api.types.is_numeric_dtype(df[c])
+            and not pd.api.types.is_bool_dtype(df[c]) and df[c].notna().any()]
+
+
+# files -----------------------------------------------------------------------------------------------
+def _jsonable(value: Any) -> Any:
+    """Lists and tables (e.g. model.hidden) as JSON text for the CSV file."""
+    return json.dumps(value) if isinstance(value, (list, tuple, dict)) else value
+
+
+def write_tables(df: pd.DataFrame, directory: Path) -> tuple[Path, Path]:
+    """leaderboard.csv (lists as JSON text) and leaderboard.json (one object per trial), written atomically."""
+    csv_path, json_path = directory / "leaderboard.csv", directory / "leaderboard.json"
+    flat = df.copy()
+    for column in flat.columns[flat.dtypes == object]:
+        flat[column] = flat[column].map(_jsonable)
+    atomic_write_bytes(csv_path, flat.to_csv(index=False).encode())
+    atomic_write_bytes(json_path, df.to_json(orient="records", indent=1, double_precision=10).encode())
+    return csv_path, json_path
+
+
+# figures ---------------------------------------------------------------------------------------------
+def _png(fig: Figure) -> str:
+    """The figure as a base64 PNG data URI."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _grid(n: int, ncols: int, width: float, height: float) -> tuple[Figure, list[Any]]:
+    ncols = max(1, min(ncols, n))
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, list(axes[:n])
+
+
+def _flag_value(flag: dict[str, Any]) -> float | None:
+    """The bound a border flag points at: its range's low for the lower side, high for the upper side."""
+    value = flag.get("low") if flag.get("side") in ("lower", "low") else flag.get("high")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def scatter_figure(df: pd.DataFrame, params: list[str], ctx: Context) -> Figure:
+    """Validation accuracy against each numeric hyperparameter, one colour per stage, with each stage's
+    range borders (dashed) and flagged borders (thick red)."""
+    fig, axes = _grid(len(params), 3, 4.4, 3.4)
+    scored = df[df["val_acc"].notna()]
+    groups = dict(tuple(scored.groupby("stage", sort=False)))
+    for ax, param in zip(axes, params):
+        for stage in ctx.stages:
+            sub = groups.get(stage)
+            if sub is not None and sub[param].notna().any():
+                ax.scatter(sub[param], sub["val_acc"], s=14, alpha=0.65, color=ctx.color(stage), label=stage,
+                           edgecolors="none")
+        ranges = ctx.ranges or {"": {param: ctx.dists.get(param)}}
+        for stage, stage_ranges in ranges.items():
+            rng = stage_ranges.get(param)
+            if isinstance(rng, dict) and all(isinstance(rng.get(k), (int, float)) for k in ("low", "high")):
+                for value in (rng["low"], rng["high"]):
+                    ax.axvline(value, color=ctx.color(stage) if stage else "#888888", ls="--", lw=1, alpha=0.8)
+        for stage, flags in ctx.flags.items():
+            for flag in flags:
+                value = _flag_value(flag)
+                if flag.get("name", flag.get("parameter")) == param and value is not None:
+                    ax.axvline(value, color=FLAG_COLOR, lw=3, alpha=0.85)
+                    ax.annotate(f"flagged ({stage})", (value, 1.0), xycoords=("data", "axes fraction"),
+                                color=FLAG_COLOR, fontsize=8, ha="center", va="bottom")
+        if ctx.log_scale(param):
+            ax.set_xscale("log")
+        ax.set_xlabel(param + (" (log)" if ctx.log_scale(param) else ""))
+        ax.set_ylabel("best val accuracy")
+        ax.grid(alpha=0.3)
+    if axes:
+        handles, labels = axes[0].get_legend_handles_labels()
+        if any(ctx.flags.values()):
+            handles.append(axes[0].axvline(np.nan, color=FLAG_COLOR, lw=3))
+            labels.append("flagged border")
+        handles.append(axes[0].axvline(np.nan, color="#888888", ls="--", lw=1))
+        labels.append("range border (stage colour)")
+        fig.legend(handles, labels, loc="outside upper center", ncols=min(len(labels), 6), frameon=False)
+    return fig
+
+
+def curves_figure(histories: dict[str, list[dict[str, Any]]]) -> Figure:
+    """Loss and accuracy per epoch of the top trials: solid train, dashed validation."""
+    fig = Figure(figsize=(12, 4), layout="constrained")
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    for i, (trial, history) in enumerate(histories.items()):
+        color = STAGE_COLORS[i % len(STAGE_COLORS)]
+        epochs = [r["epoch"] for r in history]
+        for ax, key in ((loss_ax, "loss"), (acc_ax, "acc")):
+            ax.plot(epochs, [r.get(f"train_{key}", np.nan) for r in history], color=color, lw=1.6, label=trial)
+            ax.plot(epochs, [r.get(f"val_{key}", np.nan) for r in history], color=color, lw=1.6, ls="--")
+    loss_ax.set(xlabel="epoch", ylabel="loss", yscale="log", title="loss (solid: train, dashed: val)")
+    acc_ax.set(xlabel="epoch", ylabel="accuracy", title="accuracy (solid: train, dashed: val)")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    acc_ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def ratio_figure(histories: dict[str, list[dict[str, Any]]]) -> Figure | None:
+    """Update/weight ratio per layer and epoch, one panel per top trial, with the 1e-3 guide line."""
+    ratios = {t: pd.DataFrame([r["update_ratio"] for r in h if isinstance(r.get("update_ratio"), dict)],
+                              index=[r["epoch"] for r in h if isinstance(r.get("update_ratio"), dict)])
+              for t, h in histories.items()}
+    ratios = {t: r for t, r in ratios.items() if not r.empty}
+    if not ratios:
+        return None
+    fig, axes = _grid(len(ratios), 3, 4.2, 3.0)
+    for ax, (trial, frame) in zip(axes, ratios.items()):
+        for layer in frame.columns:
+            ax.plot(frame.index, frame[layer].where(frame[layer] > 0), marker=".", lw=1.4, label=layer)
+        ax.axhline(RATIO_GUIDE, color="#555555", ls="--", lw=1)
+        ax.text(1.0, RATIO_GUIDE, " 1e-3", transform=ax.get_yaxis_transform(), va="center", fontsize=8)
+        ax.set_yscale("log")
+        ax.set(title=trial, xlabel="epoch", ylabel="update / weight")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def funnel(df: pd.DataFrame, stages: list[str]) -> pd.DataFrame:
+    """Trials per stage (rows, in stage order) and state (columns, in life-cycle order)."""
+    counts = pd.crosstab(df["stage"], df["state"])
+    order = [s.value for s in (TrialState.COMPLETED, TrialState.KILLED, TrialState.DIVERGED, TrialState.FAILED,
+                               TrialState.RUNNING, TrialState.QUEUED)]
+    columns = [s for s in order if s in counts.columns] + sorted(set(counts.columns) - set(order))
+    return counts.reindex(index=[s for s in stages if s in counts.index], columns=columns, fill_value=0)
+
+
+def funnel_figure(counts: pd.DataFrame) -> Figure:
+    """Horizontal stacked bars: one per stage, segments per state, the first stage on top."""
+    fig = Figure(figsize=(10, 0.7 + 0.55 * len(counts)), layout="constrained")
+    ax = fig.subplots()
+    y = np.arange(len(counts))[::-1]
+    left = np.zeros(len(counts))
+    for state in counts.columns:
+        widths = counts[state].to_numpy(dtype=float)
+        ax.barh(y, widths, left=left, color=STATE_COLORS.get(state, "#999999"), label=state.lower(), height=0.6)
+        for yi, x0, w in zip(y, left, widths):
+            if w and w >= 0.04 * counts.to_numpy().sum(axis=1).max():
+                ax.text(x0 + w / 2, yi, str(int(w)), ha="center", va="center", fontsize=8, color="white")
+        left += widths
+    for yi, total in zip(y, left):
+        ax.text(total, yi, f"  {int(total)}", va="center", fontsize=9)
+    ax.set_yticks(y, counts.index)
+    ax.set_xlabel("trials")
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.legend(loc="outside right upper", frameon=False)
+    return fig
+
+
+# page ------------------------------------------------------------------------------------------------
+def _fmt(column: str, value: Any) -> str:
+    """A leaderboard cell as escaped HTML."""
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if column == "state":
+        return f'<span class="state {html.escape(str(value).lower())}">{html.escape(str(value))}</span>'
+    if isinstance(value, (list, tuple, dict)):
+        text = json.dumps(value)
+    elif isinstance(value, float):
+        text = f"{value:.4f}" if column in ("val_acc", "train_acc") else f"{value:.1f}" if column == "seconds" \
+            else f"{value:.4g}"
+    else:
+        text = str(value)
+    return html.escape(text)
+
+
+def leaderboard_html(df: pd.DataFrame) -> str:
+    shown = df.head(HTML_ROWS).copy()
+    shown.insert(0, "#", range(1, len(shown) + 1))
+    formatters = {c: (lambda v, c=c: _fmt(c, v)) for c in shown.columns}
+    return shown.to_html(index=False, escape=False, formatters=formatters, classes="board", border=0, na_rep="\u2013")
+
+
+def _acc(value: Any, sign: str = "") -> str:
+    return f"{value:{sign}.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "–"
+
+
+def ensembles_html(records: list[dict[str, Any]]) -> str:
+    """One row per recorded ensemble: method, members, validation and test accuracy, gain over the best single."""
+    rows = []
+    for r in records:
+        val, test = r["scores"].get("val") or {}, r["scores"].get("test") or {}
+        rows.append({
+            "ensemble": r.get("name"), "method": r.get("method"), "ema": r.get("ema"),
+            "members": sum(1 for m in r["members"] if isinstance(m, dict) and m.get("weight")),
+            "val acc": _acc(val.get("ensemble")), "test acc": _acc(test.get("ensemble")),
+            "best single": r.get("best_single"), "its test acc": _acc(test.get("best_single")),
+            "test gain": _acc(test.get("gain"), "+"), "trials": ", ".join(map(str, r.get("trials") or [])),
+        })
+    return pd.DataFrame(rows).to_html(index=False, classes="board", border=0)
+
+
+CSS = """
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1d2329; margin: 0;
+       background: #f4f6f8; }
+header { background: #1d2b3a; color: #fff; padding: 18px 32px; }
+header h1 { margin: 0 0 4px; font-size: 22px; }
+header p { margin: 0; color: #c5d0db; }
+main { padding: 8px 32px 40px; max-width: 1400px; }
+section { background: #fff; border-radius: 6px; box-shadow: 0 1px 3px rgba(0,0,0,.08); margin: 18px 0;
+          padding: 14px 20px; overflow-x: auto; }
+h2 { font-size: 17px; margin: 4px 0 10px; }
+.note { color: #5b6672; font-size: 13px; }
+.cards { display: flex; gap: 14px; flex-wrap: wrap; }
+.card { background: #fff; border-radius: 6px; box-shadow: 0 1px 3px rgba(0,0,0,.08); padding: 10px 18px; }
+.card b { display: block; font-size: 20px; }
+img { max-width: 100%; height: auto; }
+table.board { border-collapse: collapse; font-size: 12.5px; white-space: nowrap; }
+table.board th { background: #eef1f4; text-align: right; padding: 5px 8px; position: sticky; top: 0; }
+table.board td { padding: 4px 8px; text-align: right; border-top: 1px solid #e6e9ed; }
+table.board tr:hover td { background: #f7f9fb; }
+.state { border-radius: 3px; padding: 1px 6px; color: #fff; font-size: 11px; }
+""" + "".join(f".state.{state.lower()} {{ background: {color}; }}\n" for state, color in STATE_COLORS.items())
+
+
+def _figure_section(title: str, figure_id: str, fig: Figure | None, note: str = "", empty: str = "") -> str:
+    if fig is None:
+        return f'<section id="{figure_id}"><h2>{title}</h2><p class="note">{empty}</p></section>'
+    return (f'<section id="{figure_id}"><h2>{title}</h2>' + (f'<p class="note">{note}</p>' if note else "")
+            + f'<img id="{figure_id}-plot" alt="{html.escape(title)}" src="{_png(fig)}"></section>')
+
+
+def _flag_notes(ctx: Context) -> str:
+    notes = []
+    for stage, flags in ctx.flags.items():
+        for f in flags:
+            notes.append(f"{html.escape(stage)}: {html.escape(str(f.get('name', f.get('parameter'))))} at the "
+                         f"{html.escape(str(f.get('side')))} border of [{f.get('low')}, {f.get('high')}]")
+    return "Flagged borders: " + "; ".join(notes) + "." if notes else ""
+
+
+def render_page(store: ExperimentStore, df: pd.DataFrame, ctx: Context, curves: int,
+                ensembles: list[dict[str, Any]]) -> str:
+    """The whole self-contained page (figures embedded as base64 PNG)."""
+    counts = funnel(df, ctx.stages)
+    params = numeric_params(df)
+    top = df[df["val_acc"].notna()].head(curves)["trial"]
+    histories = {t: h for t in top if (h := store.read_history(t))}
+    best = df.iloc[0] if len(df) and pd.notna(df["val_acc"].iloc[0]) else None
+    cards = [("trials", len(df)), ("stages", len(counts)),
+             ("finished", int(df["state"].isin([s.value for s in TrialState if s.terminal]).sum())),
+             ("best val accuracy", f"{best['val_acc']:.4f} ({html.escape(best['trial'])})" if best is not None
+              else "–")]
+    parts = [
+        f'<section id="summary" class="cards">'
+        + "".join(f'<div class="card">{k}<b>{v}</b></div>' for k, v in cards) + "</section>",
+        _figure_section("Trials per stage and state", "funnel", funnel_figure(counts) if len(counts) else None,
+                        empty="no trials yet"),
+        f'<section id="leaderboard"><h2>Leaderboard</h2><p class="note">Top {min(HTML_ROWS, len(df))} of '
+        f"{len(df)} trials by best validation accuracy; train_acc is at the best epoch. Every trial is in "
+        f"leaderboard.csv and leaderboard.json beside this page.</p>{leaderboard_html(df)}</section>",
+        _figure_section("Validation accuracy against each hyperparameter", "hyperparameters",
+                        scatter_figure(df, params, ctx) if params else None,
+                        note="One colour per stage; dashed lines are each stage's range borders, log axes where "
+                             "the parameter was sampled log-uniformly. " + _flag_notes(ctx),
+                        empty="no numeric hyperparameter sampled"),
+        _figure_section(f"Learning curves of the top {len(histories)} trials", "curves",
+                        curves_figure(histories) if histories else None, empty="no trial has a history yet"),
+        _figure_section("Update / weight ratio per layer", "ratios", ratio_figure(histories),
+                        note="Ratio of the last update's norm to the weights' norm each epoch; around 1e-3 is "
+                             "healthy, far above means a learning rate too high, far below too low.",
+                        empty="no update ratios recorded"),
+    ]
+    if ensembles:
+        parts.append(f'<section id="ensembles"><h2>Ensembles</h2><p class="note">Softmax averages of the best '
+                     f"trials' checkpoints; the gain is over the member with the best validation accuracy."
+                     f"</p>{ensembles_html(ensembles)}</section>")
+    generated = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>{html.escape(store.experiment)} – hypersearch report</title><style>{CSS}</style></head>"
+            f"<body><header><h1>{html.escape(store.experiment)}</h1><p>hypersearch report · "
+            f"{html.escape(str(store.dir))} · generated {generated}</p></header><main>"
+            + "\n".join(parts) + "</main></body></html>\n")
+
+
+@dataclass(frozen=True)
+class Report:
+    """What `master report` produced."""
+
+    leaderboard: pd.DataFrame
+    html: Path
+    csv: Path
+    json: Path
+
+
+def build_report(store: ExperimentStore, curves: int = 5) -> Report:
+    """Read the experiment's storage (no Redis) and write report/index.html, leaderboard.csv and .json."""
+    warn_foreign(store)
+    df = build_leaderboard(store)
+    ctx = read_context(store, df)
+    store.report_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = write_tables(df, store.report_dir)
+    html_path = store.report_dir / "index.html"
+    atomic_write_bytes(html_path, render_page(store, df, ctx, curves, read_ensembles(store)).encode())
+    return Report(df, html_path, csv_path, json_path)
