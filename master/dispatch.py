@@ -6,14 +6,17 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import redis
+from rq.command import send_shutdown_command, send_stop_job_command
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
+from rq.utils import utcparse
 from rq.worker import Worker
 
 from worker.control import DEFAULT_REDIS_URL, ControlError, mask_url, open_redis, read_progress, redis_url
 from worker.control import request_stop as _request_stop
-from worker.control import reset_trial
+from worker.control import KEY_TTL_SECONDS, reset_trial, stop_key
 from worker.spec import TrialSpec, TrialState, check_name
 from worker.store import ExperimentStore
 
@@ -153,9 +156,55 @@ class Dispatcher:
         """{trial id: live progress fields} of the experiment's trials."""
         return read_progress(self.conn, experiment)
 
-    def request_stop(self, experiment: str, trial_id: str, reason: str = "stopped by user") -> None:
-        """Ask for a trial to be stopped (honoured within about a second, also if it has not started yet)."""
-        _request_stop(self.conn, experiment, trial_id, reason)
+    def request_stop(self, experiment: str, trial_id: str, reason: str = "stopped by user",
+                     state: TrialState = TrialState.KILLED) -> None:
+        """Ask for a trial to be stopped (honoured within about a second, also if it has not started yet);
+        it ends in ``state`` (KILLED, or DIVERGED when the master judged it so)."""
+        _request_stop(self.conn, experiment, trial_id, reason, state)
+
+    def stop_job(self, experiment: str, trial_id: str) -> bool:
+        """RQ's stop-job command for the trial's running job (the fallback when a cooperative stop is not
+        honoured); False when the job is not running."""
+        try:
+            send_stop_job_command(self.conn, job_id(experiment, trial_id), serializer=JSONSerializer)
+        except (InvalidJobOperation, NoSuchJobError):
+            return False
+        return True
+
+    def shutdown_worker(self, name: str) -> None:
+        """RQ's shutdown command: the worker finishes (or, idle, abandons) its current wait and exits."""
+        send_shutdown_command(self.conn, name)
+
+    def jobs(self, experiment: str, trial_ids: list[str]) -> dict[str, tuple[str | None, str | None]]:
+        """{trial id: (its job's RQ status, or None when Redis has no job for it; the worker that took it)}."""
+        with self.conn.pipeline(transaction=False) as pipe:
+            for tid in trial_ids:
+                pipe.hmget(Job.key_for(job_id(experiment, tid)), "status", "worker_name")
+            rows = pipe.execute()
+        return {tid: tuple((v.decode() or None) if v else None for v in row) for tid, row in zip(trial_ids, rows)}
+
+    def heartbeats(self, names: list[str]) -> dict[str, float | None]:
+        """{worker name: its last RQ heartbeat (unix time, the worker's clock), None when its key is gone}."""
+        with self.conn.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hget(Worker.redis_worker_namespace_prefix + name, "last_heartbeat")
+            beats = pipe.execute()
+        return {n: utcparse(b.decode()).timestamp() if b else None for n, b in zip(names, beats)}
+
+    def requeue(self, specs: list[TrialSpec]) -> list[str]:
+        """Put trials back in the queue whatever their jobs' state (a dead worker's job stays STARTED): delete
+        the jobs, then enqueue afresh (clearing stale results; they resume from their checkpoints).
+        A pending stop request survives, so a trial being stopped still ends with its reason."""
+        stops = {s.trial_id: self.conn.get(stop_key(s.experiment, s.trial_id)) for s in specs}
+        for job in Job.fetch_many([job_id(s.experiment, s.trial_id) for s in specs], connection=self.conn,
+                                  serializer=JSONSerializer):
+            if job is not None:
+                job.delete()
+        enqueued = self.enqueue(specs, force=True)
+        for s in specs:
+            if stops[s.trial_id] is not None:
+                self.conn.set(stop_key(s.experiment, s.trial_id), stops[s.trial_id], ex=KEY_TTL_SECONDS)
+        return enqueued
 
     def workers(self) -> list[dict[str, Any]]:
         """Live workers on this queue: name, state, current job (and trial), last heartbeat (unix time)."""
