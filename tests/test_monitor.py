@@ -1,0 +1,164 @@
+"""Tests for the monitor on fakeredis without workers: quarantine rule, heartbeats, requeue, retries, stops, stages."""
+import fakeredis
+import pytest
+from rq.job import Job
+
+from master.dispatch import Dispatcher, job_id
+from master.monitor import Monitor, failing_workers, move, worker_outcomes
+from master.space import parse_config
+from master.stages import plan_stage
+from worker.control import NullControl, read_progress, stop_key
+from worker.spec import TrialState
+from worker.store import ExperimentStore
+from worker.trainer import run_trial
+
+CONFIG = """
+[experiment]
+name = "mon"
+dataset = "digits"
+
+[model]
+hidden = [16]
+
+[stages.coarse]
+epochs = 2
+trials = 3
+
+[space.solver]
+lr = { dist = "loguniform", low = 1e-3, high = 1e-2 }
+
+[watch]
+heartbeat_seconds = 10
+max_retries = 1
+fail_streak = 2
+"""
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def setup(tmp_path):
+    config = parse_config(CONFIG)
+    store = ExperimentStore(tmp_path, "mon").ensure()
+    plan = plan_stage(store, config, "coarse")
+    for spec in plan.specs:
+        store.write_spec(spec.to_dict())
+    store.write_stage("coarse", {"trial_ids": [s.trial_id for s in plan.specs], "status": "launched"})
+    conn = fakeredis.FakeRedis()
+    dispatcher = Dispatcher(conn, "q", storage=tmp_path)
+    clock = Clock()
+    return config, store, plan.specs, dispatcher, Monitor(store, config, dispatcher, clock), clock
+
+
+def test_failing_workers_closed_form():
+    outcomes = [(1, "a", True, "x"), (2, "a", False, ""), (3, "a", True, "y"), (4, "a", True, "z"),
+                (1, "b", True, "x"), (5, "b", True, "w"), (9, "b", False, ""), (2, "c", True, "v")]
+    assert failing_workers(outcomes, 2) == {"a": (4, "z")}  # b's last job succeeded; c has one job only
+    assert failing_workers(outcomes, 1) == {"a": (4, "z"), "c": (2, "v")}
+
+
+def test_heartbeat_is_judged_on_our_clock(setup):
+    *_, monitor, clock = setup
+    assert monitor.alive("w", 5.0, clock.now)  # first sight: alive whatever its (skewed) clock says
+    clock.now += 10
+    assert monitor.alive("w", 5.0, clock.now)
+    clock.now += 0.5
+    assert not monitor.alive("w", 5.0, clock.now)  # the same heartbeat for more than 10 s
+    assert monitor.alive("w", 6.0, clock.now)  # a new one
+    assert not monitor.alive("gone", None, clock.now)  # its key expired
+
+
+def test_a_missing_job_is_requeued_and_the_reason_recorded(setup):
+    config, store, specs, dispatcher, monitor, clock = setup
+    dispatcher.enqueue(specs[:2])
+    events = monitor.tick()
+    assert [(e.kind, e.trial_id) for e in events] == [("requeue", specs[2].trial_id)]
+    assert dispatcher.jobs("mon", [specs[2].trial_id])[specs[2].trial_id][0] == "queued"
+    (event,) = store.read_events(specs[2].trial_id)
+    assert event["event"] == "requeue" and event["state"] == "QUEUED" and "no job in Redis" in event["reason"]
+    assert monitor.tick() == []  # nothing more to do while they wait
+
+
+def test_a_dead_workers_started_job_is_requeued(setup):
+    config, store, specs, dispatcher, monitor, clock = setup
+    dispatcher.enqueue(specs)
+    conn = dispatcher.conn
+    conn.hset(Job.key_for(job_id("mon", specs[0].trial_id)), mapping={"status": "started", "worker_name": "w9"})
+    conn.hset("rq:worker:w9", "last_heartbeat", "2026-01-01T00:00:00.000000Z")
+    assert monitor.tick() == []
+    clock.now += 11
+    (event,) = monitor.tick()
+    assert event.kind == "requeue" and event.message.startswith(f"{specs[0].trial_id}: worker w9 lost heartbeat")
+    assert dispatcher.jobs("mon", [specs[0].trial_id])[specs[0].trial_id] == ("queued", None)
+
+
+def test_failed_trials_are_retried_up_to_the_limit_and_a_failing_worker_is_quarantined(setup, monkeypatch):
+    config, store, specs, dispatcher, monitor, clock = setup
+    dispatcher.enqueue(specs)
+    shut = []
+    monkeypatch.setattr(dispatcher, "shutdown_worker", shut.append)
+    for i, spec in enumerate(specs[:2]):
+        store.write_result(spec.trial_id, {"state": "FAILED", "reason": "DataError: broken", "worker": "bad",
+                                           "finished_at": 10.0 + i})
+    events = monitor.tick()
+    assert [e.kind for e in events] == ["quarantine", "retry", "retry"]
+    assert shut == ["bad"] and "its last 2 jobs failed (last: DataError: broken)" in events[0].message
+    assert store.read_result(specs[0].trial_id) is None  # cleared: queued again
+    assert {o[1:3] for o in worker_outcomes(store, [s.trial_id for s in specs])} == {("bad", True)}
+    store.write_result(specs[0].trial_id, {"state": "FAILED", "reason": "DataError: broken", "worker": "bad",
+                                           "finished_at": 20.0})
+    assert [e.kind for e in monitor.tick()] == ["quarantine"]  # a new streak; no retry left for coarse-0000
+    assert shut == ["bad", "bad"]
+
+
+def test_sanity_failures_are_neither_retried_nor_blamed_on_the_worker(setup):
+    config, store, specs, dispatcher, monitor, clock = setup
+    dispatcher.enqueue(specs)
+    for i, spec in enumerate(specs[:2]):
+        store.write_result(spec.trial_id, {"state": "FAILED", "reason": "sanity check overfit failed", "worker": "w",
+                                           "finished_at": float(i)})
+    assert monitor.tick() == []
+
+
+def test_move_to_diverged_requests_a_stop_that_ends_the_trial_diverged(setup):
+    config, store, specs, dispatcher, monitor, clock = setup
+    move(store, dispatcher, specs[0], TrialState.DIVERGED, "loss 7 above 3x the initial loss 2 at epoch 1", "stop")
+    assert dispatcher.conn.get(stop_key("mon", specs[0].trial_id)) == b"DIVERGED: loss 7 above 3x the initial " \
+                                                                      b"loss 2 at epoch 1"
+
+    class Control(NullControl):
+        def should_stop(self):
+            return dispatcher.conn.get(stop_key("mon", specs[0].trial_id)).decode()
+
+    result = run_trial(specs[0], store, Control())
+    assert (result["state"], result["reason"]) == ("DIVERGED", "loss 7 above 3x the initial loss 2 at epoch 1")
+    with pytest.raises(ValueError, match="does not move trials to COMPLETED"):
+        move(store, dispatcher, specs[0], TrialState.COMPLETED, "", "x")
+
+
+def test_requeue_keeps_a_pending_stop_request(setup):
+    config, store, specs, dispatcher, monitor, clock = setup
+    dispatcher.enqueue(specs[:1])
+    dispatcher.request_stop("mon", specs[0].trial_id, "stopped by user")
+    assert dispatcher.requeue(specs[:1]) == [specs[0].trial_id]
+    assert dispatcher.conn.get(stop_key("mon", specs[0].trial_id)) == b"stopped by user"
+    assert read_progress(dispatcher.conn, "mon")[specs[0].trial_id]["state"] == "QUEUED"
+
+
+def test_a_finished_stage_is_closed_with_its_flags(setup):
+    config, store, specs, dispatcher, monitor, clock = setup
+    for i, spec in enumerate(specs):
+        store.write_result(spec.trial_id, {"state": "COMPLETED", "best_val_acc": 0.5 + i / 10, "worker": "w",
+                                           "finished_at": float(i)})
+    dispatcher.enqueue(specs)  # jobs exist (queued): results are what count
+    events = monitor.tick()
+    assert events[0].kind == "stage" and events[0].message == "stage coarse completed: 3 COMPLETED"
+    record = store.read_stage("coarse")
+    assert record["status"] == "completed" and "flags" in record and "flag_messages" in record
+    assert monitor.done() and monitor.tick() == []
