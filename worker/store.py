@@ -141,7 +141,7 @@ class ExperimentStore:
         try:
             for d in (self.trials_dir, self.stages_dir):
                 d.mkdir(parents=True, exist_ok=True)
-            probe = self.dir / ".write-probe.tmp"
+            probe = self.dir / f".write-probe-{os.getpid()}.tmp"  # per process: workers share the folder
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
