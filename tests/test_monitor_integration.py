@@ -1,0 +1,212 @@
+"""Real-Redis tests of the monitor with `worker start` processes: a SIGKILLed worker, divergence, quarantine."""
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+import redis
+
+from master.dispatch import Dispatcher
+from master.monitor import Monitor, watch
+from master.space import parse_config
+from master.stages import plan_stage
+from worker.store import ExperimentStore
+
+URL = "redis://127.0.0.1:6379/12"  # a database of its own; every key a test makes carries its tag
+
+pytestmark = [pytest.mark.slow, pytest.mark.redis]
+
+
+@pytest.fixture
+def tag():
+    """A unique tag; every Redis key naming it is deleted afterwards."""
+    conn = redis.Redis.from_url(URL, socket_connect_timeout=1)
+    try:
+        conn.ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"needs the Redis server on 127.0.0.1:6379 ({exc})")
+    tag = uuid.uuid4().hex[:10]
+    yield tag
+    keys = list(conn.scan_iter(match=f"*{tag}*", count=1000))
+    if keys:
+        conn.delete(*keys)
+    for registry in (b"rq:queues", b"rq:workers"):
+        members = [m for m in conn.smembers(registry) if tag.encode() in m]
+        if members:
+            conn.srem(registry, *members)
+    conn.close()
+
+
+class Experiment:
+    """A config, its storage, a dispatcher and `worker start` processes (always reaped at the end)."""
+
+    def __init__(self, tmp_path, tag, body, watch="heartbeat_seconds = 8\npoll_seconds = 0.3\nstop_grace = 5\n"):
+        self.tmp_path, self.name, self.queue = tmp_path, f"mon-{tag}", f"hs-mon-{tag}"
+        self.config = parse_config(f'[experiment]\nname = "{self.name}"\n{body}\n[watch]\n{watch}')
+        self.root = tmp_path / "storage"
+        self.store = ExperimentStore(self.root, self.name).ensure()
+        self.conn = redis.Redis.from_url(URL)
+        self.dispatcher = Dispatcher(self.conn, self.queue, storage=self.root)
+        self.monitor = Monitor(self.store, self.config, self.dispatcher)
+        self.procs: list[subprocess.Popen] = []
+
+    def launch(self, stage="coarse"):
+        specs = plan_stage(self.store, self.config, stage).specs
+        for spec in specs:
+            self.store.write_spec(spec.to_dict())
+        self.store.write_stage(stage, {"trial_ids": [s.trial_id for s in specs], "status": "launched"})
+        self.dispatcher.enqueue(specs)
+        return specs
+
+    def worker(self, name, cwd=None):
+        log = open(self.tmp_path / f"{name}.log", "wb")
+        self.procs.append(subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "start", "--url", URL, "--storage", str(self.root.resolve()),
+             "--queue", self.queue, "--name", name], cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL))
+        log.close()
+        return self.procs[-1]
+
+    def watch(self, timeout):
+        """Run the watch loop until the stage is done; fail after ``timeout`` seconds."""
+        events, done = [], threading.Event()
+        thread = threading.Thread(target=lambda: (watch(self.monitor, on_event=events.append), done.set()),
+                                  daemon=True)
+        thread.start()
+        if not done.wait(timeout):
+            raise AssertionError(f"stage not done within {timeout} s; events: {events}; logs: {self.logs()}")
+        return events
+
+    def logs(self):
+        return "".join(p.read_text(errors="replace") for p in sorted(self.tmp_path.glob("*.log")))
+
+    def stop(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.conn.close()
+
+
+@pytest.fixture
+def experiment(tmp_path, tag):
+    made = []
+
+    def make(*args, **kwargs):
+        made.append(Experiment(tmp_path, tag, *args, **kwargs))
+        return made[-1]
+    yield make
+    for e in made:
+        e.stop()
+
+
+def wait_for(predicate, timeout, what):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+LONG_TRIAL = """dataset = "digits"
+[model]
+hidden = [256]
+[solver]
+update = "adam"
+lr = 0.003
+batch_size = 32
+[stages.coarse]
+epochs = 40
+trials = 1
+prune = "none"
+"""
+
+
+def test_a_sigkilled_worker_loses_no_trial_it_resumes_elsewhere_from_its_checkpoint(experiment, tag):
+    exp = experiment(LONG_TRIAL)
+    (spec,) = exp.launch()
+    tid = spec.trial_id
+    first = exp.worker(f"a-{tag}")
+    wait_for(lambda: exp.dispatcher.progress(exp.name).get(tid, {}).get("epoch", 0) >= 3, 60, "three epochs")
+    exp.monitor.tick()  # the master has seen the worker's heartbeat
+    first.kill()
+    first.wait()
+    killed_at = time.time()
+    saved = exp.store.latest_checkpoint(tid).epoch
+    exp.worker(f"b-{tag}")
+    events = exp.watch(timeout=90)
+
+    requeue = next(e for e in events if e.kind == "requeue")
+    assert requeue.message.startswith(f"{tid}: worker a-{tag} lost heartbeat")
+    (event,) = exp.store.read_events(tid)
+    assert event["event"] == "requeue" and event["time"] - killed_at < 30  # noticed within 30 s
+    result = exp.store.read_result(tid)
+    assert (result["state"], result["worker"], result["epochs_done"]) == ("COMPLETED", f"b-{tag}", 40)
+    history = exp.store.read_history(tid)
+    assert [r["epoch"] for r in history] == list(range(1, 41))
+    assert all((r["time"] < killed_at) == (r["epoch"] <= saved) for r in history)  # only the epoch in flight re-ran
+
+
+def test_a_diverging_trial_is_stopped_with_its_reason(experiment, tag):
+    exp = experiment("""dataset = "digits"
+[model]
+hidden = [64]
+[solver]
+update = "adam"
+batch_size = 16
+abort_factor = 1e9   # the worker's own abort would catch it first; here the master must
+[stages.coarse]
+epochs = 400
+trials = 2
+[space.solver]
+lr = { dist = "loguniform", low = 1.0, high = 10.0 }
+""")
+    specs = exp.launch()
+    exp.worker(f"a-{tag}")
+    exp.worker(f"b-{tag}")
+    events = exp.watch(timeout=90)
+    for spec in specs:
+        result = exp.store.read_result(spec.trial_id)
+        assert result["state"] == "DIVERGED", result
+        assert "above 3x the initial loss" in result["reason"] and 1 <= result["epochs_done"] < 400
+        assert exp.store.checkpoints(spec.trial_id)  # killed trials keep their checkpoints
+    assert sum(e.kind == "stop" for e in events) == 2
+
+
+def test_a_worker_pointed_at_a_broken_dataset_is_quarantined_and_its_trials_retried(experiment, tag, tmp_path):
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    for d, rows in ((good, "".join(f"{i % 3},{i / 10},{(i * 7) % 5}\n" for i in range(90))), (bad, "garbage\n")):
+        d.mkdir()
+        (d / "data.csv").write_text("label,a,b\n" + rows)
+    exp = experiment("""dataset = "csv:data.csv"
+[model]
+hidden = [8]
+[stages.coarse]
+epochs = 1
+trials = 6
+[space.solver]
+lr = { dist = "loguniform", low = 1e-3, high = 1e-2 }
+""", watch="fail_streak = 3\nmax_retries = 3\npoll_seconds = 0.2\n")
+    specs = exp.launch()
+    broken = exp.worker(f"bad-{tag}", cwd=bad)
+    wait_for(lambda: sum((exp.store.read_result(s.trial_id) or {}).get("state") == "FAILED" for s in specs) >= 3,
+             60, "three failures")
+    exp.worker(f"good-{tag}", cwd=good)
+    events = exp.watch(timeout=90)
+    assert broken.wait(20) == 0  # RQ's shutdown command: a clean exit
+    quarantine = [e for e in events if e.kind == "quarantine"]
+    assert quarantine and quarantine[0].message.startswith(f"worker bad-{tag} quarantined: its last 3 jobs failed")
+    assert "DataError" in quarantine[0].message
+    for spec in specs:
+        result = exp.store.read_result(spec.trial_id)
+        assert (result["state"], result["worker"]) == ("COMPLETED", f"good-{tag}"), result
+    retried = [s for s in specs if exp.store.read_events(s.trial_id)]
+    assert len(retried) >= 3 and all(e["event"] == "retry" for s in retried for e in exp.store.read_events(s.trial_id))
