@@ -1,0 +1,510 @@
+"""The ``master`` command line: launch a stage of the search and show an experiment's status."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from datetime import datetime, timezone
+from importlib import metadata, resources
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import click
+import redis
+from rich.console import Console, Group
+from rich.live import Live
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from master import dispatch
+from master.embedded import EmbeddedError, EmbeddedRedis, LocalWorkers, redis_server_binary, running_server_url
+from master.leaderboard import build_leaderboard, render_table
+from master.sampler import sample_trials
+from master.space import DEFAULT_CONFIG, ExperimentConfig, SpaceError, load_config, parse_config
+from nncore.data import load_dataset
+from nncore.errors import ConfigError, DataError
+from worker.spec import TERMINAL_STATES, SpecError, TrialSpec, TrialState
+from worker.store import ExperimentStore, StorageError, list_experiments, storage_root
+
+log = logging.getLogger(__name__)
+
+console = Console(highlight=False)
+LOCAL_DIR = "local"  # <experiment>/local: the embedded Redis's data dir, its pidfile and the local workers' logs
+POLL_SECONDS = 0.3
+INTERRUPTED_REASON = "interrupted by user (Ctrl-C)"
+TERMINAL = {s.value for s in TERMINAL_STATES}
+EXIT_INTERRUPTED = 130
+
+
+class CliError(click.ClickException):
+    """A problem with the user's input or environment: one line on stderr, exit code 2, nothing written."""
+
+    exit_code = 2
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+USER_ERRORS = (SpaceError, SpecError, ConfigError, DataError, StorageError, dispatch.DispatchError, EmbeddedError)
+
+
+def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the errors that name a culprit (config key, dataset, storage path, Redis URL) into CliError."""
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except USER_ERRORS as exc:
+            raise CliError(str(exc)) from None
+    return wrapper
+
+
+# options shared by several commands, defined once ----------------------------------------
+storage_option = click.option(
+    "--storage", type=click.Path(path_type=Path, file_okay=True), default=None,
+    help="Shared storage root holding the experiments (default: $HYPERSEARCH_STORAGE, else ./checkpoints). "
+         "A root given explicitly must already exist.")
+url_option = click.option(
+    "--url", default=None, metavar="URL",
+    help="Redis URL, e.g. redis://:PASSWORD@host:6379/0 (default: $REDIS_URL). Without either, launch runs "
+         "an embedded Redis and local workers for the duration of the command.")
+queue_option = click.option(
+    "--queue", default=dispatch.DEFAULT_QUEUE, show_default=True,
+    help="RQ queue the trials go through (workers must listen on the same one).")
+experiment_option = click.option(
+    "--experiment", default=None, metavar="NAME",
+    help="Experiment to show (default: the most recently changed one in the storage root).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", count=True, help="Log more on stderr (-v: info, -vv: debug).")
+def main(verbose: int) -> None:
+    """Distributed random hyperparameter search: sample trials, dispatch them over Redis, rank the results."""
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(name)s: %(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(console=Console(stderr=True), show_path=False)])
+
+
+# launch -------------------------------------------------------------------------------------
+@main.command()
+@click.option("--stage", default=None,
+              help="Stage of the config to launch (default: the config's first stage, `coarse` in the built-in "
+                   "one). Only stages sampled at random (method = \"random\") can be launched so far.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Experiment config (TOML): dataset, fixed fields, stages and search space "
+                   "(default: the built-in digits MLP search, master/default.toml).")
+@url_option
+@storage_option
+@queue_option
+@click.option("--trials", type=click.IntRange(min=1), default=None,
+              help="Number of trials to sample (default: the stage's `trials` in the config).")
+@click.option("--seed", type=click.IntRange(min=0), default=None,
+              help="Sampling seed (default: the config's experiment.seed); the same config and seed give the "
+                   "same trials, so launching again enqueues only what is missing.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Local worker processes to start with the embedded Redis (default: one per CPU core, "
+                   "at most one per trial). With --url, start workers with `worker start` instead.")
+@click.option("--wait/--no-wait", default=None,
+              help="Follow progress until every trial of the stage has finished (always with the embedded "
+                   "Redis; with --url the default is to enqueue and return).")
+@click.option("--force", is_flag=True,
+              help="Also enqueue trials that already finished, failed or were stopped (they resume from their "
+                   "checkpoints); trials queued or running are never enqueued twice.")
+@user_errors
+def launch(stage: str | None, config_path: Path | None, url: str | None, storage: Path | None, queue: str,
+           trials: int | None, seed: int | None, workers: int | None, wait: bool | None, force: bool) -> None:
+    """Sample a stage's trials, record them in shared storage and enqueue them, one RQ job per trial.
+
+    With no Redis URL, runs everything on this machine: an embedded Redis, local workers, a progress bar,
+    then the leaderboard. Everything is validated before anything is written.
+    """
+    config = load_config(config_path)
+    stage = stage or config.stages[0].name
+    plan = config.stage(stage)
+    if plan.method != "random":
+        raise CliError(f"stage {stage}: method {plan.method!r} is not supported by launch yet "
+                       f"(only stages sampled at random)")
+    seed = config.seed if seed is None else seed
+    specs = sample_trials(config, stage, trials or plan.trials, seed)
+    url = dispatch.redis_url(url)
+    embedded = url is None
+    if embedded and wait is False:
+        raise CliError("--no-wait needs --url or $REDIS_URL: the embedded Redis lives only while launch runs")
+    if not embedded and workers is not None:
+        raise CliError("--workers starts local workers for the embedded Redis only; with --url, run "
+                       "`worker start --url ...` on the worker machines")
+    root = storage_root(storage)
+    store = ExperimentStore(root, config.name)
+    check_storage(root, store, must_exist=storage is not None or "HYPERSEARCH_STORAGE" in os.environ)
+    check_existing(store, config, specs)
+    if embedded:  # local workers will read the same files: make sure the dataset loads before writing anything
+        load_dataset(config.dataset, **specs[0].data)
+        binary = redis_server_binary()
+    else:
+        dispatcher = dispatch.Dispatcher(dispatch.connect(url), queue, storage=root)
+
+    record_launch(store, config, config_text(config_path), stage, seed, specs)
+    if embedded:
+        code = run_embedded(store, stage, specs, binary, queue, min(workers or available_cores(), len(specs)), force)
+    else:
+        code = run_remote(store, stage, specs, dispatcher, dispatch.mask_url(url), force, wait=bool(wait))
+    raise SystemExit(code)
+
+
+def run_remote(store: ExperimentStore, stage: str, specs: list[TrialSpec], dispatcher: dispatch.Dispatcher,
+               shown_url: str, force: bool, wait: bool) -> int:
+    """Enqueue on a Redis the workers share; then return, or follow the stage when ``wait``. Exit code."""
+    enqueued = dispatcher.enqueue(specs, force=force)
+    skipped = len(specs) - len(enqueued)
+    queue = dispatcher.queue.name
+    console.print(f"enqueued [bold]{len(enqueued)}[/] of {len(specs)} trials of stage [bold]{stage}[/] of "
+                  f"[bold]{store.experiment}[/] on {shown_url} (queue {queue})"
+                  + (f"; {skipped} already queued or finished" if skipped else ""))
+    if not wait:
+        console.print(f"workers: worker start --url {shown_url} --storage {store.root} --queue {queue}\n"
+                      f"watch:   master status --experiment {store.experiment} --storage {store.root} "
+                      f"--url {shown_url}")
+        return 0
+    try:
+        outcome = follow(store, dispatcher, specs)
+    except KeyboardInterrupt:
+        console.print("stopped following; the trials go on on the workers")
+        return EXIT_INTERRUPTED
+    finish_stage(store, stage, outcome, specs)
+    return 0 if outcome == "completed" else 1
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def check_storage(root: Path, store: ExperimentStore, must_exist: bool) -> None:
+    """Refuse a storage root that is missing (when named explicitly), not a directory or not writable,
+    without leaving anything in it; the default ``./checkpoints`` is created later if missing."""
+    if root.exists() and not root.is_dir():
+        raise CliError(f"storage {root}: not a directory")
+    if not root.exists() and must_exist:
+        raise CliError(f"storage {root}: does not exist (create it, or point --storage at shared storage)")
+    probe_dir = next(p for p in (store.dir, root, root.absolute().parent) if p.is_dir())
+    try:
+        with tempfile.TemporaryFile(dir=probe_dir):  # unnamed where the OS allows; removed either way
+            pass
+    except OSError as exc:
+        raise CliError(f"storage {root}: not writable ({exc.strerror or exc})") from None
+
+
+def check_existing(store: ExperimentStore, config: ExperimentConfig, specs: list[TrialSpec]) -> None:
+    """Refuse to mix two different experiments (or two samplings of one stage) under the same name."""
+    previous = store.read_experiment()
+    if previous is not None and not same_config(previous, config):
+        raise CliError(f"experiment {config.name}: {store.dir} holds a different config; rename the experiment "
+                       f"(experiment.name) or use another --storage")
+    for spec in specs:
+        existing = store.read_spec(spec.trial_id)
+        if existing is not None and not same_spec(existing, spec):
+            raise CliError(f"trial {spec.trial_id}: already in {store.dir} with different settings "
+                           f"(another --seed?); use the original seed or another experiment name")
+
+
+def same_config(snapshot: Any, config: ExperimentConfig) -> bool:
+    """Whether a stored config snapshot describes ``config``, judged by parsing its TOML text with today's
+    code (so config fields added since, with their defaults, do not count as a change)."""
+    try:
+        return parse_config(snapshot["config_text"]) == config
+    except (SpaceError, KeyError, TypeError):
+        return False
+
+
+def same_spec(stored: Any, spec: TrialSpec) -> bool:
+    """Whether a stored spec.json is ``spec`` (validated with today's defaults, like the config above)."""
+    try:
+        return TrialSpec.from_dict(stored) == spec
+    except SpecError:
+        return False
+
+
+def config_text(path: Path | None) -> str:
+    """The TOML the config was loaded from (the built-in default's when ``path`` is None). JSON objects are
+    written with sorted keys, so this, not ``config``, keeps the order of the stages and of the space."""
+    if path is None:
+        return resources.files("master").joinpath(DEFAULT_CONFIG).read_text(encoding="utf-8")
+    return Path(path).read_text(encoding="utf-8")
+
+
+def code_version() -> str:
+    """The package version, plus the git commit (and ``.dirty``) when running from a checkout."""
+    version = metadata.version("hypersearch")
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return version
+    return f"{version}+g{commit}{'.dirty' if dirty else ''}"
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def record_launch(store: ExperimentStore, config: ExperimentConfig, text: str, stage: str, seed: int,
+                  specs: list[TrialSpec]) -> None:
+    """Write experiment.json (once), stages/<stage>.json and every trial's spec.json."""
+    store.ensure()
+    if store.read_experiment() is None:
+        store.write_experiment({"name": config.name, "config": config.to_dict(), "config_text": text,
+                                "seed": config.seed, "created_at": now_iso(), "code_version": code_version()})
+    previous = store.read_stage(stage) or {}
+    ids = sorted(set(previous.get("trial_ids", [])) | {s.trial_id for s in specs})
+    store.write_stage(stage, {
+        "stage": stage, "method": config.stage(stage).method, "epochs": config.stage(stage).epochs, "seed": seed,
+        "ranges": {d.name: d.to_dict() for d in config.space}, "trial_ids": ids, "status": "launched",
+        "created_at": previous.get("created_at", now_iso()), "updated_at": now_iso(),
+    })
+    for spec in specs:
+        if store.read_spec(spec.trial_id) is None:
+            store.write_spec(spec.to_dict())
+
+
+def finish_stage(store: ExperimentStore, stage: str, outcome: str, specs: list[TrialSpec]) -> None:
+    """Record how following the stage ended, then print the leaderboard of the stage."""
+    record = store.read_stage(stage) or {}
+    store.write_stage(stage, {**record, "status": outcome, "updated_at": now_iso()})
+    df = build_leaderboard(store, stage=stage)
+    console.print(render_table(df, top=10, title=f"{store.experiment} / {stage}: top {min(10, len(df))} "
+                                                   f"of {len(df)} trials (by validation accuracy)"))
+    unfinished = [s.trial_id for s in specs if (store.read_result(s.trial_id) or {}).get("state") not in TERMINAL]
+    if outcome == "completed":
+        console.print(f"stage [bold]{stage}[/] completed; results in {store.dir}")
+    else:
+        console.print(f"stage [bold]{stage}[/] {outcome}: {len(unfinished)} of {len(specs)} trials unfinished "
+                      f"({', '.join(unfinished[:5])}{', ...' if len(unfinished) > 5 else ''}); results in {store.dir}")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While the block runs, SIGTERM and SIGHUP clean up like Ctrl-C instead of killing us outright."""
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_embedded(store: ExperimentStore, stage: str, specs: list[TrialSpec], binary: str, queue: str,
+                 workers: int, force: bool) -> int:
+    """Run the stage on this machine: embedded Redis (``binary``), enqueue, ``workers`` local burst workers,
+    follow, stop everything started here (also on Ctrl-C), print the leaderboard. Returns the exit code."""
+    run_dir = store.dir / LOCAL_DIR
+    server = EmbeddedRedis(run_dir, binary=binary)
+    pool: LocalWorkers | None = None
+    outcome = "interrupted"
+    with sigterm_as_interrupt():
+        try:
+            url = server.start()
+            dispatcher = dispatch.Dispatcher(dispatch.connect(url), queue, storage=store.root)
+            enqueued = dispatcher.enqueue(specs, force=force)
+            if enqueued:
+                pool = LocalWorkers(run_dir, url, store.root, queue=queue, count=min(workers, len(enqueued)))
+                console.print(f"running {len(enqueued)} trials of stage [bold]{stage}[/] of [bold]{store.experiment}"
+                              f"[/] on {pool.count} local workers (embedded Redis, "
+                              f"storage {store.root})")
+                pool.start()
+                outcome = follow(store, dispatcher, specs, pool)
+            else:
+                console.print(f"nothing to run: all {len(specs)} trials of stage {stage} already finished "
+                              "(--force runs them again)")
+                outcome = "completed"
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted: stopping the running trials, the workers and Redis[/]")
+            if pool is not None and server.port is not None:
+                stop_trials(dispatcher, store, specs)
+        finally:
+            if pool is not None:
+                pool.stop()
+            server.stop()
+    finish_stage(store, stage, outcome, specs)
+    if outcome == "interrupted":
+        console.print("the same command with --force resumes the stopped trials from their checkpoints")
+        return EXIT_INTERRUPTED
+    if pool is not None and pool.failed():
+        log.warning("local workers exited with codes %s; their logs are in %s", pool.failed(), run_dir)
+    return 0 if outcome == "completed" else 1
+
+
+def stop_trials(dispatcher: dispatch.Dispatcher, store: ExperimentStore, specs: list[TrialSpec]) -> None:
+    """Ask every unfinished trial of ``specs`` to stop (honoured within about a second)."""
+    for spec in specs:
+        if (store.read_result(spec.trial_id) or {}).get("state") not in TERMINAL:
+            try:
+                dispatcher.request_stop(store.experiment, spec.trial_id, INTERRUPTED_REASON)
+            except redis.RedisError as exc:
+                log.warning("cannot request a stop of %s: %s", spec.trial_id, exc)
+                return
+
+
+def follow(store: ExperimentStore, dispatcher: dispatch.Dispatcher, specs: list[TrialSpec],
+           pool: LocalWorkers | None = None) -> str:
+    """Show a progress bar and the best trial so far until every trial has a terminal result in storage
+    ("completed"), or nothing can finish them any more ("incomplete": local workers gone, or no job of the
+    experiment left queued or running on Redis)."""
+    ids = [s.trial_id for s in specs]
+    done: dict[str, dict[str, Any]] = {}
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TextColumn("{task.fields[detail]}"), console=console)
+    task = progress.add_task(f"{store.experiment}/{specs[0].stage}", total=len(ids), detail="")
+    best = Text("best so far: -")
+    with end_line_when_piped(), Live(Group(progress, best), console=console, refresh_per_second=4):
+        while True:
+            # asked before reading results, so a worker that finished the last trial and quit counts as done
+            stranded = (pool.alive() == 0) if pool is not None else not any_job_left(dispatcher, store.experiment)
+            for tid in ids:
+                if tid not in done:
+                    result = store.read_result(tid)
+                    if isinstance(result, dict) and result.get("state") in TERMINAL:
+                        done[tid] = result
+            try:
+                live = dispatcher.progress(store.experiment)
+            except redis.RedisError as exc:
+                log.warning("cannot read progress from Redis: %s", exc)
+                live = {}
+            running = sum(1 for tid in ids if tid not in done and live.get(tid, {}).get("state") == "RUNNING")
+            progress.update(task, completed=len(done), detail=f"{running} running")
+            best.plain = best_line(done, live, ids)
+            if len(done) == len(ids):
+                return "completed"
+            if stranded:
+                return "incomplete"
+            time.sleep(POLL_SECONDS)
+
+
+@contextlib.contextmanager
+def end_line_when_piped() -> Iterator[None]:
+    """Rich's Live leaves its last line open when output is not a terminal; close it on the way out."""
+    try:
+        yield
+    finally:
+        if not console.is_terminal:
+            console.line()
+
+
+def best_line(done: dict[str, dict[str, Any]], live: dict[str, dict[str, Any]], ids: list[str]) -> str:
+    """"best so far: <trial> val 0.9612 (epoch 1, COMPLETED)" over finished results and live progress."""
+    candidates = []
+    for tid in ids:  # in id order, so the first of equally good trials wins
+        if tid in done:
+            r = done[tid]
+            candidates.append((float(r.get("best_val_acc") or 0.0), tid, r.get("best_epoch"), r["state"]))
+        elif isinstance(live.get(tid, {}).get("best_val_acc"), (int, float)):
+            p = live[tid]
+            candidates.append((float(p["best_val_acc"]), tid, p.get("epoch"), p.get("state", "RUNNING")))
+    if not candidates:
+        return "best so far: -"
+    acc, tid, epoch, state = max(candidates, key=lambda c: c[0])
+    return f"best so far: {tid} val {acc:.4f} (epoch {epoch}, {state})"
+
+
+def any_job_left(dispatcher: dispatch.Dispatcher, experiment: str) -> bool:
+    """Whether a job of the experiment is still queued or running (True when Redis cannot say)."""
+    try:
+        counts = dispatcher.counts(experiment)
+    except redis.RedisError as exc:
+        log.warning("cannot read the queue from Redis: %s", exc)
+        return True
+    return counts["queued"] + counts["started"] > 0
+
+
+# status -------------------------------------------------------------------------------------
+@main.command()
+@experiment_option
+@storage_option
+@url_option
+@queue_option
+@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True,
+              help="How many of the best trials to list.")
+@user_errors
+def status(experiment: str | None, storage: Path | None, url: str | None, queue: str, top: int) -> None:
+    """Trials by stage and state, live progress when Redis answers, and the current leaderboard.
+
+    Works from shared storage alone when Redis is absent or unreachable.
+    """
+    root = storage_root(storage)
+    if experiment is None:
+        found = list_experiments(root)
+        if not found:
+            raise CliError(f"storage {root}: no experiment found (launch one with `master launch`)")
+        experiment = found[0]
+    store = ExperimentStore(root, experiment)
+    if store.read_experiment() is None:
+        known = ", ".join(list_experiments(root)) or "none"
+        raise CliError(f"experiment {experiment}: not found in {root} (experiments there: {known})")
+
+    live, workers, note = None, None, None
+    url = dispatch.redis_url(url) or running_server_url(store.dir / LOCAL_DIR)
+    if url is None:
+        note = "no Redis given (--url / $REDIS_URL): showing shared storage only"
+    else:
+        try:
+            dispatcher = dispatch.Dispatcher(dispatch.connect(url), queue, storage=root)
+            live, workers = dispatcher.progress(experiment), dispatcher.workers()
+        except (dispatch.DispatchError, redis.RedisError) as exc:
+            note = f"Redis unreachable, showing shared storage only ({exc})"
+
+    df = build_leaderboard(store, live)
+    console.print(f"experiment [bold]{experiment}[/] in {store.dir}")
+    if note:
+        console.print(f"[yellow]{note}[/]")
+    console.print(state_counts(df, store))
+    if live is not None:
+        console.print(running_table(df, live, workers or []))
+    console.print(render_table(df, top=top))
+
+
+def state_counts(df: Any, store: ExperimentStore) -> Table:
+    """Trials per stage (rows) and state (columns), with each stage's recorded status."""
+    table = Table(title="trials by state", title_justify="left")
+    table.add_column("stage")
+    table.add_column("status")
+    present = set(df["state"])
+    known = [s.value for s in TrialState]
+    states = [s for s in known if s in present] + sorted(present - set(known))
+    for state in states:
+        table.add_column(state, justify="right")
+    table.add_column("total", justify="right")
+    for stage, group in df.groupby("stage", sort=False):
+        counts = group["state"].value_counts()
+        status = (store.read_stage(stage) or {}).get("status", "-")
+        table.add_row(stage, status, *(str(counts.get(s, 0)) for s in states), str(len(group)))
+    return table
+
+
+def running_table(df: Any, live: dict[str, dict[str, Any]], workers: list[dict[str, Any]]) -> Table:
+    """Live progress of the running trials, from Redis."""
+    table = Table(title=f"running now ({len(workers)} workers on the queue)", title_justify="left")
+    for name in ("trial", "epoch", "val acc", "best", "samples/s", "worker", "updated"):
+        table.add_column(name, justify="left" if name in ("trial", "worker") else "right")
+    now = time.time()
+    for tid in df.loc[df["state"] == "RUNNING", "trial"]:
+        p = live.get(tid, {})
+        fmt = lambda key, spec: format(p[key], spec) if isinstance(p.get(key), (int, float)) else "-"  # noqa: E731
+        table.add_row(tid, f"{p.get('epoch', '-')}/{p.get('epochs', '-')}", fmt("val_acc", ".4f"),
+                      fmt("best_val_acc", ".4f"), fmt("samples_per_sec", ".0f"), str(p.get("worker", "-")),
+                      f"{now - p['updated']:.0f}s ago" if isinstance(p.get("updated"), (int, float)) else "-")
+    return table
+
+
+if __name__ == "__main__":
+    main()
