@@ -17,6 +17,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from master.borders import BorderFlag
 from master.ensemble import read_ensembles
 from master.leaderboard import build_leaderboard, param_columns
 from worker.spec import TrialState
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 HTML_ROWS = 100  # leaderboard rows on the page; the files hold every trial
 LOG_DISTS = ("loguniform", "logint")
 RATIO_GUIDE = 1e-3  # cs231n: updates about a thousandth of the weights
-FLAGS_KEY = "border_flags"  # stages/<stage>.json: [{"name", "side": "lower"|"upper", "low", "high", ...}]
+FLAGS_KEY = "flags"  # stages/<stage>.json: [BorderFlag.to_dict(), ...], explained in "flag_messages"
 STAGE_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
 FLAG_COLOR = "#d62728"
 STATE_COLORS = {TrialState.COMPLETED.value: "#2ca02c", TrialState.KILLED.value: "#ff9f1c",
@@ -43,7 +44,8 @@ class Context:
     stages: list[str]
     dists: dict[str, dict[str, Any]]
     ranges: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # stage -> param -> range
-    flags: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # stage -> border flags
+    flags: dict[str, list[BorderFlag]] = field(default_factory=dict)  # stage -> border flags
+    flag_messages: list[str] = field(default_factory=list)  # "<stage>: <what the flag says>"
 
     def color(self, stage: str) -> str:
         return STAGE_COLORS[self.stages.index(stage) % len(STAGE_COLORS)] if stage in self.stages else "#444444"
@@ -53,17 +55,31 @@ class Context:
         return any(isinstance(d, dict) and d.get("dist") in LOG_DISTS for d in found)
 
 
+def _table(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _border_flags(path: Path, entries: Any) -> list[BorderFlag]:
+    """The border flags recorded in a stage file; malformed entries are skipped with a warning naming it."""
+    flags = []
+    for entry in entries if isinstance(entries, list) else [entries]:
+        try:
+            flags.append(BorderFlag(**entry))
+        except TypeError:
+            log.warning("skipping a malformed border flag in %s: %r", path, entry)
+    return flags
+
+
 def read_context(store: ExperimentStore, df: pd.DataFrame) -> Context:
-    """Stage order and search space from experiment.json, per-stage ranges and border flags from stages/*.json."""
-    experiment = store.read_experiment()
-    config = experiment.get("config") if isinstance(experiment, dict) else None
-    config = config if isinstance(config, dict) else {}
-    configured = list(config.get("stages") or {}) if isinstance(config.get("stages"), dict) else []
-    stages = configured + [s for s in dict.fromkeys(df["stage"]) if s not in configured]
-    space = config.get("space") if isinstance(config.get("space"), dict) else {}
-    dists = {f"{section}.{key}": spec for section, entries in space.items() if isinstance(entries, dict)
-             for key, spec in entries.items()}
-    ctx = Context(stages, dists)
+    """Search space from experiment.json, per-stage ranges and border flags from stages/*.json, and the stage
+    order: by launch time (the stage record's created_at), then epoch budget, then name (experiment.json is
+    written with sorted keys, so the config's own stage order is not on disk)."""
+    config = _table(_table(store.read_experiment()).get("config"))
+    budgets = {name: _table(stage).get("epochs") for name, stage in _table(config.get("stages")).items()}
+    dists = {f"{section}.{key}": spec for section, entries in _table(config.get("space")).items()
+             for key, spec in _table(entries).items()}
+    ctx = Context([], dists)
+    launched = {}
     for path in sorted(store.stages_dir.glob("*.json")) if store.stages_dir.is_dir() else ():
         record = read_json(path)
         if not isinstance(record, dict):
@@ -71,12 +87,14 @@ def read_context(store: ExperimentStore, df: pd.DataFrame) -> Context:
                 log.warning("skipping %s: not a stage record", path)
             continue
         stage = path.stem
-        if stage not in ctx.stages:
-            ctx.stages.append(stage)
-        if isinstance(record.get("ranges"), dict):
-            ctx.ranges[stage] = record["ranges"]
-        flags = record.get(FLAGS_KEY)
-        ctx.flags[stage] = [f for f in flags if isinstance(f, dict)] if isinstance(flags, list) else []
+        launched[stage] = str(record.get("created_at") or "~")
+        ctx.ranges[stage] = _table(record.get("ranges"))
+        ctx.flags[stage] = _border_flags(path, record.get(FLAGS_KEY) or [])
+        messages = record.get("flag_messages")
+        ctx.flag_messages += [f"{stage}: {m}" for m in messages] if isinstance(messages, list) else []
+    names = set(budgets) | set(launched) | set(df["stage"])
+    epochs = {n: budgets[n] if isinstance(budgets.get(n), (int, float)) else math.inf for n in names}
+    ctx.stages = sorted(names, key=lambda n: (launched.get(n, "~"), epochs[n], n))
     return ctx
 
 
@@ -131,12 +149,6 @@ def _grid(n: int, ncols: int, width: float, height: float) -> tuple[Figure, list
     return fig, list(axes[:n])
 
 
-def _flag_value(flag: dict[str, Any]) -> float | None:
-    """The bound a border flag points at: its range's low for the lower side, high for the upper side."""
-    value = flag.get("low") if flag.get("side") in ("lower", "low") else flag.get("high")
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
 def scatter_figure(df: pd.DataFrame, params: list[str], ctx: Context) -> Figure:
     """Validation accuracy against each numeric hyperparameter, one colour per stage, with each stage's
     range borders (dashed) and flagged borders (thick red)."""
@@ -149,16 +161,15 @@ def scatter_figure(df: pd.DataFrame, params: list[str], ctx: Context) -> Figure:
             if sub is not None and sub[param].notna().any():
                 ax.scatter(sub[param], sub["val_acc"], s=14, alpha=0.65, color=ctx.color(stage), label=stage,
                            edgecolors="none")
-        ranges = ctx.ranges or {"": {param: ctx.dists.get(param)}}
-        for stage, stage_ranges in ranges.items():
-            rng = stage_ranges.get(param)
+        borders = {stage: r[param] for stage, r in ctx.ranges.items() if param in r} or {"": ctx.dists.get(param)}
+        for stage, rng in borders.items():  # the config's range (grey) where no stage recorded its own
             if isinstance(rng, dict) and all(isinstance(rng.get(k), (int, float)) for k in ("low", "high")):
                 for value in (rng["low"], rng["high"]):
                     ax.axvline(value, color=ctx.color(stage) if stage else "#888888", ls="--", lw=1, alpha=0.8)
         for stage, flags in ctx.flags.items():
             for flag in flags:
-                value = _flag_value(flag)
-                if flag.get("name", flag.get("parameter")) == param and value is not None:
+                value = flag.low if flag.side == "lower" else flag.high
+                if flag.name == param:
                     ax.axvline(value, color=FLAG_COLOR, lw=3, alpha=0.85)
                     ax.annotate(f"flagged ({stage})", (value, 1.0), xycoords=("data", "axes fraction"),
                                 color=FLAG_COLOR, fontsize=8, ha="center", va="bottom")
@@ -168,7 +179,8 @@ def scatter_figure(df: pd.DataFrame, params: list[str], ctx: Context) -> Figure:
         ax.set_ylabel("best val accuracy")
         ax.grid(alpha=0.3)
     if axes:
-        handles, labels = axes[0].get_legend_handles_labels()
+        legend = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}
+        handles, labels = list(legend.values()), list(legend)
         if any(ctx.flags.values()):
             handles.append(axes[0].axvline(np.nan, color=FLAG_COLOR, lw=3))
             labels.append("flagged border")
@@ -323,15 +335,6 @@ def _figure_section(title: str, figure_id: str, fig: Figure | None, note: str = 
             + f'<img id="{figure_id}-plot" alt="{html.escape(title)}" src="{_png(fig)}"></section>')
 
 
-def _flag_notes(ctx: Context) -> str:
-    notes = []
-    for stage, flags in ctx.flags.items():
-        for f in flags:
-            notes.append(f"{html.escape(stage)}: {html.escape(str(f.get('name', f.get('parameter'))))} at the "
-                         f"{html.escape(str(f.get('side')))} border of [{f.get('low')}, {f.get('high')}]")
-    return "Flagged borders: " + "; ".join(notes) + "." if notes else ""
-
-
 def render_page(store: ExperimentStore, df: pd.DataFrame, ctx: Context, curves: int,
                 ensembles: list[dict[str, Any]]) -> str:
     """The whole self-contained page (figures embedded as base64 PNG)."""
@@ -355,7 +358,8 @@ def render_page(store: ExperimentStore, df: pd.DataFrame, ctx: Context, curves: 
         _figure_section("Validation accuracy against each hyperparameter", "hyperparameters",
                         scatter_figure(df, params, ctx) if params else None,
                         note="One colour per stage; dashed lines are each stage's range borders, log axes where "
-                             "the parameter was sampled log-uniformly. " + _flag_notes(ctx),
+                             "the parameter was sampled log-uniformly."
+                             + "".join(f"<br>Flagged: {html.escape(m)}" for m in ctx.flag_messages),
                         empty="no numeric hyperparameter sampled"),
         _figure_section(f"Learning curves of the top {len(histories)} trials", "curves",
                         curves_figure(histories) if histories else None, empty="no trial has a history yet"),

@@ -63,10 +63,13 @@ def store(tmp_path_factory):
                                                   "space": SPACE}})
     s.write_stage("coarse", {"stage": "coarse", "ranges": {"solver.lr": SPACE["solver"]["lr"],
                                                            "model.dropout": SPACE["model"]["dropout"]},
-                             "border_flags": [{"name": "solver.lr", "side": "upper", "best": 0.09, "low": 1e-4,
-                                               "high": 0.1, "new_low": 1e-3, "new_high": 0.4}]})
+                             "flags": [{"name": "solver.lr", "side": "upper", "best": 0.09, "low": 1e-4,
+                                        "high": 0.1, "new_low": 1e-3, "new_high": 0.4}],
+                             "flag_messages": ["solver.lr: best 9.0e-02 at the upper border of [1e-04, 1e-01] -> "
+                                               "widen to [1e-03, 4e-01]"]})
     s.write_stage("medium", {"stage": "medium", "ranges": {"solver.lr": {"dist": "loguniform", "low": 1e-3,
-                                                                         "high": 0.4}}})
+                                                                         "high": 0.4}},
+                             "flags": [{"parameter": "solver.lr"}]})  # foreign: skipped with a warning
     rng = np.random.default_rng(0)
     for i in range(6):
         lr = float(10 ** rng.uniform(-4, -1))
@@ -134,7 +137,8 @@ def test_files_columns_and_sort_order_with_warnings_naming_skipped_files(store, 
     records = json.loads(report.json.read_text())
     assert [r["trial"] for r in records] == [r["trial"] for r in rows]
     for skipped in (store.trial_dir("coarse-0003") / "result.json", store.trial_dir("coarse-0002") / "history.jsonl",
-                    store.trials_dir / "scratch", store.trials_dir / "README.txt", store.ensembles_dir / "junk.json"):
+                    store.trials_dir / "scratch", store.trials_dir / "README.txt", store.ensembles_dir / "junk.json",
+                    store.stages_dir / "medium.json"):
         assert str(skipped) in warnings
 
 
@@ -146,7 +150,7 @@ def test_html_is_self_contained_and_references_every_plot(built):
     assert not re.search(r'(src|href)="(?!data:)', page)  # nothing to fetch: opens from disk
     assert 'id="leaderboard"' in page and "medium-0000" in page and "below rung median" in page
     assert 'id="ensembles"' in page and "top2-average" in page and "+0.0120" in page
-    assert "coarse: solver.lr at the upper border" in page
+    assert "Flagged: coarse: solver.lr: best 9.0e-02 at the upper border" in page
 
 
 def test_log_axes_where_sampled_log_uniformly_and_stage_order(store):
