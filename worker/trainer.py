@@ -38,8 +38,10 @@ def run_trial(spec: TrialSpec, store: ExperimentStore, control: Any, worker_name
     return the result.json dict. An exception is recorded as FAILED (StopJob as KILLED) and re-raised."""
     started = time.perf_counter()
     tid = spec.trial_id
-    if store.read_spec(tid) != spec.to_dict():
-        store.write_spec(spec.to_dict())
+    spec_dict = spec.to_dict()
+    if store.read_spec(tid) != spec_dict:
+        store.write_spec(spec_dict)
+    spec_array = np.array(json.dumps(spec_dict, sort_keys=True))  # "__spec__" in every checkpoint
     store.clear_result(tid)
     control.report({"state": TrialState.RUNNING.value, "epochs": spec.epochs, "reason": ""})
     solver = None
@@ -59,8 +61,8 @@ def run_trial(spec: TrialSpec, store: ExperimentStore, control: Any, worker_name
         model = build_model(spec.model, data.input_shape, data.num_classes, seed=spec.seed)
         stop = _StopCheck(control)
         solver = Solver(model, data, spec.solver, seed=spec.seed, should_stop=stop)
-        solver.callback = lambda metrics: _end_of_epoch(spec, store, control, solver, metrics)
-        start_epoch = _restore(spec, store, solver)
+        solver.callback = lambda metrics: _end_of_epoch(spec, store, control, solver, spec_array, metrics)
+        start_epoch = _restore(spec, store, solver, spec_array)
         if start_epoch:
             control.report({"epoch": start_epoch})
             log.info("trial %s: resuming at epoch %d of %d", tid, start_epoch, spec.epochs)
@@ -77,11 +79,7 @@ def run_trial(spec: TrialSpec, store: ExperimentStore, control: Any, worker_name
     return finish(state, outcome["reason"])
 
 
-def _checkpoint_arrays(spec: TrialSpec, solver: Solver) -> dict[str, np.ndarray]:
-    return {**solver.state_arrays(), "__spec__": np.array(json.dumps(spec.to_dict(), sort_keys=True))}
-
-
-def _restore(spec: TrialSpec, store: ExperimentStore, solver: Solver) -> int:
+def _restore(spec: TrialSpec, store: ExperimentStore, solver: Solver, spec_array: np.ndarray) -> int:
     """Load the trial's latest checkpoint, or its parent's (copying the parent's history up to it) when it
     has none; trim history records past the restored epoch. Returns the epoch training resumes after."""
     tid = spec.trial_id
@@ -94,7 +92,8 @@ def _restore(spec: TrialSpec, store: ExperimentStore, solver: Solver) -> int:
         solver.load_state_arrays(load_npz(parent.path))
         epoch = parent.epoch
         history = store.read_history(spec.parent)
-        store.write_checkpoint(tid, epoch, parent.val_acc, _checkpoint_arrays(spec, solver), spec.keep)
+        store.write_checkpoint(tid, epoch, parent.val_acc, {**solver.state_arrays(), "__spec__": spec_array},
+                               spec.keep)
         log.info("trial %s: starting from parent %s at epoch %d", tid, spec.parent, epoch)
     else:
         if spec.parent is not None:
@@ -106,12 +105,13 @@ def _restore(spec: TrialSpec, store: ExperimentStore, solver: Solver) -> int:
     return epoch
 
 
-def _end_of_epoch(spec: TrialSpec, store: ExperimentStore, control: Any, solver: Solver,
+def _end_of_epoch(spec: TrialSpec, store: ExperimentStore, control: Any, solver: Solver, spec_array: np.ndarray,
                   metrics: dict[str, Any]) -> None:
     """Persist one finished epoch (history line, then checkpoint) and publish it."""
     epoch = metrics["epoch"]
     store.append_history(spec.trial_id, {**metrics, "time": time.time()})
-    store.write_checkpoint(spec.trial_id, epoch, metrics["val_acc"], _checkpoint_arrays(spec, solver), spec.keep)
+    store.write_checkpoint(spec.trial_id, epoch, metrics["val_acc"], {**solver.state_arrays(), "__spec__": spec_array},
+                           spec.keep)
     control.report({
         "epoch": epoch, "train_loss": metrics["train_loss"], "last_loss": metrics["train_loss"],
         "initial_loss": solver.initial_loss, "train_acc": metrics["train_acc"], "val_acc": metrics["val_acc"],
