@@ -25,7 +25,10 @@ from rich.text import Text
 
 from master import dispatch
 from master.embedded import EmbeddedError, EmbeddedRedis, LocalWorkers, redis_server_binary, running_server_url
+from master.ensemble import METHODS as ENSEMBLE_METHODS, EnsembleError, build_ensemble, render_ensemble
+from master.ensemble import predict as run_prediction
 from master.leaderboard import build_leaderboard, render_table
+from master.report import build_report
 from master.sampler import sample_trials
 from master.space import DEFAULT_CONFIG, ExperimentConfig, SpaceError, load_config, parse_config
 from nncore.data import load_dataset
@@ -52,7 +55,8 @@ class CliError(click.ClickException):
         super().__init__(" ".join(str(message).split()))
 
 
-USER_ERRORS = (SpaceError, SpecError, ConfigError, DataError, StorageError, dispatch.DispatchError, EmbeddedError)
+USER_ERRORS = (SpaceError, SpecError, ConfigError, DataError, StorageError, dispatch.DispatchError, EmbeddedError,
+               EnsembleError)
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -428,6 +432,21 @@ def any_job_left(dispatcher: dispatch.Dispatcher, experiment: str) -> bool:
 
 
 # status -------------------------------------------------------------------------------------
+def open_experiment(storage: Path | None, experiment: str | None) -> ExperimentStore:
+    """The named experiment (default: the most recently changed one) of the storage root; CliError if absent."""
+    root = storage_root(storage)
+    if experiment is None:
+        found = list_experiments(root)
+        if not found:
+            raise CliError(f"storage {root}: no experiment found (launch one with `master launch`)")
+        experiment = found[0]
+    store = ExperimentStore(root, experiment)
+    if store.read_experiment() is None:
+        known = ", ".join(list_experiments(root)) or "none"
+        raise CliError(f"experiment {experiment}: not found in {root} (experiments there: {known})")
+    return store
+
+
 @main.command()
 @experiment_option
 @storage_option
@@ -441,17 +460,8 @@ def status(experiment: str | None, storage: Path | None, url: str | None, queue:
 
     Works from shared storage alone when Redis is absent or unreachable.
     """
-    root = storage_root(storage)
-    if experiment is None:
-        found = list_experiments(root)
-        if not found:
-            raise CliError(f"storage {root}: no experiment found (launch one with `master launch`)")
-        experiment = found[0]
-    store = ExperimentStore(root, experiment)
-    if store.read_experiment() is None:
-        known = ", ".join(list_experiments(root)) or "none"
-        raise CliError(f"experiment {experiment}: not found in {root} (experiments there: {known})")
-
+    store = open_experiment(storage, experiment)
+    root, experiment = store.root, store.experiment
     live, workers, note = None, None, None
     url = dispatch.redis_url(url) or running_server_url(store.dir / LOCAL_DIR)
     if url is None:
@@ -504,6 +514,67 @@ def running_table(df: Any, live: dict[str, dict[str, Any]], workers: list[dict[s
                       fmt("best_val_acc", ".4f"), fmt("samples_per_sec", ".0f"), str(p.get("worker", "-")),
                       f"{now - p['updated']:.0f}s ago" if isinstance(p.get("updated"), (int, float)) else "-")
     return table
+
+
+# report, ensemble, predict ----------------------------------------------------------------------
+@main.command()
+@experiment_option
+@storage_option
+@click.option("--top", type=click.IntRange(min=1), default=20, show_default=True,
+              help="How many of the best trials to list in the terminal.")
+@click.option("--curves", type=click.IntRange(min=1), default=5, show_default=True,
+              help="How many of the best trials get learning curves and update ratios on the page.")
+@user_errors
+def report(experiment: str | None, storage: Path | None, top: int, curves: int) -> None:
+    """Write <experiment>/report/: index.html (self-contained: open it from disk), leaderboard.csv and
+    leaderboard.json, and list the best trials. Reads shared storage only (no Redis); unreadable files are
+    skipped with a warning naming them."""
+    store = open_experiment(storage, experiment)
+    result = build_report(store, curves=curves)
+    console.print(render_table(result.leaderboard, top=top))
+    console.print(f"report: {result.html}\nleaderboard: {result.csv}, {result.json.name}")
+
+
+@main.command()
+@experiment_option
+@storage_option
+@click.option("--top", type=click.IntRange(min=1), required=True, help="How many of the best trials to ensemble.")
+@click.option("--method", type=click.Choice(ENSEMBLE_METHODS), default="average", show_default=True,
+              help="average: equal weights; greedy: forward selection with replacement on the validation split "
+                   "(Caruana et al., 2004) among the top trials.")
+@click.option("--ema", is_flag=True, help="Use the running-average (EMA) parameters of each checkpoint.")
+@click.option("--snapshots", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Checkpoints per member trial: its N best (1: the best only).")
+@click.option("--name", default=None, help="Ensemble name (default: top<K>-<method>[-ema][-snap<N>]).")
+@user_errors
+def ensemble(experiment: str | None, storage: Path | None, top: int, method: str, ema: bool, snapshots: int,
+             name: str | None) -> None:
+    """Average the softmax outputs of the best trials' best checkpoints; score every member and the ensemble
+    on the validation and test splits the trials were trained with; write ensembles/<name>.json."""
+    store = open_experiment(storage, experiment)
+    record = build_ensemble(store, top, method=method, ema=ema, snapshots=snapshots, name=name)
+    console.print(render_ensemble(record))
+    console.print(f"ensemble: {store.ensembles_dir / (record['name'] + '.json')}")
+
+
+@main.command()
+@experiment_option
+@storage_option
+@click.option("--ensemble", "ensemble_name", default=None, metavar="NAME", help="A recorded ensemble to run.")
+@click.option("--trial", default=None, metavar="ID", help="A trial to run (its best checkpoint) instead.")
+@click.option("--ema", is_flag=True, help="With --trial: use the checkpoint's running-average parameters.")
+@click.option("--input", "input_path", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              metavar="X.npz", help="Raw samples as array `x` (samples, features...), preprocessed here like the "
+                                    "training data; no pickled arrays.")
+@click.option("--output", "output_path", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              metavar="PREDS.npz", help="Where to write `proba` (samples, classes) and `pred` (class indices).")
+@user_errors
+def predict(experiment: str | None, storage: Path | None, ensemble_name: str | None, trial: str | None, ema: bool,
+            input_path: Path, output_path: Path) -> None:
+    """Run an ensemble, or one trial's best checkpoint, on new data."""
+    store = open_experiment(storage, experiment)
+    out = run_prediction(store, input_path, output_path, ensemble=ensemble_name, trial=trial, ema=ema)
+    console.print(f"wrote {len(out['pred'])} predictions ({out['proba'].shape[1]} classes) to {output_path}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.table import Table
 
 from master.leaderboard import build_leaderboard
 from nncore.data import Dataset, apply_preprocessing, load_dataset_cached, preprocessing_stats
@@ -178,6 +179,25 @@ def build_ensemble(store: ExperimentStore, top: int, method: str = "average", em
     store.ensembles_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(store.ensembles_dir / f"{name}.json", record)
     return record
+
+
+def render_ensemble(record: dict[str, Any]) -> Table:
+    """A rich table: each member's weight and accuracies, then the ensemble and its gain over the best single."""
+    val, test = record["scores"]["val"], record["scores"]["test"]
+    table = Table(title=f"ensemble {record['name']} ({record['method']}{', EMA' if record['ema'] else ''}): "
+                        f"{record['samples']['val']} val / {record['samples']['test']} test samples",
+                  title_justify="left")
+    for column in ("member", "epoch", "weight", "val acc", "test acc"):
+        table.add_column(column, justify="left" if column == "member" else "right")
+    for m in record["members"]:
+        style = "bold" if m["trial"] == record["best_single"] and m["val_acc"] == val["best_single"] else ""
+        table.add_row(m["trial"], str(m["epoch"]), f"{m['weight']:.3f}", f"{m['val_acc']:.4f}",
+                      f"{m['test_acc']:.4f}", style=style or None)
+    table.add_section()
+    table.add_row("ensemble", "", "1.000", f"{val['ensemble']:.4f}", f"{test['ensemble']:.4f}", style="bold")
+    table.add_row(f"gain over {record['best_single']}", "", "", f"{100 * val['gain']:+.2f} pts",
+                  f"{100 * test['gain']:+.2f} pts")
+    return table
 
 
 def ensemble_names(store: ExperimentStore) -> list[str]:

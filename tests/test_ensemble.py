@@ -165,3 +165,29 @@ def test_top5_ensemble_of_a_real_digits_search_is_at_least_the_best_single_model
     record = build_ensemble(store, top=5)
     assert len(record["trials"]) == 5
     assert record["scores"]["test"]["ensemble"] >= record["scores"]["test"]["best_single"]
+
+
+def test_cli_ensemble_and_predict(store, tmp_path):
+    from click.testing import CliRunner
+
+    from master.cli import main
+
+    store.write_experiment({"name": "exp"})
+    base = ["--storage", str(store.root), "--experiment", "exp"]
+    runner = CliRunner()
+    done = runner.invoke(main, ["ensemble", *base, "--top", "2", "--method", "greedy", "--name", "g2"])
+    assert done.exit_code == 0, done.output
+    assert "gain over" in done.output and (store.ensembles_dir / "g2.json").is_file()
+    raw = load_dataset("spiral", **{**SPIRAL, "preprocess": "none"})
+    np.savez(tmp_path / "x.npz", x=raw.x_test)
+    done = runner.invoke(main, ["predict", *base, "--ensemble", "g2", "--input", str(tmp_path / "x.npz"),
+                                "--output", str(tmp_path / "p.npz")])
+    assert done.exit_code == 0, done.output
+    with np.load(tmp_path / "p.npz", allow_pickle=False) as p:
+        assert p["proba"].shape == (len(raw.x_test), 3) and p["pred"].dtype == np.int64
+    np.savez(tmp_path / "bad.npz", x=np.zeros((4, 3)))
+    done = runner.invoke(main, ["predict", *base, "--trial", "coarse-0000", "--input", str(tmp_path / "bad.npz"),
+                                "--output", str(tmp_path / "q.npz")])
+    assert done.exit_code == 2
+    assert f"{tmp_path / 'bad.npz'}: x has samples of shape (3,), the model expects (2,)" in done.output
+    assert not (tmp_path / "q.npz").exists()

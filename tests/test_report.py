@@ -193,3 +193,18 @@ def test_page_renders_in_headless_chromium(built, tmp_path):
     rows = pixels[..., :3].std(axis=(1, 2))
     assert (rows > 0.01).mean() > 0.5  # content over most of the height, not one line
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
+def test_cli_report_needs_no_redis(store, monkeypatch):
+    from click.testing import CliRunner
+
+    from master.cli import main
+
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")  # unreachable, and never asked
+    done = CliRunner().invoke(main, ["report", "--storage", str(store.root), "--experiment", "exp", "--top", "3",
+                                     "--curves", "2"])
+    assert done.exit_code == 0, done.output
+    assert "medium-0000" in done.output and str(store.report_dir / "index.html") in done.output
+    assert "learning curves of the top 2 trials" in (store.report_dir / "index.html").read_text().lower()
+    done = CliRunner().invoke(main, ["report", "--storage", str(store.root), "--experiment", "nope"])
+    assert done.exit_code == 2 and "experiment nope: not found" in done.output
