@@ -28,9 +28,10 @@ from master.embedded import EmbeddedError, EmbeddedRedis, LocalWorkers, redis_se
 from master.ensemble import METHODS as ENSEMBLE_METHODS, EnsembleError, build_ensemble, render_ensemble
 from master.ensemble import predict as run_prediction
 from master.leaderboard import build_leaderboard, render_table
+from master.monitor import Event, Monitor, close_stage, move
 from master.report import build_report
-from master.sampler import sample_trials
 from master.space import DEFAULT_CONFIG, ExperimentConfig, SpaceError, load_config, parse_config
+from master.stages import StagePlan, plan_stage, stage_status
 from nncore.data import load_dataset
 from nncore.errors import ConfigError, DataError
 from worker.spec import TERMINAL_STATES, SpecError, TrialSpec, TrialState
@@ -100,7 +101,7 @@ def main(verbose: int) -> None:
 @main.command()
 @click.option("--stage", default=None,
               help="Stage of the config to launch (default: the config's first stage, `coarse` in the built-in "
-                   "one). Only stages sampled at random (method = \"random\") can be launched so far.")
+                   "one). A narrow or promote stage is planned from the previous stage's finished trials.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Experiment config (TOML): dataset, fixed fields, stages and search space "
                    "(default: the built-in digits MLP search, master/default.toml).")
@@ -108,7 +109,7 @@ def main(verbose: int) -> None:
 @storage_option
 @queue_option
 @click.option("--trials", type=click.IntRange(min=1), default=None,
-              help="Number of trials to sample (default: the stage's `trials` in the config).")
+              help="Number of trials to sample, or to promote (default: the stage's `trials` in the config).")
 @click.option("--seed", type=click.IntRange(min=0), default=None,
               help="Sampling seed (default: the config's experiment.seed); the same config and seed give the "
                    "same trials, so launching again enqueues only what is missing.")
@@ -130,13 +131,6 @@ def launch(stage: str | None, config_path: Path | None, url: str | None, storage
     then the leaderboard. Everything is validated before anything is written.
     """
     config = load_config(config_path)
-    stage = stage or config.stages[0].name
-    plan = config.stage(stage)
-    if plan.method != "random":
-        raise CliError(f"stage {stage}: method {plan.method!r} is not supported by launch yet "
-                       f"(only stages sampled at random)")
-    seed = config.seed if seed is None else seed
-    specs = sample_trials(config, stage, trials or plan.trials, seed)
     url = dispatch.redis_url(url)
     embedded = url is None
     if embedded and wait is False:
@@ -147,27 +141,34 @@ def launch(stage: str | None, config_path: Path | None, url: str | None, storage
     root = storage_root(storage)
     store = ExperimentStore(root, config.name)
     check_storage(root, store, must_exist=storage is not None or "HYPERSEARCH_STORAGE" in os.environ)
-    check_existing(store, config, specs)
+    plan = plan_stage(store, config, stage or config.stages[0].name, seed, trials)
+    if not plan.specs:
+        raise CliError(f"stage {plan.stage.name}: nothing to launch ({plan.note})")
+    check_existing(store, config, plan.specs)
     if embedded:  # local workers will read the same files: make sure the dataset loads before writing anything
-        load_dataset(config.dataset, **specs[0].data)
+        load_dataset(config.dataset, **plan.specs[0].data)
         binary = redis_server_binary()
     else:
         dispatcher = dispatch.Dispatcher(dispatch.connect(url), queue, storage=root)
 
-    record_launch(store, config, config_text(config_path), stage, seed, specs)
+    record_launch(store, config, config_text(config_path), plan, config.seed if seed is None else seed)
+    for line in [plan.note] + [f"  {name}: {old} -> {new}" for name, old, new in plan.changes]:
+        if line:
+            console.print(line)
+    specs = list(plan.specs)
     if embedded:
-        code = run_embedded(store, stage, specs, binary, queue, min(workers or available_cores(), len(specs)), force)
+        code = run_embedded(store, config, specs, binary, queue, min(workers or available_cores(), len(specs)), force)
     else:
-        code = run_remote(store, stage, specs, dispatcher, dispatch.mask_url(url), force, wait=bool(wait))
+        code = run_remote(store, config, specs, dispatcher, dispatch.mask_url(url), force, wait=bool(wait))
     raise SystemExit(code)
 
 
-def run_remote(store: ExperimentStore, stage: str, specs: list[TrialSpec], dispatcher: dispatch.Dispatcher,
-               shown_url: str, force: bool, wait: bool) -> int:
+def run_remote(store: ExperimentStore, config: ExperimentConfig, specs: list[TrialSpec],
+               dispatcher: dispatch.Dispatcher, shown_url: str, force: bool, wait: bool) -> int:
     """Enqueue on a Redis the workers share; then return, or follow the stage when ``wait``. Exit code."""
     enqueued = dispatcher.enqueue(specs, force=force)
     skipped = len(specs) - len(enqueued)
-    queue = dispatcher.queue.name
+    queue, stage = dispatcher.queue.name, specs[0].stage
     console.print(f"enqueued [bold]{len(enqueued)}[/] of {len(specs)} trials of stage [bold]{stage}[/] of "
                   f"[bold]{store.experiment}[/] on {shown_url} (queue {queue})"
                   + (f"; {skipped} already queued or finished" if skipped else ""))
@@ -177,7 +178,7 @@ def run_remote(store: ExperimentStore, stage: str, specs: list[TrialSpec], dispa
                       f"--url {shown_url}")
         return 0
     try:
-        outcome = follow(store, dispatcher, specs)
+        outcome = follow(store, config, dispatcher, specs)
     except KeyboardInterrupt:
         console.print("stopped following; the trials go on on the workers")
         return EXIT_INTERRUPTED
@@ -261,21 +262,22 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def record_launch(store: ExperimentStore, config: ExperimentConfig, text: str, stage: str, seed: int,
-                  specs: list[TrialSpec]) -> None:
-    """Write experiment.json (once), stages/<stage>.json and every trial's spec.json."""
+def record_launch(store: ExperimentStore, config: ExperimentConfig, text: str, plan: StagePlan, seed: int) -> None:
+    """Write experiment.json (once), stages/<stage>.json (ranges sampled, trial ids) and each trial's spec.json."""
     store.ensure()
     if store.read_experiment() is None:
         store.write_experiment({"name": config.name, "config": config.to_dict(), "config_text": text,
                                 "seed": config.seed, "created_at": now_iso(), "code_version": code_version()})
+    stage = plan.stage.name
     previous = store.read_stage(stage) or {}
-    ids = sorted(set(previous.get("trial_ids", [])) | {s.trial_id for s in specs})
+    ids = sorted(set(previous.get("trial_ids", [])) | {s.trial_id for s in plan.specs})
     store.write_stage(stage, {
-        "stage": stage, "method": config.stage(stage).method, "epochs": config.stage(stage).epochs, "seed": seed,
-        "ranges": {d.name: d.to_dict() for d in config.space}, "trial_ids": ids, "status": "launched",
-        "created_at": previous.get("created_at", now_iso()), "updated_at": now_iso(),
+        "stage": stage, "method": plan.stage.method, "epochs": plan.stage.epochs, "seed": seed,
+        "ranges": {d.name: d.to_dict() for d in plan.space}, "from_stage": plan.previous, "note": plan.note,
+        "trial_ids": ids, "status": "launched", "created_at": previous.get("created_at", now_iso()),
+        "updated_at": now_iso(),
     })
-    for spec in specs:
+    for spec in plan.specs:
         if store.read_spec(spec.trial_id) is None:
             store.write_spec(spec.to_dict())
 
@@ -308,10 +310,11 @@ def sigterm_as_interrupt() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def run_embedded(store: ExperimentStore, stage: str, specs: list[TrialSpec], binary: str, queue: str,
-                 workers: int, force: bool) -> int:
-    """Run the stage on this machine: embedded Redis (``binary``), enqueue, ``workers`` local burst workers,
-    follow, stop everything started here (also on Ctrl-C), print the leaderboard. Returns the exit code."""
+def run_embedded(store: ExperimentStore, config: ExperimentConfig, specs: list[TrialSpec], binary: str,
+                 queue: str, workers: int, force: bool) -> int:
+    """Run the stage on this machine: embedded Redis (``binary``), enqueue, ``workers`` local workers, follow,
+    stop everything started here (also on Ctrl-C), print the leaderboard. Returns the exit code."""
+    stage = specs[0].stage
     run_dir = store.dir / LOCAL_DIR
     server = EmbeddedRedis(run_dir, binary=binary)
     pool: LocalWorkers | None = None
@@ -324,18 +327,17 @@ def run_embedded(store: ExperimentStore, stage: str, specs: list[TrialSpec], bin
             if enqueued:
                 pool = LocalWorkers(run_dir, url, store.root, queue=queue, count=min(workers, len(enqueued)))
                 console.print(f"running {len(enqueued)} trials of stage [bold]{stage}[/] of [bold]{store.experiment}"
-                              f"[/] on {pool.count} local workers (embedded Redis, "
-                              f"storage {store.root})")
+                              f"[/] on {pool.count} local workers (embedded Redis, storage {store.root})")
                 pool.start()
-                outcome = follow(store, dispatcher, specs, pool)
+                outcome = follow(store, config, dispatcher, specs, pool)
             else:
                 console.print(f"nothing to run: all {len(specs)} trials of stage {stage} already finished "
                               "(--force runs them again)")
                 outcome = "completed"
         except KeyboardInterrupt:
             console.print("[yellow]interrupted: stopping the running trials, the workers and Redis[/]")
-            if pool is not None and server.port is not None:
-                stop_trials(dispatcher, store, specs)
+            if pool is not None:
+                stop_trials(store, dispatcher, specs)
         finally:
             if pool is not None:
                 pool.stop()
@@ -349,50 +351,59 @@ def run_embedded(store: ExperimentStore, stage: str, specs: list[TrialSpec], bin
     return 0 if outcome == "completed" else 1
 
 
-def stop_trials(dispatcher: dispatch.Dispatcher, store: ExperimentStore, specs: list[TrialSpec]) -> None:
-    """Ask every unfinished trial of ``specs`` to stop (honoured within about a second)."""
+def stop_trials(store: ExperimentStore, dispatcher: dispatch.Dispatcher, specs: list[TrialSpec]) -> None:
+    """Ask every unfinished trial of ``specs`` to stop (honoured within about a second), with the reason."""
     for spec in specs:
         if (store.read_result(spec.trial_id) or {}).get("state") not in TERMINAL:
             try:
-                dispatcher.request_stop(store.experiment, spec.trial_id, INTERRUPTED_REASON)
+                move(store, dispatcher, spec, TrialState.KILLED, INTERRUPTED_REASON, "stop")
             except redis.RedisError as exc:
                 log.warning("cannot request a stop of %s: %s", spec.trial_id, exc)
                 return
 
 
-def follow(store: ExperimentStore, dispatcher: dispatch.Dispatcher, specs: list[TrialSpec],
-           pool: LocalWorkers | None = None) -> str:
-    """Show a progress bar and the best trial so far until every trial has a terminal result in storage
-    ("completed"), or nothing can finish them any more ("incomplete": local workers gone, or no job of the
-    experiment left queued or running on Redis)."""
+def follow(store: ExperimentStore, config: ExperimentConfig, dispatcher: dispatch.Dispatcher,
+           specs: list[TrialSpec], pool: LocalWorkers | None = None) -> str:
+    """Show a progress bar and the best trial so far while the watch loop (master.monitor: stop bad trials,
+    requeue lost ones, retry failed ones) runs every ``[watch] poll_seconds``, until every trial of the stage
+    has finished ("completed"; failed ones out of retries), or every local worker has exited ("incomplete")."""
     ids = [s.trial_id for s in specs]
-    done: dict[str, dict[str, Any]] = {}
+    stage = specs[0].stage
+    monitor = Monitor(store, config, dispatcher)
+    next_watch = 0.0
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TextColumn("{task.fields[detail]}"), console=console)
-    task = progress.add_task(f"{store.experiment}/{specs[0].stage}", total=len(ids), detail="")
+    task = progress.add_task(f"{store.experiment}/{stage}", total=len(ids), detail="")
     best = Text("best so far: -")
     with end_line_when_piped(), Live(Group(progress, best), console=console, refresh_per_second=4):
         while True:
             # asked before reading results, so a worker that finished the last trial and quit counts as done
-            stranded = (pool.alive() == 0) if pool is not None else not any_job_left(dispatcher, store.experiment)
-            for tid in ids:
-                if tid not in done:
-                    result = store.read_result(tid)
-                    if isinstance(result, dict) and result.get("state") in TERMINAL:
-                        done[tid] = result
+            stranded = pool is not None and pool.alive() == 0
             try:
+                if time.monotonic() >= next_watch:
+                    next_watch = time.monotonic() + config.watch.poll_seconds
+                    show_events(monitor.tick())
                 live = dispatcher.progress(store.experiment)
             except redis.RedisError as exc:
-                log.warning("cannot read progress from Redis: %s", exc)
+                log.warning("cannot reach Redis this time: %s", exc)
                 live = {}
+            results = {tid: store.read_result(tid) or {} for tid in ids}
+            done = {tid: r for tid, r in results.items() if r.get("state") in TERMINAL}
             running = sum(1 for tid in ids if tid not in done and live.get(tid, {}).get("state") == "RUNNING")
             progress.update(task, completed=len(done), detail=f"{running} running")
             best.plain = best_line(done, live, ids)
-            if len(done) == len(ids):
+            if len(done) == len(ids) and (status := stage_status(store, ids, config.watch.max_retries)).finished:
+                show_events(close_stage(store, config, stage, status.describe()))
                 return "completed"
             if stranded:
                 return "incomplete"
             time.sleep(POLL_SECONDS)
+
+
+def show_events(events: list[Event]) -> None:
+    """What the watch loop did (stops, requeues, retries, border flags), one line each above the progress."""
+    for event in events:
+        console.print(f"[dim]{event.message}[/]" if event.kind != "flag" else f"[yellow]{event.message}[/]")
 
 
 @contextlib.contextmanager
@@ -419,16 +430,6 @@ def best_line(done: dict[str, dict[str, Any]], live: dict[str, dict[str, Any]], 
         return "best so far: -"
     acc, tid, epoch, state = max(candidates, key=lambda c: c[0])
     return f"best so far: {tid} val {acc:.4f} (epoch {epoch}, {state})"
-
-
-def any_job_left(dispatcher: dispatch.Dispatcher, experiment: str) -> bool:
-    """Whether a job of the experiment is still queued or running (True when Redis cannot say)."""
-    try:
-        counts = dispatcher.counts(experiment)
-    except redis.RedisError as exc:
-        log.warning("cannot read the queue from Redis: %s", exc)
-        return True
-    return counts["queued"] + counts["started"] > 0
 
 
 # status -------------------------------------------------------------------------------------
@@ -514,6 +515,7 @@ def running_table(df: Any, live: dict[str, dict[str, Any]], workers: list[dict[s
                       fmt("best_val_acc", ".4f"), fmt("samples_per_sec", ".0f"), str(p.get("worker", "-")),
                       f"{now - p['updated']:.0f}s ago" if isinstance(p.get("updated"), (int, float)) else "-")
     return table
+
 
 
 # report, ensemble, predict ----------------------------------------------------------------------

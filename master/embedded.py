@@ -199,7 +199,7 @@ def stop_stale_server(run_dir: Path) -> None:
 
 
 class LocalWorkers:
-    """``worker start --burst`` subprocesses on this machine; each dies with us, the whole tree is reaped."""
+    """``worker start`` subprocesses on this machine, until stopped; each dies with us, the whole tree is reaped."""
 
     def __init__(self, run_dir: Path, url: str, storage: Path, *, queue: str, count: int):
         self.run_dir = Path(run_dir)
@@ -211,7 +211,7 @@ class LocalWorkers:
 
     def command(self, name: str) -> list[str]:
         return [sys.executable, "-m", "worker.cli", "start", "--url", self.url, "--storage",
-                str(self.storage.resolve()), "--queue", self.queue, "--name", name, "--burst"]
+                str(self.storage.resolve()), "--queue", self.queue, "--name", name]
 
     def start(self) -> LocalWorkers:
         self.run_dir.mkdir(parents=True, exist_ok=True)

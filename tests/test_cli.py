@@ -110,7 +110,7 @@ def test_unwritable_storage_is_refused(run, write_config, unwritable_dir):
 
 @pytest.mark.parametrize("args, culprit", [
     (["--stage", "nosuch"], "stage 'nosuch'"),
-    (["--stage", "medium"], "method 'narrow'"),
+    (["--stage", "medium"], "no finished trial to narrow from"),
     (["--no-wait"], "--no-wait needs --url"),
     (["--url", "redis://127.0.0.1:1", "--workers", "2"], "--workers"),
 ])

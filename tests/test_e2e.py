@@ -196,3 +196,21 @@ def test_url_launch_served_by_real_workers_then_enqueues_nothing_new(tmp_path, w
     rc, out, err = Launch([*args, "--wait"], cwd=tmp_path).wait(timeout=60)
     assert rc == 0 and "stage coarse completed" in out and f"{name} / coarse: top 4 of 4 trials" in out
     assert json.loads((store.dir / "stages" / "coarse.json").read_text())["status"] == "completed"
+
+
+def test_next_stage_narrows_around_the_best_of_the_first(tmp_path, write_config):
+    storage = tmp_path / "store"
+    storage.mkdir()
+    config = write_config("stages", epochs=1, trials=6)
+    common = ["--config", config, "--workers", 2, "--storage", storage]
+    for stage in ("coarse", "medium"):
+        rc, out, err = Launch(["--stage", stage, *common], cwd=tmp_path).wait(timeout=180)
+        assert rc == 0, err
+    assert "ranges from the best" in out
+    store = ExperimentStore(storage, "stages")
+    medium = store.read_stage("medium")
+    assert medium["from_stage"] == "coarse" and medium["status"] == "completed"
+    assert medium["trial_ids"] == ["medium-0000", "medium-0001"]
+    assert set(medium["ranges"]) == set(store.read_stage("coarse")["ranges"]) == {"solver.lr", "model.hidden"}
+    for tid in medium["trial_ids"]:
+        assert store.read_result(tid)["state"] == "COMPLETED" and store.read_result(tid)["epochs_done"] == 3
