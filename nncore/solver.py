@@ -3,6 +3,7 @@ import logging
 import math
 import numbers
 import time
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -75,12 +76,14 @@ def _check_number(name, value, kind, low, high, low_incl, high_incl):
 
 def validate_solver_config(cfg):
     """Return cfg with defaults filled and numbers normalised; raise ConfigError naming solver.<field>."""
-    unknown = sorted(set(cfg) - set(SOLVER_DEFAULTS))
+    if not isinstance(cfg, Mapping):
+        raise ConfigError(f"solver: expected a table of fields, got {type(cfg).__name__}")
+    unknown = sorted(str(key) for key in cfg if key not in SOLVER_DEFAULTS)
     if unknown:
         raise ConfigError(f"solver.{unknown[0]}: unknown field (known: {', '.join(SOLVER_DEFAULTS)})")
     out = {**SOLVER_DEFAULTS, **cfg}
     for name, choices in _CHOICES.items():
-        if out[name] not in choices:
+        if not (isinstance(out[name], str) and out[name] in choices):
             raise ConfigError(f"solver.{name}: expected one of {sorted(choices)}, got {out[name]!r}")
     for name, spec in _RANGES.items():
         out[name] = _check_number(name, out[name], *spec)

@@ -74,7 +74,7 @@ def test_validate_fills_defaults_and_normalises_numbers():
     ("lr", 0.0), ("lr", -1e-3), ("lr", float("nan")), ("lr", "0.1"), ("momentum", 1.0), ("beta2", -0.1),
     ("batch_size", 0), ("batch_size", 12.5), ("batch_size", True), ("epochs", 0), ("update", "lbfgs"),
     ("lr_schedule", "linear"), ("ema_decay", 1.0), ("clip_norm", -1.0), ("abort_factor", 1.0),
-    ("train_eval_samples", 0), ("lr_step", 0), ("reg", float("inf")),
+    ("train_eval_samples", 0), ("lr_step", 0), ("reg", float("inf")), ("update", ["adam"]),
 ])
 def test_validate_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ConfigError, match=rf"^solver\.{field}: "):
@@ -84,6 +84,8 @@ def test_validate_rejects_bad_values_naming_the_field(field, value):
 def test_validate_rejects_unknown_field():
     with pytest.raises(ConfigError, match=r"^solver\.learning_rate: unknown field \(known: update, lr, "):
         validate_solver_config({"learning_rate": 0.1})
+    with pytest.raises(ConfigError, match=r"^solver: expected a table"):
+        validate_solver_config([("lr", 0.1)])
 
 
 # --------------------------------------------------------------- training
