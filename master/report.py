@@ -120,6 +120,13 @@ def _jsonable(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, (list, tuple, dict)) else value
 
 
+def with_gap(df: pd.DataFrame) -> pd.DataFrame:
+    """The leaderboard with gap = train_acc - val_acc after train_acc (large: overfitting)."""
+    out = df.copy()
+    out.insert(out.columns.get_loc("train_acc") + 1, "gap", out["train_acc"] - out["val_acc"])
+    return out
+
+
 def write_tables(df: pd.DataFrame, directory: Path) -> tuple[Path, Path]:
     """leaderboard.csv (lists as JSON text) and leaderboard.json (one object per trial), written atomically."""
     csv_path, json_path = directory / "leaderboard.csv", directory / "leaderboard.json"
@@ -272,7 +279,7 @@ def _fmt(column: str, value: Any) -> str:
     if isinstance(value, (list, tuple, dict)):
         text = json.dumps(value)
     elif isinstance(value, float):
-        text = f"{value:.4f}" if column in ("val_acc", "train_acc") else f"{value:.1f}" if column == "seconds" \
+        text = f"{value:.4f}" if column in ("val_acc", "train_acc", "gap") else f"{value:.1f}" if column == "seconds" \
             else f"{value:.4g}"
     else:
         text = str(value)
@@ -353,8 +360,9 @@ def render_page(store: ExperimentStore, df: pd.DataFrame, ctx: Context, curves: 
         _figure_section("Trials per stage and state", "funnel", funnel_figure(counts) if len(counts) else None,
                         empty="no trials yet"),
         f'<section id="leaderboard"><h2>Leaderboard</h2><p class="note">Top {min(HTML_ROWS, len(df))} of '
-        f"{len(df)} trials by best validation accuracy; train_acc is at the best epoch. Every trial is in "
-        f"leaderboard.csv and leaderboard.json beside this page.</p>{leaderboard_html(df)}</section>",
+        f"{len(df)} trials by best validation accuracy; train_acc is at the best epoch, gap = train_acc − "
+        f"val_acc (large: overfitting, about zero: room for a bigger model). Every trial is in "
+        f"leaderboard.csv and leaderboard.json beside this page.</p>{leaderboard_html(with_gap(df))}</section>",
         _figure_section("Validation accuracy against each hyperparameter", "hyperparameters",
                         scatter_figure(df, params, ctx) if params else None,
                         note="One colour per stage; dashed lines are each stage's range borders, log axes where "
@@ -396,7 +404,7 @@ def build_report(store: ExperimentStore, curves: int = 5) -> Report:
     df = build_leaderboard(store)
     ctx = read_context(store, df)
     store.report_dir.mkdir(parents=True, exist_ok=True)
-    csv_path, json_path = write_tables(df, store.report_dir)
+    csv_path, json_path = write_tables(with_gap(df), store.report_dir)
     html_path = store.report_dir / "index.html"
     atomic_write_bytes(html_path, render_page(store, df, ctx, curves, read_ensembles(store)).encode())
     return Report(df, html_path, csv_path, json_path)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from master.leaderboard import BASE_COLUMNS
-from master.report import build_report, read_context, scatter_figure
+from master.report import build_report, numeric_params, read_context, scatter_figure
 from worker.store import ExperimentStore
 
 CHROMIUM = "/usr/bin/chromium"
@@ -123,13 +123,17 @@ def test_files_columns_and_sort_order_with_warnings_naming_skipped_files(store, 
     with open(report.csv, newline="") as f:
         rows = list(csv.DictReader(f))
     params = ["model.dropout", "model.hidden", "solver.lr"]
-    assert list(rows[0]) == BASE_COLUMNS + params
+    columns = BASE_COLUMNS[:BASE_COLUMNS.index("train_acc") + 1] + ["gap"] \
+        + BASE_COLUMNS[BASE_COLUMNS.index("train_acc") + 1:] + params
+    assert list(rows[0]) == columns
     assert len(rows) == 12 and rows[0]["trial"] == "medium-0000"
     accs = [float(r["val_acc"]) for r in rows if r["val_acc"]]
     assert accs == sorted(accs, reverse=True) and len(accs) == 11
     assert [r["trial"] for r in rows[-3:]] == ["coarse-0006", "coarse-0007", "medium-0003"]  # 0.0, 0.0, none
     assert rows[-1]["val_acc"] == "" and float(rows[-2]["val_acc"]) == 0.0
     by_trial = {r["trial"]: r for r in rows}
+    best = by_trial["medium-0000"]
+    assert float(best["gap"]) == pytest.approx(float(best["train_acc"]) - float(best["val_acc"]))
     assert json.loads(by_trial["medium-0000"]["model.hidden"]) == [64]
     assert by_trial["medium-0002"]["state"] == "RUNNING" and by_trial["medium-0003"]["state"] == "QUEUED"
     assert by_trial["coarse-0003"]["state"] == "RUNNING"  # its result.json is corrupt: judged from history
@@ -158,6 +162,7 @@ def test_log_axes_where_sampled_log_uniformly_and_stage_order(store):
 
     df = build_leaderboard(store)
     ctx = read_context(store, df)
+    assert numeric_params(df) == ["model.dropout", "solver.lr"]  # not model.hidden (lists), not derived columns
     assert ctx.stages == ["coarse", "medium"]
     assert ctx.log_scale("solver.lr") and not ctx.log_scale("model.dropout")
     fig = scatter_figure(df, ["model.dropout", "solver.lr"], ctx)
