@@ -370,7 +370,10 @@ def render_page(store: ExperimentStore, df: pd.DataFrame, ctx: Context, curves: 
                              + "".join(f"<br>Flagged: {html.escape(m)}" for m in ctx.flag_messages),
                         empty="no numeric hyperparameter sampled"),
         _figure_section(f"Learning curves of the top {len(histories)} trials", "curves",
-                        curves_figure(histories) if histories else None, empty="no trial has a history yet"),
+                        curves_figure(histories) if histories else None,
+                        note="Training loss is the minibatch average with dropout and the L2 penalty included; "
+                             "training accuracy is measured in test mode on a fixed training subsample.",
+                        empty="no trial has a history yet"),
         _figure_section("Update / weight ratio per layer", "ratios", ratio_figure(histories),
                         note="Ratio of the last update's norm to the weights' norm each epoch; around 1e-3 is "
                              "healthy, far above means a learning rate too high, far below too low.",
