@@ -1,4 +1,4 @@
-"""The ``master`` command line: launch a stage of the search and show an experiment's status."""
+"""The ``master`` command line: launch and follow a stage, show status, write the report, build ensembles, predict."""
 from __future__ import annotations
 
 import contextlib
