@@ -109,3 +109,20 @@ def test_check_model_gradients_leaves_the_model_alone():
         assert model.params[k].dtype == np.float32
     for k in buffers:
         np.testing.assert_array_equal(model.buffers[k], buffers[k])
+
+
+def test_rel_error_floor_bounds_the_scale_from_below():
+    assert rel_error([1e-12], [3e-12], floor=1e-3) == pytest.approx(2e-9)
+    assert rel_error([2.0], [1.0], floor=1e-3) == 0.5
+
+
+def test_a_vanishing_true_gradient_is_not_reported_as_an_error():
+    # One input channel, kernel 1 and batchnorm: each conv filter is a scale that batchnorm divides out,
+    # so dL/dWc1 is zero but for batchnorm's eps (1e-5 against a variance of ~1).
+    cfg = {"arch": "conv1d", "conv_channels": [2], "conv_kernel": 1, "conv_pool": 1, "hidden": [3],
+           "batchnorm": True, "activation": "tanh"}
+    model, x, y = _model_and_data(cfg, (1, 6), seed=0)
+    _, grads = model.astype(np.float64).loss(x.astype(np.float64), y)
+    assert np.abs(grads["Wc1"]).max() < 1e-6
+    errors = check_model_gradients(model, x, y, 0.0)
+    assert max(errors.values()) < SMOOTH, errors
