@@ -1,4 +1,4 @@
-"""End-to-end tests of `worker start` processes against the real Redis on 127.0.0.1:6379 (DB 13)."""
+"""End-to-end tests of `worker start` processes against the real Redis on 127.0.0.1:6379 (and a TLS one)."""
 import os
 import shutil
 import signal
@@ -21,8 +21,6 @@ from worker.spec import TrialSpec
 from worker.store import ExperimentStore, load_npz
 from worker.trainer import run_trial
 
-URL = "redis://127.0.0.1:6379/13"
-
 
 def worker_command(url, storage, queue, name, *extra):
     return [sys.executable, "-m", "worker.cli", "start", "--url", url, "--storage", str(storage),
@@ -30,18 +28,12 @@ def worker_command(url, storage, queue, name, *extra):
 
 
 @pytest.fixture
-def real_redis():
-    """A client on DB 13 and a unique tag; every key naming the tag is deleted afterwards."""
-    conn = redis.Redis.from_url(URL, socket_connect_timeout=1)
-    try:
-        conn.ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"needs the Redis server on 127.0.0.1:6379 ({exc})")
-    tag = uuid.uuid4().hex[:10]
-    yield conn, tag
-    keys = list(conn.scan_iter(match=f"*{tag}*", count=1000))
-    if keys:
-        conn.delete(*keys)
+def rq_redis(real_redis):
+    """(url, client, tag) on the real Redis (conftest's real_redis deletes every key naming the tag); also drops
+    the tag's members of RQ's queue and worker sets."""
+    url, tag = real_redis
+    conn = redis.Redis.from_url(url)
+    yield url, conn, tag
     for registry in (b"rq:queues", b"rq:workers"):
         members = [m for m in conn.smembers(registry) if tag.encode() in m]
         if members:
@@ -99,13 +91,13 @@ def wait_for(predicate, timeout, what):
 
 @pytest.mark.slow
 @pytest.mark.redis
-def test_two_workers_complete_eight_trials_with_consistent_records(real_redis, workers, tmp_path):
-    conn, tag = real_redis
+def test_two_workers_complete_eight_trials_with_consistent_records(rq_redis, workers, tmp_path):
+    url, conn, tag = rq_redis
     experiment, queue, storage = f"it-{tag}", f"hs-it-{tag}", tmp_path / "storage"
     specs = [make_spec(experiment, i) for i in range(8)]
     dispatcher = Dispatcher(conn, queue, storage=storage)
     assert len(dispatcher.enqueue(specs)) == 8
-    procs = [workers.start(worker_command(URL, storage, queue, f"it-{tag}-{n}", "--burst")) for n in (1, 2)]
+    procs = [workers.start(worker_command(url, storage, queue, f"it-{tag}-{n}", "--burst")) for n in (1, 2)]
     for p in procs:
         assert p.wait(180) == 0, workers.logs()
 
@@ -128,14 +120,14 @@ def test_two_workers_complete_eight_trials_with_consistent_records(real_redis, w
 
 @pytest.mark.slow
 @pytest.mark.redis
-def test_stops_reach_trials_in_other_processes(real_redis, workers, tmp_path):
-    conn, tag = real_redis
+def test_stops_reach_trials_in_other_processes(rq_redis, workers, tmp_path):
+    url, conn, tag = rq_redis
     experiment, queue, storage = f"it-{tag}", f"hs-it-{tag}", tmp_path / "storage"
     dispatcher = Dispatcher(conn, queue)
     by_key, by_command = make_spec(experiment, 0, epochs=5000), make_spec(experiment, 1, epochs=5000)
     dispatcher.enqueue([by_key, by_command])
     name = f"it-{tag}-1"
-    proc = workers.start(worker_command(URL, storage, queue, name, "--burst"))
+    proc = workers.start(worker_command(url, storage, queue, name, "--burst"))
     store = ExperimentStore(storage, experiment)
 
     def running(spec):
@@ -163,13 +155,13 @@ def test_stops_reach_trials_in_other_processes(real_redis, workers, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.redis
-def test_sigterm_is_a_warm_shutdown(real_redis, workers, tmp_path):
-    conn, tag = real_redis
+def test_sigterm_is_a_warm_shutdown(rq_redis, workers, tmp_path):
+    url, conn, tag = rq_redis
     experiment, queue, storage = f"it-{tag}", f"hs-it-{tag}", tmp_path / "storage"
     dispatcher = Dispatcher(conn, queue)
     spec = make_spec(experiment, 0, epochs=60, hidden=(128,))
     dispatcher.enqueue([spec, make_spec(experiment, 1)])
-    proc = workers.start(worker_command(URL, storage, queue, f"it-{tag}-1"))  # not --burst
+    proc = workers.start(worker_command(url, storage, queue, f"it-{tag}-1"))  # not --burst
     wait_for(lambda: dispatcher.progress(experiment).get(spec.trial_id, {}).get("epoch", 0) >= 1, 60,
              "the trial to run")
     proc.send_signal(signal.SIGTERM)
@@ -182,13 +174,13 @@ def test_sigterm_is_a_warm_shutdown(real_redis, workers, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.redis
-def test_a_killed_worker_loses_at_most_the_epoch_in_flight(real_redis, workers, tmp_path):
-    conn, tag = real_redis
+def test_a_killed_worker_loses_at_most_the_epoch_in_flight(rq_redis, workers, tmp_path):
+    url, conn, tag = rq_redis
     experiment, queue, storage = f"it-{tag}", f"hs-it-{tag}", tmp_path / "storage"
     dispatcher = Dispatcher(conn, queue)
     spec = make_spec(experiment, 0, epochs=40, hidden=(128,))
     dispatcher.enqueue([spec])
-    proc = workers.start(worker_command(URL, storage, queue, f"it-{tag}-1"))
+    proc = workers.start(worker_command(url, storage, queue, f"it-{tag}-1"))
     wait_for(lambda: dispatcher.progress(experiment).get(spec.trial_id, {}).get("epoch", 0) >= 3, 60,
              "three epochs")
     proc.kill()
@@ -202,7 +194,7 @@ def test_a_killed_worker_loses_at_most_the_epoch_in_flight(real_redis, workers, 
     assert job.get_status() == JobStatus.STARTED  # a dead worker's job stays STARTED: requeue it by hand
     job.delete()
     assert dispatcher.enqueue([spec]) == [spec.trial_id]
-    assert workers.start(worker_command(URL, storage, queue, f"it-{tag}-2", "--burst")).wait(120) == 0
+    assert workers.start(worker_command(url, storage, queue, f"it-{tag}-2", "--burst")).wait(120) == 0
 
     result = store.read_result(spec.trial_id)
     assert result["state"] == "COMPLETED" and result["epochs_done"] == spec.epochs
@@ -220,13 +212,13 @@ def test_a_killed_worker_loses_at_most_the_epoch_in_flight(real_redis, workers, 
 
 @pytest.mark.slow
 @pytest.mark.redis
-def test_a_password_url_works_and_the_password_is_never_logged(real_redis, workers, tmp_path):
-    conn, tag = real_redis
+def test_a_password_url_works_and_the_password_is_never_logged(rq_redis, workers, tmp_path):
+    url, conn, tag = rq_redis
     user, password = f"hs-it-{tag}", f"pw-{uuid.uuid4().hex}"
     conn.acl_setuser(user, enabled=True, passwords=[f"+{password}"], keys=["*"], channels=["*"],
                      commands=["+@all"])
     try:
-        url = f"redis://{user}:{password}@127.0.0.1:6379/13"
+        url = url.replace("redis://", f"redis://{user}:{password}@", 1)
         experiment, queue, storage = f"it-{tag}", f"hs-it-{tag}", tmp_path / "storage"
         assert Dispatcher(redis.Redis.from_url(url), queue).enqueue([make_spec(experiment, 0)]) == ["coarse-0000"]
         proc = workers.start(worker_command(url, storage, queue, f"it-{tag}-1", "--burst"))
