@@ -14,9 +14,9 @@ from rq.serializers import JSONSerializer
 from rq.utils import utcparse
 from rq.worker import Worker
 
-from worker.control import DEFAULT_REDIS_URL, ControlError, mask_url, open_redis, read_progress, redis_url
+from worker.control import (DEFAULT_QUEUE, DEFAULT_REDIS_URL, KEY_TTL_SECONDS, ControlError, mask_url, open_redis,
+                            read_progress, redis_url, reset_trial, stop_key)
 from worker.control import request_stop as _request_stop
-from worker.control import KEY_TTL_SECONDS, reset_trial, stop_key
 from worker.spec import TrialSpec, TrialState, check_name
 from worker.store import ExperimentStore
 
@@ -25,7 +25,6 @@ __all__ = ["DispatchError", "Dispatcher", "connect", "job_id", "mask_url", "redi
 log = logging.getLogger(__name__)
 
 JOB_FUNCTION = "worker.jobs.train_trial"
-DEFAULT_QUEUE = "hypersearch"
 TIMEOUT_BASE_SECONDS = 300  # data loading, sanity checks, the first checkpoint
 TIMEOUT_PER_EPOCH_SECONDS = 600  # generous: a job timeout catches a hung trial, not a slow one
 FAILURE_TTL_SECONDS = 365 * 24 * 3600

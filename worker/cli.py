@@ -10,13 +10,11 @@ from pathlib import Path
 import click
 from threadpoolctl import threadpool_limits
 
-from worker.control import DEFAULT_REDIS_URL, ControlError, mask_url, open_redis, redis_url
+from worker.control import DEFAULT_QUEUE, DEFAULT_REDIS_URL, ControlError, mask_url, open_redis, redis_url
 from worker.jobs import TrialWorker
 from worker.store import storage_root
 
 log = logging.getLogger(__name__)
-
-DEFAULT_QUEUE = "hypersearch"
 
 
 def _fail(message: str) -> None:

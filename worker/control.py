@@ -18,6 +18,7 @@ from worker.spec import TrialState
 log = logging.getLogger(__name__)
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_QUEUE = "hypersearch"
 STOP_POLL_SECONDS = 0.2  # how often a running trial reads its stop key (honoured well within 1 s)
 KEY_TTL_SECONDS = 7 * 24 * 3600  # progress and stop keys expire; shared storage is the record
 ERROR_BACKOFF_SECONDS = 10.0  # after a failed stop poll (Redis gone), wait this long before the next one

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 ALLOWED_FUNCTIONS = frozenset({"worker.jobs.train_trial"})
 STOP_COMMAND_REASON = "stopped by user (RQ stop-job command)"
-HEARTBEAT_SECONDS = 10  # RQ worker/job heartbeat while a job runs; a dead worker's job is seen after ~70 s
+HEARTBEAT_SECONDS = 10  # RQ worker and job heartbeats while a job runs (a silent worker's key expires in ~70 s)
 INTERRUPT = JobInterrupt()  # the stop request for the job this process runs (one at a time)
 
 
@@ -50,6 +50,7 @@ def refusal(job: Job, allowed: frozenset[str] = ALLOWED_FUNCTIONS) -> str | None
         return "refused: the job's data is not a JSON job payload (pickled or corrupt); it was not unpickled"
     if instance is not None:
         return "refused: jobs that call a method on an instance are not allowed"
+    # RQ imports callbacks by name too; it keeps their names in these attributes (rq 2.x and 3.x)
     callbacks = [getattr(job, f"_{kind}_callback_name", None) for kind in ("success", "failure", "stopped")]
     for name in [func_name, *callbacks]:
         if name is not None and name not in allowed:
