@@ -89,11 +89,12 @@ class _Heartbeat(threading.Thread):
 class TrialWorker(SimpleWorker):
     """An RQ worker that runs allow-listed jobs in its own process (no fork per job) with the JSON serializer.
 
-    Stopping still works: the trainer polls its stop key between batches, and RQ's stop-job command
-    (which a plain SimpleWorker ignores) sets an in-process stop request the trainer sees at once; a job
-    still running ``stop_grace`` seconds later gets StopJob raised in its thread. Either way the RQ job
-    ends STOPPED, as with RQ's forking worker. Job timeouts use RQ's SIGALRM death penalty, which works in
-    the main thread where the job runs; a heartbeat thread keeps the worker visible during long jobs.
+    Stopping still works: the trainer polls its stop key between batches (the job then ends FINISHED with a
+    KILLED result), and RQ's stop-job command, which a plain SimpleWorker ignores, sets an in-process stop
+    request the trainer sees at its next batch; a job still running ``stop_grace`` seconds later gets StopJob
+    raised in its thread. After a stop-job command the RQ job ends STOPPED, as with RQ's forking worker.
+    Job timeouts use RQ's SIGALRM death penalty, which works in the main thread where the job runs; a
+    heartbeat thread keeps the worker visible during long jobs.
     """
 
     get_heartbeat_ttl = BaseWorker.get_heartbeat_ttl  # heartbeats arrive while a job runs, as with forking
