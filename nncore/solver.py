@@ -199,8 +199,10 @@ class Solver:
 
     def scores(self, x, params=None):
         """Test-mode logits for x, computed in chunks (params overrides the model's, e.g. self.ema_params)."""
-        parts = [self.model.scores(x[i:i + _EVAL_CHUNK], params=params) for i in range(0, len(x), _EVAL_CHUNK)]
-        return np.concatenate(parts) if len(parts) != 1 else parts[0]
+        if len(x) <= _EVAL_CHUNK:
+            return self.model.scores(x, params=params)
+        return np.concatenate([self.model.scores(x[i:i + _EVAL_CHUNK], params=params)
+                               for i in range(0, len(x), _EVAL_CHUNK)])
 
     def accuracy(self, x, y, params=None):
         """Fraction of x classified as y in test mode."""

@@ -314,3 +314,14 @@ def test_train_digits_example_reaches_97_percent(seed):
     with threadpool_limits(1):
         test_acc, ema_test_acc = example.train(seed, log=lambda line: None)
     assert test_acc >= 0.97 and ema_test_acc >= 0.97
+
+
+def test_scores_in_chunks_match_one_pass(monkeypatch):
+    import nncore.solver as solver_module
+
+    solver = make({"epochs": 1})
+    x = blobs(n=30).x_train
+    whole = solver.scores(x, solver.ema_params)
+    monkeypatch.setattr(solver_module, "_EVAL_CHUNK", 7)
+    assert np.allclose(solver.scores(x, solver.ema_params), whole)
+    assert solver.scores(x[:0]).shape == (0, 3)
