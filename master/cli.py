@@ -29,7 +29,6 @@ from master.ensemble import METHODS as ENSEMBLE_METHODS, EnsembleError, build_en
 from master.ensemble import predict as run_prediction
 from master.leaderboard import build_leaderboard, render_table
 from master.monitor import Event, Monitor, close_stage, move
-from master.report import build_report
 from master.space import DEFAULT_CONFIG, ExperimentConfig, SpaceError, load_config, parse_config
 from master.stages import StagePlan, plan_stage, stage_status
 from nncore.data import load_dataset
@@ -531,6 +530,8 @@ def report(experiment: str | None, storage: Path | None, top: int, curves: int) 
     """Write <experiment>/report/: index.html (self-contained: open it from disk), leaderboard.csv and
     leaderboard.json, and list the best trials. Reads shared storage only (no Redis); unreadable files are
     skipped with a warning naming them."""
+    from master.report import build_report  # matplotlib: imported only when a report is built (~0.6 s)
+
     store = open_experiment(storage, experiment)
     result = build_report(store, curves=curves)
     console.print(render_table(result.leaderboard, top=top))
