@@ -8,6 +8,7 @@ from typing import Any
 import pandas as pd
 from rich import box
 from rich.table import Table
+from rich.text import Text
 
 from worker.spec import TrialState
 from worker.store import ExperimentStore
@@ -101,30 +102,25 @@ def _cell(value: Any, fmt: str = "{:.3g}") -> str:
 
 def render_table(df: pd.DataFrame, top: int = 10, title: str | None = None) -> Table:
     """A rich table of the best ``top`` rows: trial, state, val and train accuracy, best/run epochs, seconds,
-    hyperparameters, worker; plus the reason of any shown trial that did not complete."""
+    hyperparameters (with, below them, why a trial did not complete), worker. Fits 80 columns."""
     shown = df.head(top)
     params = param_columns(df)
     labels = _short_labels(params)
-    failed = shown[(shown["state"] != TrialState.COMPLETED.value) & (shown["reason"].astype(str) != "")]
     table = Table(title=title or f"top {min(top, len(df))} of {len(df)} trials", title_justify="left",
-                  box=box.SIMPLE_HEAD, pad_edge=False)
+                  box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0))
     for name in ("trial", "state"):
         table.add_column(name, no_wrap=True, min_width=max([len(name)] + [len(str(v)) for v in shown[name]]))
     for name in ("val", "train", "ep", "secs"):
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("hyperparameters", overflow="fold", min_width=20)
     table.add_column("worker", overflow="ellipsis", no_wrap=True, max_width=16)
-    if len(failed):
-        table.add_column("reason", overflow="fold")
     for values in shown.to_dict("records"):
         style = STATE_STYLES.get(values["state"], "")
-        cells = [values["trial"], f"[{style}]{values['state']}[/]" if style else values["state"],
-                 _cell(values["val_acc"], "{:.4f}"), _cell(values["train_acc"], "{:.4f}"),
-                 f"{_cell(values['best_epoch'])}/{_cell(values['epochs'])}", _cell(values["seconds"], "{:.1f}")]
-        cells.append(" ".join(f"{labels[name]}={_cell(values[name])}" for name in params
-                              if _cell(values[name]) != "-"))
-        cells.append(_cell(values["worker"]))
-        if len(failed):
-            cells.append("" if values["state"] == TrialState.COMPLETED.value else _cell(values["reason"]))
-        table.add_row(*cells)
+        details = Text(" ".join(f"{labels[n]}={_cell(values[n])}" for n in params if _cell(values[n]) != "-"))
+        if values["state"] != TrialState.COMPLETED.value and values["reason"]:
+            details.append(f"\n{values['reason']}", style=style or None)
+        table.add_row(
+            values["trial"], Text(values["state"], style=style), _cell(values["val_acc"], "{:.4f}"),
+            _cell(values["train_acc"], "{:.4f}"), f"{_cell(values['best_epoch'])}/{_cell(values['epochs'])}",
+            _cell(values["seconds"], "{:.1f}"), details, _cell(values["worker"]))
     return table
