@@ -22,6 +22,7 @@ batch_size = 64
 [stages.coarse]
 epochs = {epochs}
 trials = {trials}
+prune = "{prune}"
 
 [stages.medium]
 epochs = {epochs_medium}
@@ -38,11 +39,13 @@ hidden = {{ dist = "choice", values = [[32], [64]] }}
 
 @pytest.fixture()
 def write_config(tmp_path):
-    """``write_config(name, dataset="digits", epochs=1, trials=4) -> Path`` of a small TOML config."""
-    def write(name: str, dataset: str = "digits", epochs: int = 1, trials: int = 4) -> os.PathLike:
+    """``write_config(name, dataset="digits", epochs=1, trials=4, prune="asha") -> Path`` of a small TOML
+    config (``prune="none"``: no trial of the first stage is stopped early)."""
+    def write(name: str, dataset: str = "digits", epochs: int = 1, trials: int = 4,
+              prune: str = "asha") -> os.PathLike:
         path = tmp_path / f"{name}.toml"
         path.write_text(CONFIG_TEMPLATE.format(name=name, dataset=dataset, epochs=epochs, trials=trials,
-                                               epochs_medium=epochs + 2))
+                                               prune=prune, epochs_medium=epochs + 2))
         return path
     return write
 

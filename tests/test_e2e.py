@@ -124,7 +124,7 @@ def test_readme_first_command_runs_a_stage_and_leaves_nothing_behind(tmp_path):
 def test_ctrl_c_stops_trials_workers_and_redis(tmp_path, write_config):
     storage = tmp_path / "store"
     storage.mkdir()
-    config = write_config("interrupt", epochs=400, trials=4)
+    config = write_config("interrupt", epochs=400, trials=4, prune="none")
     launch = Launch(["--config", config, "--workers", 2, "--storage", storage], cwd=tmp_path)
     store = ExperimentStore(storage, "interrupt")
     wait_for(lambda: any(store.read_history(t) for t in store.trial_ids()), 60, "a trial to finish an epoch")
@@ -143,7 +143,7 @@ def test_ctrl_c_stops_trials_workers_and_redis(tmp_path, write_config):
 def test_sigkilled_master_leaves_nothing_and_a_relaunch_resumes(tmp_path, write_config):
     storage = tmp_path / "store"
     storage.mkdir()
-    config = write_config("sigkill", epochs=30, trials=2)
+    config = write_config("sigkill", epochs=30, trials=2, prune="none")
     args = ["--config", config, "--workers", 2, "--storage", storage]
     launch = Launch(args, cwd=tmp_path)
     store = ExperimentStore(storage, "sigkill")
