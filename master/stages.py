@@ -124,7 +124,7 @@ def plan_stage(store: ExperimentStore, config: ExperimentConfig, name: str, seed
     if not done:
         raise SpaceError(f"stage {name}: stage {before.name} has no finished trial to {stage.method} from")
     if stage.method == "promote":
-        return _promote(config, stage, before, done, trials)
+        return _promote(config, stage, before, done, trials, stage_space(store, config, before.name))
     return _narrow(store, config, stage, before, done, seed, trials)
 
 
@@ -144,14 +144,14 @@ def _narrow(store: ExperimentStore, config: ExperimentConfig, stage: StageConfig
 
 
 def _promote(config: ExperimentConfig, stage: StageConfig, before: StageConfig, done: list[Ranked],
-             trials: int | None) -> StagePlan:
+             trials: int | None, space: tuple[Distribution, ...]) -> StagePlan:
     completed = [r for r in done if r.state == TrialState.COMPLETED.value]
     chosen = completed[:trials or stage.top]
     specs = tuple(config.trial_spec(stage.name, i, r.spec["seed"], r.spec.get("params", {}), parent=r.trial_id)
                   for i, r in enumerate(chosen))
     note = (f"the best {len(chosen)} of {len(completed)} completed trials of stage {before.name} continue "
             f"from epoch {before.epochs} to {stage.epochs}")
-    return StagePlan(stage, specs, config.space, before.name, note=note)
+    return StagePlan(stage, specs, space, before.name, note=note)
 
 
 @dataclass(frozen=True)
