@@ -1,6 +1,7 @@
 """Where a stage's best trials sit in each range: border flags, and the narrowed (or widened) ranges they support."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
@@ -54,6 +55,13 @@ def _fmt(dist: Distribution, value: Any, best: bool = False) -> str:
         short = f"{value:.0e}"
         return f"{value:.1e}" if best or float(short) != value else short
     return f"{value:.3g}"
+
+
+def range_text(dist: Distribution) -> str:
+    """A range for people: ``[1e-04, 1e-01]`` (log), ``[0, 0.5]``, ``[16, 256]``, or ``[64] | [128]`` for choices."""
+    if dist.dist == "choice":
+        return " | ".join(json.dumps(v) for v in dist.values)
+    return f"[{_fmt(dist, dist.low)}, {_fmt(dist, dist.high)}]"
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ class StagePlan:
     specs: tuple[TrialSpec, ...]
     space: tuple[Distribution, ...]
     previous: str | None = None
-    changes: tuple[tuple[str, dict[str, Any], dict[str, Any]], ...] = ()  # (name, old, new) that differ
+    ranges: tuple[tuple[Distribution, Distribution], ...] = ()  # narrow: (old, new) for every parameter
     flags: tuple[BorderFlag, ...] = ()  # the previous stage's
     note: str = ""
 
@@ -120,6 +120,8 @@ def plan_stage(store: ExperimentStore, config: ExperimentConfig, name: str, seed
     before = previous_stage(config, name)
     if stage.method == "random" or before is None:
         return StagePlan(stage, tuple(sample_trials(config, name, trials or stage.trials, seed)), config.space)
+    if (store.read_stage(name) or {}).get("trial_ids"):
+        return _resume(store, config, stage, before, seed, trials)
     done = ranked(store, before.name)
     if not done:
         raise SpaceError(f"stage {name}: stage {before.name} has no finished trial to {stage.method} from")
@@ -137,10 +139,23 @@ def _narrow(store: ExperimentStore, config: ExperimentConfig, stage: StageConfig
         narrowed = dataclasses.replace(config, space=new)
     except SpaceError as exc:
         raise SpaceError(f"stage {stage.name}: the narrowed ranges are rejected: {exc}") from None
-    changes = tuple((o.name, o.to_dict(), n.to_dict()) for o, n in zip(old, new) if o != n)
     specs = sample_trials(narrowed, stage.name, trials or stage.trials, seed)
-    note = f"ranges from the best {len(best)} of {len(done)} finished trials of stage {before.name}"
-    return StagePlan(stage, tuple(specs), new, before.name, changes, tuple(flags), note)
+    note = f"ranges from the best {len(best)} of {len(done)} finished trials of stage {before.name}:"
+    return StagePlan(stage, tuple(specs), new, before.name, tuple(zip(old, new)), tuple(flags), note)
+
+
+def _resume(store: ExperimentStore, config: ExperimentConfig, stage: StageConfig, before: StageConfig, seed: int,
+            trials: int | None) -> StagePlan:
+    """A narrow or promote stage launched before: its recorded ranges (narrow) or trials (promote), not
+    derived again from a previous stage that may have changed since, so launching again adds no trial."""
+    space = stage_space(store, config, stage.name)
+    note = f"resuming stage {stage.name} as first launched from stage {before.name}"
+    if stage.method == "narrow":
+        specs = sample_trials(dataclasses.replace(config, space=space), stage.name, trials or stage.trials, seed)
+        return StagePlan(stage, tuple(specs), space, before.name, note=note + " (its recorded ranges)")
+    ids = (store.read_stage(stage.name) or {})["trial_ids"]
+    specs = tuple(TrialSpec.from_dict(store.read_spec(tid)) for tid in ids)
+    return StagePlan(stage, specs, space, before.name, note=note)
 
 
 def _promote(config: ExperimentConfig, stage: StageConfig, before: StageConfig, done: list[Ranked],

@@ -4,7 +4,7 @@ import math
 import pytest
 
 from master.borders import (BorderFlag, analyse, border_side, chance_of_span, derive_range, narrow_choice,
-                            top_trials, weak_evidence)
+                            range_text, top_trials, weak_evidence)
 from master.space import Distribution
 
 LR = Distribution("solver.lr", "loguniform", 1e-6, 1e-1)
@@ -108,3 +108,10 @@ def test_flag_round_trips_to_dict():
     flag = BorderFlag("solver.lr", "upper", 0.087, 1e-6, 0.1, 1e-4, 1.0)
     assert BorderFlag(**flag.to_dict()) == flag
     assert math.isclose(flag.to_dict()["best"], 0.087)
+
+
+def test_range_text():
+    assert range_text(LR) == "[1e-06, 1e-01]"
+    assert range_text(Distribution("solver.lr", "loguniform", 1.8e-3, 5.6e-2)) == "[1.8e-03, 5.6e-02]"
+    assert range_text(DROPOUT) == "[0, 0.5]" and range_text(BATCH) == "[16, 256]"
+    assert range_text(HIDDEN) == "[64] | [128] | [256, 128]"

@@ -87,13 +87,18 @@ def test_narrow_derives_the_expected_ranges_from_a_synthetic_leaderboard(store, 
     assert (lr.low, lr.high) == (pytest.approx(lr_at(0.35)), pytest.approx(lr_at(0.85)))  # span padded by 0.1
     assert (dropout.low, dropout.high) == (0.0, 0.5)  # top dropouts spread like chance: weak evidence, kept
     assert hidden.values == ([64],)  # [32] missing from all 4 top trials: (1/2)^4 < 0.1
-    assert [name for name, _, _ in plan.changes] == ["solver.lr", "model.hidden"]
+    assert [old.name for old, new in plan.ranges if old != new] == ["solver.lr", "model.hidden"]
     assert plan.flags == ()
     assert [s.trial_id for s in plan.specs] == [f"medium-{i:04d}" for i in range(6)]
     for spec in plan.specs:
         assert lr.low <= spec.params["solver.lr"] <= lr.high and spec.params["model.hidden"] == [64]
         assert spec.epochs == 2 and spec.parent is None
     assert plan_stage(store, config, "medium").specs == plan.specs  # deterministic: launching again is idempotent
+    store.write_stage("medium", {"trial_ids": [s.trial_id for s in plan.specs],
+                                 "ranges": {d.name: d.to_dict() for d in plan.space}})
+    store.write_result("coarse-0000", {"state": "COMPLETED", "best_val_acc": 1.0})  # the previous stage changed
+    again = plan_stage(store, config, "medium")
+    assert again.specs == plan.specs and again.note.startswith("resuming stage medium")  # recorded ranges win
 
 
 def test_flags_at_the_upper_border_widen_that_side(store, config):
@@ -124,6 +129,11 @@ def test_promote_continues_the_best_completed_trials(store, config):
         ("fine-0000", "medium-0001", 101, 4), ("fine-0001", "medium-0002", 102, 4)]
     assert plan.specs[0].params == {"solver.lr": 2e-3}
     assert "from epoch 2 to 4" in plan.note
+    for spec in plan.specs:
+        store.write_spec(spec.to_dict())
+    store.write_stage("fine", {"trial_ids": [s.trial_id for s in plan.specs]})
+    store.write_result("medium-0000", {"state": "COMPLETED", "best_val_acc": 1.0})
+    assert plan_stage(store, config, "fine").specs == plan.specs  # resumed as launched, not re-ranked
 
 
 def test_a_stage_needs_finished_trials_before_it(store, config):
