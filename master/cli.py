@@ -1,4 +1,4 @@
-"""The ``master`` command line: launch and follow a stage, show status, write the report, build ensembles, predict."""
+"""The ``master`` command line: launch and follow stages, watch and kill trials, status, report, ensemble, predict."""
 from __future__ import annotations
 
 import contextlib
@@ -28,12 +28,15 @@ from master.embedded import EmbeddedError, EmbeddedRedis, LocalWorkers, redis_se
 from master.ensemble import METHODS as ENSEMBLE_METHODS, EnsembleError, build_ensemble, render_ensemble
 from master.ensemble import predict as run_prediction
 from master.leaderboard import build_leaderboard, render_table
-from master.monitor import Event, Monitor, close_stage, move
+from master.borders import range_text
+from master.monitor import Event, Monitor, close_stage, failing_workers, launched_stages, move, worker_outcomes
+from master.monitor import watch as watch_loop
 from master.space import DEFAULT_CONFIG, ExperimentConfig, SpaceError, load_config, parse_config
-from master.stages import StagePlan, plan_stage, stage_status
+from master.stages import (StagePlan, border_flags, flag_messages, plan_stage, previous_stage, stage_space,
+                           stage_status)
 from nncore.data import load_dataset
 from nncore.errors import ConfigError, DataError
-from worker.spec import TERMINAL_STATES, SpecError, TrialSpec, TrialState
+from worker.spec import NAME_RE, TERMINAL_STATES, SpecError, TrialSpec, TrialState
 from worker.store import ExperimentStore, StorageError, list_experiments, storage_root
 
 log = logging.getLogger(__name__)
@@ -119,15 +122,25 @@ def main(verbose: int) -> None:
               help="Follow progress until every trial of the stage has finished (always with the embedded "
                    "Redis; with --url the default is to enqueue and return).")
 @click.option("--force", is_flag=True,
-              help="Also enqueue trials that already finished, failed or were stopped (they resume from their "
-                   "checkpoints); trials queued or running are never enqueued twice.")
+              help="Launch a stage although the stage before it is unfinished (planned from the trials finished "
+                   "so far); also enqueue trials that already finished, failed or were stopped (they resume from "
+                   "their checkpoints). Trials queued or running are never enqueued twice.")
+@click.option("--all", "all_stages", is_flag=True,
+              help="Run every stage of the config in order, each followed to its end before the next is planned "
+                   "(stages already completed are skipped); with --url, workers must be running.")
 @user_errors
 def launch(stage: str | None, config_path: Path | None, url: str | None, storage: Path | None, queue: str,
-           trials: int | None, seed: int | None, workers: int | None, wait: bool | None, force: bool) -> None:
-    """Sample a stage's trials, record them in shared storage and enqueue them, one RQ job per trial.
+           trials: int | None, seed: int | None, workers: int | None, wait: bool | None, force: bool,
+           all_stages: bool) -> None:
+    """Plan a stage's trials, record them in shared storage and enqueue them, one RQ job per trial.
 
-    With no Redis URL, runs everything on this machine: an embedded Redis, local workers, a progress bar,
-    then the leaderboard. Everything is validated before anything is written.
+    The first stage samples the search space at random; a narrow stage samples ranges narrowed around the
+    previous stage's best trials (printed old -> new, with the previous stage's border flags); a promote stage
+    continues the previous stage's best trials from their last checkpoints. A later stage is refused while the
+    one before it is unfinished (--force overrides). Launching again after a crash resumes the stage: nothing
+    is enqueued twice and nothing is lost. With no Redis URL, runs everything on this machine: an embedded
+    Redis, local workers, a progress bar, then the leaderboard. Everything is validated before anything is
+    written.
     """
     config = load_config(config_path)
     url = dispatch.redis_url(url)
@@ -137,29 +150,77 @@ def launch(stage: str | None, config_path: Path | None, url: str | None, storage
     if not embedded and workers is not None:
         raise CliError("--workers starts local workers for the embedded Redis only; with --url, run "
                        "`worker start --url ...` on the worker machines")
+    if all_stages and (stage is not None or trials is not None or wait is False):
+        raise CliError("--all runs every stage with its configured trials to the end; "
+                       "drop --stage, --trials and --no-wait")
     root = storage_root(storage)
     store = ExperimentStore(root, config.name)
     check_storage(root, store, must_exist=storage is not None or "HYPERSEARCH_STORAGE" in os.environ)
-    plan = plan_stage(store, config, stage or config.stages[0].name, seed, trials)
+    dispatcher = None if embedded else dispatch.Dispatcher(dispatch.connect(url), queue, storage=root)
+    names = [s.name for s in config.stages] if all_stages else [stage or config.stages[0].name]
+    for name in names:
+        if all_stages and stage_completed(store, config, name):
+            console.print(f"stage [bold]{name}[/] already completed")
+            continue
+        code = launch_stage(store, config, config_path, name, seed, trials, dispatcher, url, queue, workers,
+                            wait=all_stages or bool(wait), force=force)
+        if code:
+            raise SystemExit(code)
+    raise SystemExit(0)
+
+
+def stage_completed(store: ExperimentStore, config: ExperimentConfig, name: str) -> bool:
+    """Whether stage ``name`` has been launched and all its trials have finished (failed ones out of retries)."""
+    ids = (store.read_stage(name) or {}).get("trial_ids")
+    return bool(ids) and stage_status(store, ids, config.watch.max_retries).finished
+
+
+def check_previous(store: ExperimentStore, config: ExperimentConfig, name: str) -> None:
+    """Refuse a later stage while the stage before it has not been launched or has unfinished trials."""
+    before = previous_stage(config, name)
+    if before is None or (store.read_stage(name) or {}).get("trial_ids"):  # the first stage, or a resumed one
+        return
+    ids = (store.read_stage(before.name) or {}).get("trial_ids")
+    if not ids:
+        raise CliError(f"stage {name}: stage {before.name} before it has not been launched "
+                       f"(master launch --stage {before.name}, or --all)")
+    status = stage_status(store, ids, config.watch.max_retries)
+    if not status.finished:
+        raise CliError(f"stage {name}: stage {before.name} before it is unfinished ({status.describe()}); "
+                       f"wait for it (master watch) or use --force to plan from its finished trials")
+
+
+def launch_stage(store: ExperimentStore, config: ExperimentConfig, config_path: Path | None, name: str,
+                 seed: int | None, trials: int | None, dispatcher: dispatch.Dispatcher | None, url: str | None,
+                 queue: str, workers: int | None, wait: bool, force: bool) -> int:
+    """Plan, record and run one stage (embedded when ``dispatcher`` is None); returns the exit code."""
+    if not force:
+        check_previous(store, config, name)
+    plan = plan_stage(store, config, name, seed, trials)
     if not plan.specs:
         raise CliError(f"stage {plan.stage.name}: nothing to launch ({plan.note})")
     check_existing(store, config, plan.specs)
-    if embedded:  # local workers will read the same files: make sure the dataset loads before writing anything
+    if dispatcher is None:  # local workers will read the same files: make sure the dataset loads before writing
         load_dataset(config.dataset, **plan.specs[0].data)
         binary = redis_server_binary()
-    else:
-        dispatcher = dispatch.Dispatcher(dispatch.connect(url), queue, storage=root)
-
     record_launch(store, config, config_text(config_path), plan, config.seed if seed is None else seed)
-    for line in [plan.note] + [f"  {name}: {old} -> {new}" for name, old, new in plan.changes]:
-        if line:
-            console.print(line)
+    show_plan(plan)
     specs = list(plan.specs)
-    if embedded:
-        code = run_embedded(store, config, specs, binary, queue, min(workers or available_cores(), len(specs)), force)
-    else:
-        code = run_remote(store, config, specs, dispatcher, dispatch.mask_url(url), force, wait=bool(wait))
-    raise SystemExit(code)
+    if dispatcher is None:
+        return run_embedded(store, config, specs, binary, queue, min(workers or available_cores(), len(specs)), force)
+    return run_remote(store, config, specs, dispatcher, dispatch.mask_url(url), force, wait=wait)
+
+
+def show_plan(plan: StagePlan) -> None:
+    """The previous stage's border flags, where the trials come from, and each range old -> new."""
+    dists = {old.name: old for old, _ in plan.ranges}
+    for flag in plan.flags:
+        console.print(f"[yellow]border: {flag.message(dists[flag.name])}[/]")
+    if plan.note:
+        console.print(plan.note)
+    for old, new in plan.ranges:
+        change = f"-> {range_text(new)}" if new != old else "(kept: the evidence is weak)"
+        console.print(f"  {old.name}: {range_text(old)} {change}")
 
 
 def run_remote(store: ExperimentStore, config: ExperimentConfig, specs: list[TrialSpec],
@@ -480,7 +541,121 @@ def status(experiment: str | None, storage: Path | None, url: str | None, queue:
     console.print(state_counts(df, store))
     if live is not None:
         console.print(running_table(df, live, workers or []))
+    show_watch_findings(store, experiment_config(store))
     console.print(render_table(df, top=top))
+
+
+def experiment_config(store: ExperimentStore) -> ExperimentConfig:
+    """The config an experiment was launched with (the TOML text kept in experiment.json)."""
+    try:
+        return parse_config(store.read_experiment()["config_text"], f"{store.dir}/experiment.json")
+    except (KeyError, TypeError):
+        raise CliError(f"experiment {store.experiment}: {store.dir}/experiment.json has no readable config") from None
+
+
+def show_watch_findings(store: ExperimentStore, config: ExperimentConfig) -> None:
+    """Quarantined workers and, per launched stage, the border flags of its trials finished so far."""
+    stages = launched_stages(store, config)
+    ids = [tid for _, record in stages for tid in record["trial_ids"]]
+    for worker, (at, reason) in failing_workers(worker_outcomes(store, ids), config.watch.fail_streak).items():
+        when = datetime.fromtimestamp(at, timezone.utc).isoformat(timespec="seconds")
+        console.print(f"[red]quarantined worker {worker}: its last {config.watch.fail_streak} jobs failed "
+                      f"(last at {when}: {reason})[/]")
+    for stage, record in stages:
+        live = record.get("status") != "completed"
+        messages = flag_messages(border_flags(store, config, stage), stage_space(store, config, stage)) if live \
+            else record.get("flag_messages", [])
+        for message in messages:
+            console.print(f"[yellow]border ({stage}{', so far' if live else ''}): {message}[/]")
+
+
+# watch, kill --------------------------------------------------------------------------------------
+def open_dispatcher(store: ExperimentStore, url: str | None, queue: str) -> tuple[dispatch.Dispatcher, str]:
+    """A dispatcher on ``url`` (else $REDIS_URL, else a running launch's embedded Redis) and the masked URL."""
+    url = dispatch.redis_url(url) or running_server_url(store.dir / LOCAL_DIR)
+    if url is None:
+        raise CliError("no Redis to watch: give --url or $REDIS_URL (or run this while `master launch` runs "
+                       "its embedded Redis)")
+    return dispatch.Dispatcher(dispatch.connect(url), queue, storage=store.root), dispatch.mask_url(url)
+
+
+@main.command()
+@experiment_option
+@storage_option
+@url_option
+@queue_option
+@click.option("--forever", is_flag=True,
+              help="Keep watching after every launched stage has finished (for stages launched later); "
+                   "by default watch returns once they have.")
+@user_errors
+def watch(experiment: str | None, storage: Path | None, url: str | None, queue: str, forever: bool) -> None:
+    """Follow an experiment's trials and act: stop diverged (non-finite loss, or above [watch] explode_factor x
+    the initial loss), hopeless (below the stage's ASHA rung cut-off or median) and stalled trials; put the
+    trials of dead workers (no heartbeat for [watch] heartbeat_seconds) and of jobs Redis lost back in the
+    queue, to resume from their last checkpoints; retry failed trials up to [watch] max_retries; quarantine
+    a worker whose last [watch] fail_streak jobs failed (RQ's shutdown command); record each finished stage
+    with its border flags. Every action and its reason is printed and kept in the trial's events.jsonl.
+    """
+    store = open_experiment(storage, experiment)
+    config = experiment_config(store)
+    dispatcher, shown = open_dispatcher(store, url, queue)
+    console.print(f"watching [bold]{store.experiment}[/] on {shown} (queue {queue}) every "
+                  f"{config.watch.poll_seconds:g} s; Ctrl-C stops watching, not the trials")
+    try:
+        watch_loop(Monitor(store, config, dispatcher), until_done=not forever, on_event=lambda e: show_events([e]))
+    except KeyboardInterrupt:
+        console.print("stopped watching; the trials go on on the workers")
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    console.print("every launched stage has finished")
+
+
+@main.command()
+@click.argument("trial")
+@click.option("--reason", default="stopped by user", show_default=True, help="Why; recorded in the result.")
+@experiment_option
+@storage_option
+@url_option
+@queue_option
+@user_errors
+def kill(trial: str, reason: str, experiment: str | None, storage: Path | None, url: str | None,
+         queue: str) -> None:
+    """Stop TRIAL by hand: the worker stops it between two batches, keeps its checkpoints and records it
+    KILLED with the reason; if it has not stopped after [watch] stop_grace seconds, RQ's stop-job command
+    follows. A queued trial stops as soon as a worker takes it."""
+    store = open_experiment(storage, experiment)
+    config = experiment_config(store)
+    raw = store.read_spec(trial) if NAME_RE.match(trial) else None
+    if raw is None:
+        raise CliError(f"trial {trial}: not in experiment {store.experiment} (see master status)")
+    state = (store.read_result(trial) or {}).get("state")
+    if state in TERMINAL:
+        raise CliError(f"trial {trial}: already finished ({state}); nothing to stop")
+    dispatcher, _ = open_dispatcher(store, url, queue)
+    move(store, dispatcher, TrialSpec.from_dict(raw), TrialState.KILLED, reason, "stop")
+    if dispatcher.jobs(store.experiment, [trial])[trial][0] != "started":
+        console.print(f"trial {trial}: stop requested; it is not running, so it stops as soon as a worker takes it")
+        return
+    result = wait_for_result(store, trial, config.watch.stop_grace)
+    if result is None and dispatcher.stop_job(store.experiment, trial):
+        console.print(f"trial {trial}: still running after {config.watch.stop_grace:g} s; sent RQ's stop-job command")
+        result = wait_for_result(store, trial, config.watch.stop_grace)
+    if result is None:
+        raise CliError(f"trial {trial}: stop requested but no result yet; see master status")
+    kept = len(store.checkpoints(trial))
+    console.print(f"trial {trial}: {result['state']} ({result.get('reason')}) after {result.get('epochs_done')} "
+                  f"epochs; {kept} checkpoint{'s' if kept != 1 else ''} kept")
+
+
+def wait_for_result(store: ExperimentStore, trial: str, seconds: float) -> dict[str, Any] | None:
+    """The trial's terminal result once it appears within ``seconds``, else None."""
+    deadline = time.monotonic() + seconds
+    while True:
+        result = store.read_result(trial) or {}
+        if result.get("state") in TERMINAL:
+            return result
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(POLL_SECONDS)
 
 
 def state_counts(df: Any, store: ExperimentStore) -> Table:

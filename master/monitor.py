@@ -54,7 +54,8 @@ def move(store: ExperimentStore, dispatcher: Dispatcher, spec: TrialSpec, to: Tr
 
 def is_error(result: dict[str, Any]) -> bool:
     """A FAILED result caused by an error (not by the trial's own failed sanity checks)."""
-    return result.get("state") == TrialState.FAILED.value and not str(result.get("reason", "")).startswith(SANITY_PREFIX)
+    reason = str(result.get("reason", ""))
+    return result.get("state") == TrialState.FAILED.value and not reason.startswith(SANITY_PREFIX)
 
 
 def worker_outcomes(store: ExperimentStore, trial_ids: list[str]) -> list[tuple[float, str, bool, str]]:
@@ -181,7 +182,8 @@ class Monitor:
         if not is_error(result) or retries(self.store, spec.trial_id) >= self.watch.max_retries:
             return []
         n = retries(self.store, spec.trial_id) + 1
-        reason = f"retry {n} of {self.watch.max_retries} after failing on {result.get('worker')}: {result.get('reason')}"
+        reason = (f"retry {n} of {self.watch.max_retries} after failing on {result.get('worker')}: "
+                  f"{result.get('reason')}")
         move(self.store, self.dispatcher, spec, TrialState.QUEUED, reason, "retry", worker=result.get("worker"),
              failed_at=result.get("finished_at"))
         return [Event("retry", f"{spec.trial_id}: {reason}", spec.trial_id)]

@@ -110,7 +110,9 @@ def test_unwritable_storage_is_refused(run, write_config, unwritable_dir):
 
 @pytest.mark.parametrize("args, culprit", [
     (["--stage", "nosuch"], "stage 'nosuch'"),
-    (["--stage", "medium"], "no finished trial to narrow from"),
+    (["--stage", "medium"], "stage medium: stage coarse before it has not been launched"),
+    (["--stage", "medium", "--force"], "no finished trial to narrow from"),
+    (["--all", "--trials", "3"], "--all runs every stage"),
     (["--no-wait"], "--no-wait needs --url"),
     (["--url", "redis://127.0.0.1:1", "--workers", "2"], "--workers"),
 ])

@@ -7,7 +7,9 @@ import uuid
 
 import pytest
 import redis
+from click.testing import CliRunner
 
+from master.cli import main
 from master.dispatch import Dispatcher
 from master.monitor import Monitor, watch
 from master.space import parse_config
@@ -44,9 +46,11 @@ class Experiment:
 
     def __init__(self, tmp_path, tag, body, watch="heartbeat_seconds = 8\npoll_seconds = 0.3\nstop_grace = 5\n"):
         self.tmp_path, self.name, self.queue = tmp_path, f"mon-{tag}", f"hs-mon-{tag}"
-        self.config = parse_config(f'[experiment]\nname = "{self.name}"\n{body}\n[watch]\n{watch}')
+        text = f'[experiment]\nname = "{self.name}"\n{body}\n[watch]\n{watch}'
+        self.config = parse_config(text)
         self.root = tmp_path / "storage"
         self.store = ExperimentStore(self.root, self.name).ensure()
+        self.store.write_experiment({"name": self.name, "config_text": text})
         self.conn = redis.Redis.from_url(URL)
         self.dispatcher = Dispatcher(self.conn, self.queue, storage=self.root)
         self.monitor = Monitor(self.store, self.config, self.dispatcher)
@@ -208,5 +212,8 @@ lr = { dist = "loguniform", low = 1e-3, high = 1e-2 }
     for spec in specs:
         result = exp.store.read_result(spec.trial_id)
         assert (result["state"], result["worker"]) == ("COMPLETED", f"good-{tag}"), result
+    status = CliRunner().invoke(main, ["status", "--experiment", exp.name, "--storage", str(exp.root), "--url", URL,
+                                       "--queue", exp.queue], catch_exceptions=False)
+    assert f"quarantined worker bad-{tag}: its last 3 jobs failed" in " ".join(status.stdout.split())
     retried = [s for s in specs if exp.store.read_events(s.trial_id)]
     assert len(retried) >= 3 and all(e["event"] == "retry" for s in retried for e in exp.store.read_events(s.trial_id))
