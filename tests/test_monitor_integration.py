@@ -1,4 +1,4 @@
-"""Real-Redis tests of the monitor with `worker start` processes: a SIGKILLed worker, divergence, quarantine."""
+"""Real-Redis tests of the monitor with `worker start` processes: dead workers, divergence, quarantine, lost Redis."""
 import subprocess
 import sys
 import threading
@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from master.cli import main
 from master.dispatch import Dispatcher
+from master.embedded import EmbeddedRedis, free_port, redis_server_binary
 from master.monitor import Monitor, watch
 from master.space import parse_config
 from master.stages import plan_stage
@@ -44,17 +45,22 @@ def tag():
 class Experiment:
     """A config, its storage, a dispatcher and `worker start` processes (always reaped at the end)."""
 
-    def __init__(self, tmp_path, tag, body, watch="heartbeat_seconds = 8\npoll_seconds = 0.3\nstop_grace = 5\n"):
+    def __init__(self, tmp_path, tag, body, watch="heartbeat_seconds = 8\npoll_seconds = 0.3\nstop_grace = 5\n",
+                 url=URL):
         self.tmp_path, self.name, self.queue = tmp_path, f"mon-{tag}", f"hs-mon-{tag}"
         text = f'[experiment]\nname = "{self.name}"\n{body}\n[watch]\n{watch}'
         self.config = parse_config(text)
         self.root = tmp_path / "storage"
         self.store = ExperimentStore(self.root, self.name).ensure()
         self.store.write_experiment({"name": self.name, "config_text": text})
-        self.conn = redis.Redis.from_url(URL)
+        self.procs: list[subprocess.Popen] = []
+        self.use(url)
+
+    def use(self, url):
+        """Talk to the Redis at ``url`` from now on (a fresh master: new dispatcher and monitor)."""
+        self.url, self.conn = url, redis.Redis.from_url(url)
         self.dispatcher = Dispatcher(self.conn, self.queue, storage=self.root)
         self.monitor = Monitor(self.store, self.config, self.dispatcher)
-        self.procs: list[subprocess.Popen] = []
 
     def launch(self, stage="coarse"):
         specs = plan_stage(self.store, self.config, stage).specs
@@ -67,7 +73,7 @@ class Experiment:
     def worker(self, name, cwd=None):
         log = open(self.tmp_path / f"{name}.log", "wb")
         self.procs.append(subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "start", "--url", URL, "--storage", str(self.root.resolve()),
+            [sys.executable, "-m", "worker.cli", "start", "--url", self.url, "--storage", str(self.root.resolve()),
              "--queue", self.queue, "--name", name], cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL))
         log.close()
@@ -217,3 +223,66 @@ lr = { dist = "loguniform", low = 1e-3, high = 1e-2 }
     assert f"quarantined worker bad-{tag}: its last 3 jobs failed" in " ".join(status.stdout.split())
     retried = [s for s in specs if exp.store.read_events(s.trial_id)]
     assert len(retried) >= 3 and all(e["event"] == "retry" for s in retried for e in exp.store.read_events(s.trial_id))
+
+
+def test_a_fresh_empty_redis_loses_no_result(experiment, tag, tmp_path):
+    first = EmbeddedRedis(tmp_path / "redis-a")
+    second = EmbeddedRedis(tmp_path / "redis-b")
+    try:
+        exp = experiment(LONG_TRIAL.replace("trials = 1", "trials = 4"), url=first.start())
+        specs = exp.launch()
+        crashed = exp.worker(f"a-{tag}")
+        wait_for(lambda: exp.store.read_result(specs[0].trial_id) is not None, 90, "a first finished trial")
+        crashed.kill()  # the whole cluster goes down: worker and Redis
+        crashed.wait()
+        first.stop()
+        before = {s.trial_id: exp.store.read_result(s.trial_id) for s in specs}
+        unfinished = {tid for tid, r in before.items() if r is None}
+        assert unfinished and len(unfinished) < len(specs)
+
+        exp.use(second.start())  # a fresh, empty Redis: only shared storage remembers the stage
+        exp.worker(f"b-{tag}")
+        events = exp.watch(timeout=120)
+        assert {e.trial_id for e in events if e.kind == "requeue"} == unfinished
+        for spec in specs:
+            result = exp.store.read_result(spec.trial_id)
+            assert result["state"] == "COMPLETED" and result["epochs_done"] == 40
+            if before[spec.trial_id] is not None:
+                assert result == before[spec.trial_id]  # finished before the crash: read back, not re-run
+            assert [r["epoch"] for r in exp.store.read_history(spec.trial_id)] == list(range(1, 41))
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_a_redis_restart_with_persistence_mid_stage_loses_no_result(experiment, tag, tmp_path):
+    port = free_port()
+    args = [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(tmp_path),
+            "--appendonly", "yes", "--save", ""]
+    server = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _answers(port), 10, "redis-server")
+        exp = experiment(LONG_TRIAL.replace("trials = 1", "trials = 3"), url=f"redis://127.0.0.1:{port}/0")
+        specs = exp.launch()
+        exp.worker(f"a-{tag}")
+        wait_for(lambda: len(exp.store.read_history(specs[0].trial_id)) >= 3, 60, "three epochs")
+        server.terminate()  # mid-trial; the append-only file keeps the queue
+        server.wait()
+        server = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+        wait_for(lambda: _answers(port), 10, "redis-server again")
+        exp.worker(f"b-{tag}")  # the first worker may not survive its Redis going away
+        exp.watch(timeout=120)
+        for spec in specs:
+            result = exp.store.read_result(spec.trial_id)
+            assert result["state"] == "COMPLETED" and result["epochs_done"] == 40
+            assert [r["epoch"] for r in exp.store.read_history(spec.trial_id)] == list(range(1, 41))
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def _answers(port):
+    try:
+        return redis.Redis(port=port, socket_connect_timeout=0.2).ping()
+    except redis.RedisError:
+        return False
