@@ -292,3 +292,23 @@ def test_heartbeats_continue_while_a_job_runs(conn, storage):
     sampler.join(5)
     assert fetch(conn, job.id).return_value() == "slept"
     assert len(beats) >= 3  # the start plus at least two beats during the 2.5 s job
+
+
+def test_worker_heartbeats_are_batched_but_never_leave_a_short_ttl(conn):
+    worker = TrialWorker([QUEUE], connection=conn, name="hb")
+    worker.register_birth()
+    worker.heartbeat()
+    assert conn.ttl(worker.key) > 400  # RQ's full worker TTL
+    with conn.pipeline() as pipe:  # as when a job starts: a short TTL, renewed by the heartbeat thread
+        worker.heartbeat(70, pipeline=pipe)
+        pipe.execute()
+    assert conn.ttl(worker.key) <= 70
+    worker.heartbeat()  # right after the job: not skipped, the short TTL is replaced
+    assert conn.ttl(worker.key) > 400
+    beat = conn.hget(worker.key, "last_heartbeat")
+    worker.heartbeat()  # within a second of a full-TTL beat: skipped (RQ sends three around every job)
+    assert conn.hget(worker.key, "last_heartbeat") == beat
+    time.sleep(1.05)
+    worker.heartbeat()
+    assert conn.hget(worker.key, "last_heartbeat") != beat
+    worker.register_death()
