@@ -1,0 +1,149 @@
+"""Training throughput of nncore's Solver against PyTorch on the CPU for the same MLPs, with the BLAS GEMM peak.
+
+Usage: python benchmarks/nncore_throughput.py [--rounds 3] [--threads 1,2] [--markdown]
+
+Both frameworks train the same float32 MLP with SGD + momentum 0.9 on the same synthetic data (same
+number of samples, a fresh shuffle per epoch). Each round trains two epochs with each framework in turn
+and times the second (nncore: the Solver's own samples_per_sec, i.e. its whole minibatch loop with EMA
+and divergence checks; torch: the equivalent loop); the best round is reported, which filters out load
+from other processes on a shared machine. GFLOP/s counts the GEMM work the step needs: forward and weight
+gradients of every layer, input gradients of all but the first (2 flops per multiply-add).
+"""
+import argparse
+import os
+import sys
+import time
+from datetime import date
+from types import SimpleNamespace
+
+import numpy as np
+from threadpoolctl import threadpool_info, threadpool_limits
+
+from nncore.model import build_model
+from nncore.solver import Solver
+
+SHAPES = [  # (input dim, hidden sizes, classes, batch size, samples per epoch)
+    (64, [256], 10, 128, 128 * 400),
+    (784, [512, 512], 10, 256, 256 * 60),
+    (3072, [1024], 10, 256, 256 * 24),
+]
+LR, MOMENTUM = 1e-2, 0.9
+
+
+def flops_per_sample(dim, hidden, classes):
+    sizes = [dim, *hidden, classes]
+    weights = [a * b for a, b in zip(sizes, sizes[1:])]
+    return 2 * (3 * sum(weights) - weights[0])
+
+
+def synthetic(dim, classes, n, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, dim), dtype=np.float32)
+    y = rng.integers(0, classes, size=n, dtype=np.int64)
+    return x, y
+
+
+def gemm_peak(size=2048, repeats=3):
+    """Best float32 GEMM rate (GFLOP/s) of NumPy's BLAS for size x size matrices."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+    out = np.empty_like(a)
+    np.matmul(a, b, out=out)
+    best = min(_timed(lambda: np.matmul(a, b, out=out)) for _ in range(repeats))
+    return 2 * size**3 / best / 1e9
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench_nncore(dim, hidden, classes, batch, x, y):
+    model = build_model({"hidden": hidden}, (dim,), classes, seed=0)
+    data = SimpleNamespace(x_train=x, y_train=y, x_val=x[:batch], y_val=y[:batch])
+    rates = []
+    config = {"update": "momentum", "lr": LR, "momentum": MOMENTUM, "batch_size": batch, "epochs": 2,
+              "train_eval_samples": batch}
+    result = Solver(model, data, config, callback=lambda m: rates.append(m["samples_per_sec"])).train()
+    if result["status"] != "completed":
+        raise RuntimeError(f"nncore run {result['status']}: {result['reason']}")
+    return rates[-1]
+
+
+def bench_torch(torch, dim, hidden, classes, batch, x, y):
+    torch.manual_seed(0)
+    sizes = [dim, *hidden, classes]
+    layers = []
+    for a, b in zip(sizes, sizes[1:]):
+        layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+    net = torch.nn.Sequential(*layers[:-1])
+    opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    n = len(x)
+    for _ in range(2):
+        start = time.perf_counter()
+        order = torch.randperm(n)
+        for i in range(0, n, batch):
+            idx = order[i:i + batch]
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(net(xt[idx]), yt[idx])
+            loss.backward()
+            opt.step()
+            loss.item()  # the Solver reads every minibatch loss too (divergence check)
+        rate = n / (time.perf_counter() - start)
+    return rate
+
+
+def blas_description():
+    rows = [f"{i['internal_api']} {i['version']} ({i.get('architecture', '?')} kernels, "
+            f"{i.get('threading_layer', '?')}, {i['num_threads']} threads max) {os.path.basename(i['filepath'])}"
+            for i in threadpool_info() if i["user_api"] == "blas"]
+    return "; ".join(rows) or "no BLAS found by threadpoolctl"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per shape (the best is reported)")
+    parser.add_argument("--threads", default=f"1,{os.cpu_count()}", help="comma-separated BLAS thread counts")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    args = parser.parse_args(argv)
+    try:
+        import torch
+    except ImportError:
+        torch = None
+        print("torch is not installed (pip install torch==2.13.0): measuring nncore only", file=sys.stderr)
+
+    print(f"date {date.today()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, "
+          f"numpy {np.__version__}" + (f", torch {torch.__version__}" if torch else ""))
+    print(f"BLAS: {blas_description()}; OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
+    header = ["threads", "shape", "batch", "nncore samples/s", "torch samples/s", "nncore/torch",
+              "nncore GFLOP/s", "sgemm peak GFLOP/s", "% of peak"]
+    rows = []
+    for threads in [int(t) for t in args.threads.split(",")]:
+        with threadpool_limits(threads):
+            if torch:
+                torch.set_num_threads(threads)
+            for dim, hidden, classes, batch, n in SHAPES:
+                x, y = synthetic(dim, classes, n)
+                ours = theirs = peak = 0.0
+                for _ in range(args.rounds):  # interleaved, so all three see the same load
+                    peak = max(peak, gemm_peak())
+                    ours = max(ours, bench_nncore(dim, hidden, classes, batch, x, y))
+                    if torch:
+                        theirs = max(theirs, bench_torch(torch, dim, hidden, classes, batch, x, y))
+                gflops = flops_per_sample(dim, hidden, classes) * ours / 1e9
+                rows.append([str(threads), "-".join(map(str, [dim, *hidden, classes])), str(batch), f"{ours:,.0f}",
+                             f"{theirs:,.0f}" if torch else "n/a", f"{ours / theirs:.2f}" if torch else "n/a",
+                             f"{gflops:.0f}", f"{peak:.0f}", f"{100 * gflops / peak:.0f}%"])
+                print("  ".join(rows[-1]), flush=True)
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
+    if args.markdown:
+        print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
