@@ -6,12 +6,15 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 from master.space import Distribution
 
 EDGE = 0.1  # the outer fraction of a range, in the sampled scale, that counts as its border
 WIDEN = 0.2  # a flagged side moves out by this fraction of the range
-ALPHA = 0.1  # evidence is weak when a spread this tight would arise by chance this often or more
+ALPHA = 0.1  # evidence is weak when chance alone would cluster the top trials so tightly this often or more
 MIN_EVIDENCE = 3  # fewer top trials than this never narrow a range
+PERMUTATIONS = 2000  # random subsets drawn to judge how tightly chance clusters the top trials
 SIDES = ("lower", "upper")
 
 Scored = tuple[dict[str, Any], float]  # (a trial's params, its best validation accuracy)
@@ -24,16 +27,33 @@ def top_trials(scored: Sequence[Scored], top: int | None = None, quantile: float
     return ranked[:n]
 
 
-def chance_of_span(span: float, n: int) -> float:
-    """P(the range of ``n`` uniform draws on [0, 1] is at most ``span``) = n s^(n-1) - (n-1) s^n."""
-    s = min(max(span, 0.0), 1.0)
-    return n * s ** (n - 1) - (n - 1) * s**n
+def iqr(x: np.ndarray) -> np.ndarray:
+    """Interquartile range along the last axis."""
+    q25, q75 = np.percentile(x, [25, 75], axis=-1)
+    return q75 - q25
 
 
-def weak_evidence(units: Sequence[float]) -> bool:
-    """True when the top trials' positions are as spread as chance would make them (or too few to tell)."""
-    n = len(units)
-    return n < MIN_EVIDENCE or chance_of_span(max(units) - min(units), n) >= ALPHA
+def chance_of_spread(top: Sequence[float], everyone: Sequence[float], draws: int = PERMUTATIONS) -> float:
+    """How often a random subset of the stage's trials (positions ``everyone``) as large as the top group
+    is at least as tightly clustered (interquartile range) as the top group: a permutation test, fixed seed."""
+    pool, n = np.asarray(everyone, dtype=float), len(top)
+    if n >= len(pool):
+        return 1.0
+    subsets = pool[np.argsort(np.random.default_rng(0).random((draws, len(pool))), axis=1)[:, :n]]
+    return float((1 + np.sum(iqr(subsets) <= iqr(np.asarray(top, dtype=float)) + 1e-12)) / (draws + 1))
+
+
+def weak_evidence(top: Sequence[float], everyone: Sequence[float]) -> bool:
+    """True when the top trials' positions are no more clustered than chance makes them (or too few to tell)."""
+    return len(top) < MIN_EVIDENCE or chance_of_spread(top, everyone) >= ALPHA
+
+
+def core(units: Sequence[float]) -> list[float]:
+    """The top trials' positions (best first) without outliers beyond Tukey's fences (1.5 interquartile
+    ranges past the quartiles); the best trial always stays."""
+    q25, q75 = np.percentile(units, [25, 75])
+    fence = 1.5 * (q75 - q25)
+    return [u for i, u in enumerate(units) if i == 0 or q25 - fence <= u <= q75 + fence]
 
 
 def border_side(units: Sequence[float], edge: float = EDGE) -> str | None:
@@ -96,15 +116,18 @@ def _at(dist: Distribution, u: float) -> Any:
     return dist.low if u == 0 else dist.high if u == 1 else dist.from_unit(u)
 
 
-def derive_range(dist: Distribution, units: Sequence[float], pad: float, side: str | None,
-                 valid: Callable[[Any], bool], widen: float = WIDEN) -> tuple[Any, Any]:
-    """New (low, high) for a numeric ``dist`` from the top trials' positions (best first) in its range.
+def derive_range(dist: Distribution, units: Sequence[float], everyone: Sequence[float], pad: float,
+                 side: str | None, valid: Callable[[Any], bool], widen: float = WIDEN) -> tuple[Any, Any]:
+    """New (low, high) for a numeric ``dist`` from the top trials' positions (best first) in its range and
+    those of all the stage's ranked trials (``everyone``).
 
-    The span of the top trials padded by ``pad`` of the range on each side, clipped to the old range;
-    the whole old range where the evidence is weak; a flagged ``side`` moved out by ``widen`` of the range
-    instead, unless ``valid`` refuses the value out there (then that side keeps its old bound).
+    The span of the top trials (outliers aside) padded by ``pad`` of the range on each side, clipped to the
+    old range; the whole old range where the evidence is weak; a flagged ``side`` moved out by ``widen`` of
+    the range instead, unless ``valid`` refuses the value out there (then that side keeps its old bound).
     """
-    lo, hi = (0.0, 1.0) if weak_evidence(units) else (max(0.0, min(units) - pad), min(1.0, max(units) + pad))
+    kept = core(units) if units else []
+    weak = weak_evidence(units, everyone)
+    lo, hi = (0.0, 1.0) if weak else (max(0.0, min(kept) - pad), min(1.0, max(kept) + pad))
     low, high = _at(dist, lo), _at(dist, hi)
     if side is not None:
         out = dist.from_unit(1.0 + widen if side == "upper" else -widen)
@@ -115,29 +138,34 @@ def derive_range(dist: Distribution, units: Sequence[float], pad: float, side: s
     return low, high
 
 
-def narrow_choice(dist: Distribution, values: Sequence[Any]) -> Distribution:
-    """``dist`` without the choices none of the top trials took, where chance alone would rarely leave
-    a choice out ((1 - 1/c)^n < ALPHA for c choices and n top trials); else ``dist`` unchanged."""
-    c, n = len(dist.values), len(values)
-    if c < 2 or (1 - 1 / c) ** n >= ALPHA:
+def narrow_choice(dist: Distribution, top: Sequence[Any], everyone: Sequence[Any]) -> Distribution:
+    """``dist`` without the choices none of the top trials took, where chance alone would rarely leave that
+    choice out of a random subset of the stage's trials as large as the top group (hypergeometric,
+    below ALPHA); else ``dist`` unchanged."""
+    n, total = len(top), len(everyone)
+    if n < MIN_EVIDENCE or n >= total:
         return dist
-    kept = tuple(v for v in dist.values if v in values)
-    return Distribution(dist.name, "choice", values=kept) if kept else dist
+    kept = tuple(v for v in dist.values
+                 if v in top or math.comb(total - everyone.count(v), n) / math.comb(total, n) >= ALPHA)
+    return Distribution(dist.name, "choice", values=kept) if kept != dist.values else dist
 
 
-def analyse(top: Sequence[Scored], space: Sequence[Distribution], pad: float,
+def analyse(top: Sequence[Scored], everyone: Sequence[Scored], space: Sequence[Distribution], pad: float,
             valid: Callable[[str, Any], bool], edge: float = EDGE) -> tuple[tuple[Distribution, ...], list[BorderFlag]]:
-    """The narrowed space and the border flags supported by the ``top`` trials (best first) of a stage that
-    sampled ``space``; ``valid(name, value)`` says whether a value outside the old range may be tried."""
+    """The narrowed space and the border flags supported by the ``top`` trials (best first) among
+    ``everyone`` ranked in a stage that sampled ``space``; ``valid(name, value)`` says whether a value
+    outside the old range may be tried."""
     new_space, flags = [], []
     for dist in space:
         values = [params[dist.name] for params, _ in top if dist.name in params]
+        pool = [params[dist.name] for params, _ in everyone if dist.name in params]
         if dist.dist == "choice":
-            new_space.append(narrow_choice(dist, values))
+            new_space.append(narrow_choice(dist, values, pool))
             continue
         units = [dist.to_unit(v) for v in values]
         side = border_side(units, edge)
-        low, high = derive_range(dist, units, pad, side, lambda v, name=dist.name: valid(name, v))
+        low, high = derive_range(dist, units, [dist.to_unit(v) for v in pool], pad, side,
+                                 lambda v, name=dist.name: valid(name, v))
         new_space.append(Distribution(dist.name, dist.dist, low, high))
         if side is not None:
             flags.append(BorderFlag(dist.name, side, values[0], dist.low, dist.high, low, high))

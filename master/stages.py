@@ -99,10 +99,11 @@ def validator(config: ExperimentConfig, stage: str) -> Any:
 def border_flags(store: ExperimentStore, config: ExperimentConfig, name: str) -> list[BorderFlag]:
     """Border flags of stage ``name`` from its finished trials so far (live while it runs)."""
     top, quantile, pad = selection(config, name)
-    best = top_trials([(r.spec.get("params", {}), r.val_acc) for r in ranked(store, name)], top, quantile)
+    everyone = [(r.spec.get("params", {}), r.val_acc) for r in ranked(store, name)]
+    best = top_trials(everyone, top, quantile)
     if not best:
         return []
-    return analyse(best, stage_space(store, config, name), pad, validator(config, name))[1]
+    return analyse(best, everyone, stage_space(store, config, name), pad, validator(config, name))[1]
 
 
 def flag_messages(flags: list[BorderFlag], space: tuple[Distribution, ...]) -> list[str]:
@@ -133,8 +134,9 @@ def plan_stage(store: ExperimentStore, config: ExperimentConfig, name: str, seed
 def _narrow(store: ExperimentStore, config: ExperimentConfig, stage: StageConfig, before: StageConfig,
             done: list[Ranked], seed: int, trials: int | None) -> StagePlan:
     old = stage_space(store, config, before.name)
-    best = top_trials([(r.spec.get("params", {}), r.val_acc) for r in done], stage.top, stage.quantile)
-    new, flags = analyse(best, old, stage.pad, validator(config, stage.name))
+    everyone = [(r.spec.get("params", {}), r.val_acc) for r in done]
+    best = top_trials(everyone, stage.top, stage.quantile)
+    new, flags = analyse(best, everyone, old, stage.pad, validator(config, stage.name))
     try:
         narrowed = dataclasses.replace(config, space=new)
     except SpaceError as exc:

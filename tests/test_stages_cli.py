@@ -35,7 +35,7 @@ trials = {trials}
 epochs = 2
 trials = {medium}
 method = "narrow"
-quantile = 0.5
+quantile = 0.25
 
 [stages.fine]
 epochs = 4
@@ -105,14 +105,13 @@ def synthetic_coarse(root, path, unfinished=0):
     config = parse_config(path.read_text())
     store = ExperimentStore(root, config.name).ensure()
     ids = []
-    for i in range(10):
-        spec = config.trial_spec("coarse", i, i, {"solver.lr": 10 ** (-6 + 5 * (0.05 + 0.1 * i)),
-                                                  "model.dropout": [0.35, 0.1, 0.2, 0.3, 0.05, 0.4, 0.15, 0.45, 0.25,
-                                                                    0.2][i]})
+    for i in range(20):
+        params = {"solver.lr": 10 ** (-6 + 5 * (0.025 + 0.05 * i)), "model.dropout": (7 * i % 20) / 40}
+        spec = config.trial_spec("coarse", i, i, params)
         store.write_spec(spec.to_dict())
         ids.append(spec.trial_id)
         if i >= unfinished:
-            store.write_result(spec.trial_id, {"state": "COMPLETED", "reason": "", "best_val_acc": 0.5 + i / 30,
+            store.write_result(spec.trial_id, {"state": "COMPLETED", "reason": "", "best_val_acc": 0.5 + i / 50,
                                                "epochs_done": 1, "worker": "w", "finished_at": float(i)})
     store.write_stage("coarse", {"trial_ids": ids, "status": "launched",
                                  "ranges": {d.name: d.to_dict() for d in config.space}})
@@ -133,7 +132,7 @@ def test_a_later_stage_is_refused_while_the_one_before_is_unfinished(run, tmp_pa
     synthetic_coarse(tmp_path / "s", path, unfinished=2)
     result = run("launch", "--config", path, "--storage", tmp_path / "s", "--stage", "medium")
     assert result.exit_code == 2 and result.stdout == ""
-    assert result.stderr.strip() == ("Error: stage medium: stage coarse before it is unfinished (8 COMPLETED, "
+    assert result.stderr.strip() == ("Error: stage medium: stage coarse before it is unfinished (18 COMPLETED, "
                                      "2 unfinished); wait for it (master watch) or use --force to plan from its "
                                      "finished trials")
     assert not (tmp_path / "s" / "refuse" / "stages" / "medium.json").exists()
@@ -148,9 +147,9 @@ def test_a_narrowed_stage_prints_flags_and_ranges_and_launching_again_adds_nothi
     result = run(*args)
     assert result.exit_code == 0, result.output
     out = " ".join(result.stdout.split())  # as printed, whatever the terminal width
-    assert ("border: solver.lr: best 5.6e-02 at the upper border of [1e-06, 1e-01] -> widen to [1.8e-04, 1e+00] "
-            "ranges from the best 5 of 10 finished trials of stage coarse: "
-            "solver.lr: [1e-06, 1e-01] -> [1.8e-04, 1e+00] "  # top 5 at positions 0.55..0.95, padded by 0.1
+    assert ("border: solver.lr: best 7.5e-02 at the upper border of [1e-06, 1e-01] -> widen to [2.4e-03, 1e+00] "
+            "ranges from the best 5 of 20 finished trials of stage coarse: "
+            "solver.lr: [1e-06, 1e-01] -> [2.4e-03, 1e+00] "  # top 5 at positions 0.775..0.975, padded by 0.1
             "model.dropout: [0, 0.5] (kept: the evidence is weak)") in out
     assert "enqueued 6 of 6 trials of stage medium" in out
     record = store.read_stage("medium")
