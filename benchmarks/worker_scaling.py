@@ -8,7 +8,6 @@ import tempfile
 import time
 from typing import Any
 
-import numpy as np  # noqa: F401  (loaded before threadpool_limits, which only pins libraries already loaded)
 from harness import DEFAULT_URL, Cluster
 from threadpoolctl import threadpool_info, threadpool_limits
 
