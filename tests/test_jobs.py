@@ -8,6 +8,7 @@ import zlib
 
 import fakeredis
 import pytest
+import redis
 from rq import Callback
 from rq.command import send_stop_job_command
 from rq.job import Job, JobStatus
@@ -312,3 +313,20 @@ def test_worker_heartbeats_are_batched_but_never_leave_a_short_ttl(conn):
     worker.heartbeat()
     assert conn.hget(worker.key, "last_heartbeat") != beat
     worker.register_death()
+
+
+def test_a_failed_heartbeat_is_retried_within_a_second(conn, storage, monkeypatch):
+    job = Queue(QUEUE, connection=conn, serializer=JSONSerializer).enqueue(name_of(sleepy_job), 3.6)
+    calls = []
+    real = TrialWorker.maintain_heartbeats
+
+    def flaky(self, job, execution):
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            raise redis.ConnectionError("Redis is restarting")
+        return real(self, job, execution)
+
+    monkeypatch.setattr(TrialWorker, "maintain_heartbeats", flaky)
+    run_worker(conn, allowed=frozenset({name_of(sleepy_job)}), job_monitoring_interval=2)
+    assert fetch(conn, job.id).return_value() == "slept"
+    assert len(calls) >= 2 and 0.8 < calls[1] - calls[0] < 1.8  # not a whole 2 s interval later

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 ALLOWED_FUNCTIONS = frozenset({"worker.jobs.train_trial"})
 STOP_COMMAND_REASON = "stopped by user (RQ stop-job command)"
 HEARTBEAT_SECONDS = 10  # RQ worker and job heartbeats while a job runs (a silent worker's key expires in ~70 s)
+HEARTBEAT_RETRY_SECONDS = 1.0  # after a failed heartbeat (Redis restarting, a network blip), try again this soon
 INTERRUPT = JobInterrupt()  # the stop request for the job this process runs (one at a time)
 
 
@@ -71,15 +72,18 @@ class _Heartbeat(threading.Thread):
         self.current: tuple[Job, Any] | None = None
 
     def run(self) -> None:
+        pause = self.worker.job_monitoring_interval
         while True:
-            time.sleep(self.worker.job_monitoring_interval)
+            time.sleep(pause)
+            pause = self.worker.job_monitoring_interval
             with self.lock:
                 if self.current is None:
                     continue
                 try:
                     self.worker.maintain_heartbeats(*self.current)
                 except redis.RedisError as exc:
-                    log.warning("heartbeat for job %s failed: %s", self.current[0].id, exc)
+                    pause = HEARTBEAT_RETRY_SECONDS  # a blip must not silence us for a whole interval
+                    log.warning("heartbeat for job %s failed (next try in %g s): %s", self.current[0].id, pause, exc)
 
     def watch(self, job: Job | None, execution: Any = None) -> None:
         with self.lock:
