@@ -14,6 +14,7 @@ from worker.control import (
     NullControl,
     RedisControl,
     StopJob,
+    TrialLost,
     mask_url,
     open_redis,
     progress_key,
@@ -98,8 +99,8 @@ def test_stop_request_is_seen_and_polls_are_throttled(conn):
 
 def test_many_should_stop_calls_read_redis_rarely(conn):
     reads = []
-    real_get = conn.get
-    conn.get = lambda key: reads.append(key) or real_get(key)
+    real_pipeline = conn.pipeline
+    conn.pipeline = lambda **kwargs: reads.append(kwargs) or real_pipeline(**kwargs)
     control = RedisControl(conn, "exp", "t1", "w1", poll_seconds=0.2)
     end = time.monotonic() + 0.5
     calls = 0
@@ -107,6 +108,44 @@ def test_many_should_stop_calls_read_redis_rarely(conn):
         control.should_stop()
         calls += 1
     assert calls > 1000 and 2 <= len(reads) <= 4
+
+
+def test_a_trial_whose_job_is_no_longer_ours_is_lost(conn):
+    conn.hset("rq:job:j1", mapping={"status": "started", "worker_name": "w1"})
+    control = RedisControl(conn, "exp", "t1", "w1", poll_seconds=0, job_key="rq:job:j1")
+    assert control.should_stop() is None
+    control.confirm()
+    for fields, problem in (({"worker_name": "w2"}, "its job is now started on worker w2"),
+                            ({"status": "queued", "worker_name": ""}, "its job is now queued")):
+        conn.hset("rq:job:j1", mapping=fields)
+        for check in (control.should_stop, control.confirm):
+            with pytest.raises(TrialLost, match=f"^trial t1: no longer this worker's \\({problem};"):
+                check()
+    conn.delete("rq:job:j1")
+    with pytest.raises(TrialLost, match="its job is gone from Redis"):
+        control.confirm()
+    RedisControl(conn, "exp", "t1", "w1").confirm()  # no job to check: nothing to confirm
+
+
+def test_confirm_waits_for_redis_and_asks_again_after_a_slow_answer(monkeypatch, caplog):
+    monkeypatch.setattr("worker.control.CONFIRM_RETRY_SECONDS", 0.01)
+    monkeypatch.setattr("worker.control.FRESH_REPLY_SECONDS", 0.05)
+    answers = iter([redis.ConnectionError("Network is unreachable"), 0.1, 0.0])
+
+    class Flaky:
+        asked = 0
+
+        def hmget(self, key, *fields):
+            self.asked += 1
+            answer = next(answers)
+            if isinstance(answer, Exception):
+                raise answer
+            time.sleep(answer)  # a slow answer may predate a requeue: it is not trusted
+            return [b"started", b"w1"]
+
+    conn = Flaky()
+    RedisControl(conn, "exp", "t1", "w1", job_key="rq:job:j1").confirm()
+    assert conn.asked == 3 and "holding its writes until Redis answers" in caplog.text
 
 
 def test_reset_trial_marks_queued_and_drops_old_stop(conn):

@@ -257,6 +257,29 @@ def test_a_job_that_ignores_the_stop_command_is_interrupted(conn, storage):
     assert 0.4 < took["done"] - took["asked"] < 3.0
 
 
+def test_a_trial_requeued_while_it_runs_ends_without_a_result_and_leaves_the_job_to_its_new_run(conn, storage,
+                                                                                                caplog):
+    spec, store = start_long_trial(conn, storage)
+    jid = job_id("exp", spec.trial_id)
+    seen = {}
+
+    def requeue_after_first_epoch():  # what the master does when it stops hearing from the worker
+        wait_until(lambda: read_progress(conn, "exp").get(spec.trial_id, {}).get("epoch", 0) >= 1)
+        Dispatcher(conn, QUEUE).requeue([spec])
+        seen["epoch"] = store.latest_checkpoint(spec.trial_id).epoch
+
+    in_background(requeue_after_first_epoch)
+    worker = TrialWorker([QUEUE], connection=conn, name="w1")
+    worker.work(burst=True, max_jobs=1)
+    worker.refresh()
+    assert f"trial {spec.trial_id}: no longer this worker's (its job is now queued" in caplog.text
+    assert store.read_result(spec.trial_id) is None  # the new run writes it
+    assert store.latest_checkpoint(spec.trial_id).epoch <= seen["epoch"] + 1  # at most the epoch being confirmed
+    assert fetch(conn, jid).get_status() == JobStatus.QUEUED and jid in Queue(QUEUE, connection=conn).job_ids
+    assert worker.successful_job_count == worker.failed_job_count == 0
+    assert not Queue(QUEUE, connection=conn).started_job_registry.get_job_ids()
+
+
 def test_the_job_timeout_still_works_in_process(conn, storage):
     job = Queue(QUEUE, connection=conn, serializer=JSONSerializer).enqueue(name_of(sleepy_job), 30, job_timeout=1)
     started = time.monotonic()

@@ -19,7 +19,7 @@ def make_spec(trial_id="coarse-0001", **overrides):
     return TrialSpec(**fields)
 
 
-class StopAfter:
+class StopAfter(NullControl):
     """A control that asks to stop once `epochs` epochs have been reported; records every report."""
 
     def __init__(self, epochs=None, reason="stopped by user"):

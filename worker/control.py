@@ -24,6 +24,8 @@ KEY_TTL_SECONDS = 7 * 24 * 3600  # progress and stop keys expire; shared storage
 ERROR_BACKOFF_SECONDS = 10.0  # after a failed stop poll (Redis gone), wait this long before the next one
 DIVERGED_PREFIX = "DIVERGED: "  # a stop request's reason starting so ends the trial DIVERGED, not KILLED
 STOP_GRACE_SECONDS = 5.0  # a job that ignores an in-process stop request this long gets StopJob raised in it
+FRESH_REPLY_SECONDS = 1.0  # an ownership answer that took longer may predate a requeue (a partition delayed it)
+CONFIRM_RETRY_SECONDS = 1.0  # while Redis cannot confirm a trial is still ours, ask again this often
 
 
 class ControlError(ConnectionError):
@@ -136,6 +138,21 @@ class StopJob(BaseException):
         super().__init__(*(args or ("the job did not stop within the grace period and was interrupted",)))
 
 
+class TrialLost(BaseException):
+    """The trial's job is no longer this worker's (the master requeued it while the worker was cut off, or Redis
+    lost it): the run must end without writing anything more to shared storage or to the job."""
+
+
+def job_owner_problem(fields: list[bytes | None], worker_name: str) -> str | None:
+    """Why a job whose (status, worker_name) are ``fields`` is not being run by ``worker_name``; None if it is."""
+    status, owner = (f.decode(errors="replace") if f is not None else None for f in fields)
+    if status is None:
+        return "its job is gone from Redis"
+    if status != "started" or owner != worker_name:
+        return f"its job is now {status}" + (f" on worker {owner}" if owner and owner != worker_name else "")
+    return None
+
+
 class JobInterrupt:
     """A stop request for the job running in this process: a reason the trainer polls, then StopJob raised
     asynchronously in the job's thread if it is still running ``grace`` seconds later."""
@@ -193,18 +210,22 @@ class RedisControl:
     """A running trial's view of the control plane: throttled stop checks and progress reports."""
 
     def __init__(self, conn: redis.Redis, experiment: str, trial_id: str, worker_name: str, *,
-                 interrupt: JobInterrupt | None = None, poll_seconds: float = STOP_POLL_SECONDS):
+                 interrupt: JobInterrupt | None = None, poll_seconds: float = STOP_POLL_SECONDS,
+                 job_key: str | None = None):
         self.conn = conn
         self.worker_name = worker_name
         self.interrupt = interrupt
         self.poll_seconds = poll_seconds
+        self.trial_id = trial_id
+        self.job_key = job_key  # the RQ job running the trial: checked to still be ours (None: not checked)
         self._stop_key = stop_key(experiment, trial_id)
         self._progress_key = progress_key(experiment, trial_id)
         self._next_poll = 0.0
         self._reason: str | None = None
 
     def should_stop(self) -> str | None:
-        """The reason of a stop request, or None; reads Redis at most every ``poll_seconds``."""
+        """The reason of a stop request, or None; reads Redis at most every ``poll_seconds``. Raises TrialLost
+        when the trial's job is no longer ours (read in the same round trip)."""
         if self._reason is None and self.interrupt is not None:
             self._reason = self.interrupt.reason
         if self._reason is not None:
@@ -214,15 +235,51 @@ class RedisControl:
             return None
         self._next_poll = now + self.poll_seconds
         try:
-            value = self.conn.get(self._stop_key)
+            with self.conn.pipeline(transaction=False) as pipe:
+                pipe.get(self._stop_key)
+                if self.job_key is not None:
+                    pipe.hmget(self.job_key, "status", "worker_name")
+                value, *job = pipe.execute()
         except redis.RedisError as exc:
             log.warning("cannot read the stop request %s (next try in %g s): %s", self._stop_key,
                         ERROR_BACKOFF_SECONDS, exc)
             self._next_poll = now + ERROR_BACKOFF_SECONDS  # do not stall training on every poll
             return None
+        if job:
+            self._check_owner(job[0])
         if value is not None:
             self._reason = value.decode(errors="replace") or "stopped by user"
         return self._reason
+
+    def confirm(self) -> None:
+        """Before writing to shared storage: make sure the trial's job is still ours, by an answer fresh from
+        Redis (one delayed over FRESH_REPLY_SECONDS, e.g. by a partition, may predate a requeue, so it is asked
+        again), waiting while Redis cannot be reached. Raises TrialLost when the job is no longer ours."""
+        if self.job_key is None:
+            return
+        unreachable_since = None
+        while True:
+            asked = time.monotonic()
+            try:
+                fields = self.conn.hmget(self.job_key, "status", "worker_name")
+            except redis.RedisError as exc:
+                if unreachable_since is None:
+                    unreachable_since = asked
+                    log.warning("trial %s: cannot confirm with Redis that it is still ours; holding its writes "
+                                "until Redis answers: %s", self.trial_id, exc)
+                time.sleep(CONFIRM_RETRY_SECONDS)
+                continue
+            if time.monotonic() - asked <= FRESH_REPLY_SECONDS:
+                break
+        if unreachable_since is not None:
+            log.info("trial %s: Redis answers again after %.0f s", self.trial_id, time.monotonic() - unreachable_since)
+        self._check_owner(fields)
+
+    def _check_owner(self, fields: list[bytes | None]) -> None:
+        problem = job_owner_problem(fields, self.worker_name)
+        if problem is not None:
+            raise TrialLost(f"trial {self.trial_id}: no longer this worker's ({problem}; the master requeues the "
+                            "trials of workers it cannot hear from): stopped without writing more")
 
     def report(self, fields: dict[str, Any]) -> None:
         """Merge ``fields`` into the trial's progress hash (with worker and updated); Redis errors only warn."""
@@ -241,6 +298,9 @@ class NullControl:
 
     def should_stop(self) -> str | None:
         return None
+
+    def confirm(self) -> None:
+        pass
 
     def report(self, fields: dict[str, Any]) -> None:
         pass

@@ -14,7 +14,7 @@ from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.worker import BaseWorker, SimpleWorker
 
-from worker.control import STOP_GRACE_SECONDS, JobInterrupt, RedisControl, StopJob
+from worker.control import STOP_GRACE_SECONDS, JobInterrupt, RedisControl, StopJob, TrialLost, job_owner_problem
 from worker.spec import TrialSpec, TrialState
 from worker.store import ExperimentStore, storage_root
 from worker.trainer import run_trial
@@ -28,16 +28,22 @@ HEARTBEAT_RETRY_SECONDS = 1.0  # after a failed heartbeat (Redis restarting, a n
 INTERRUPT = JobInterrupt()  # the stop request for the job this process runs (one at a time)
 
 
-def train_trial(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run one trial inside an RQ worker; storage from the worker (``--storage`` / $HYPERSEARCH_STORAGE)."""
+def train_trial(spec: dict[str, Any]) -> dict[str, Any] | None:
+    """Run one trial inside an RQ worker; storage from the worker (``--storage`` / $HYPERSEARCH_STORAGE).
+    None when the trial was taken from this worker while it ran (its new run owns the result)."""
     trial = TrialSpec.from_dict(spec)
     job = get_current_job()
     if job is None:
         raise RuntimeError("train_trial runs inside an RQ worker (worker start), not on its own")
     store = ExperimentStore(storage_root(), trial.experiment).ensure()
-    control = RedisControl(job.connection, trial.experiment, trial.trial_id, job.worker_name, interrupt=INTERRUPT)
-    with INTERRUPT.running():
-        result = run_trial(trial, store, control, job.worker_name)
+    control = RedisControl(job.connection, trial.experiment, trial.trial_id, job.worker_name, interrupt=INTERRUPT,
+                           job_key=job.key)
+    try:
+        with INTERRUPT.running():
+            result = run_trial(trial, store, control, job.worker_name)
+    except TrialLost as exc:
+        log.warning("%s", exc)
+        return None
     if INTERRUPT.reason is not None and result["state"] == TrialState.KILLED.value:
         raise StopJob(result["reason"])  # RQ's stop-job command: the job ends STOPPED, as with RQ's forking worker
     return result
@@ -126,7 +132,7 @@ class TrialWorker(SimpleWorker):
         if reason is not None:
             log.warning("job %s %s", job.id, reason)
             job.retries_left, job.webhooks = None, []  # a refused job is neither retried nor announced
-            self.handle_job_failure(job, queue, exc_string=reason, execution=execution)
+            super().handle_job_failure(job, queue, exc_string=reason, execution=execution)  # it never started
             return False
         if self._heartbeat is None:
             self._heartbeat = _Heartbeat(self)
@@ -136,6 +142,26 @@ class TrialWorker(SimpleWorker):
             return super().perform_job(job, queue, execution)
         finally:
             self._heartbeat.watch(None)
+
+    def handle_job_success(self, job: Job, queue: Queue, *args: Any, **kwargs: Any) -> None:
+        if not self._taken(job, kwargs.get("execution")):
+            super().handle_job_success(job, queue, *args, **kwargs)
+
+    def handle_job_failure(self, job: Job, queue: Queue, *args: Any, **kwargs: Any) -> None:
+        if not self._taken(job, kwargs.get("execution")):
+            super().handle_job_failure(job, queue, *args, **kwargs)
+
+    def _taken(self, job: Job, execution: Any) -> bool:
+        """Whether ``job`` was taken from this worker while it ran (the master requeued it when it could not hear
+        from us): then the job's state in Redis belongs to its new run, and only our execution record goes."""
+        problem = job_owner_problem(self.connection.hmget(job.key, "status", "worker_name"), self.name)
+        if problem is None:
+            return False
+        log.warning("job %s: not recording its end, it is no longer ours (%s)", job.id, problem)
+        with self.connection.pipeline() as pipe:
+            self.cleanup_execution(job, pipe, execution)
+            pipe.execute()
+        return True
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         """RQ's worker heartbeat in one round trip instead of three, and skipped within a second of the last

@@ -35,7 +35,8 @@ class _StopCheck:
 
 def run_trial(spec: TrialSpec, store: ExperimentStore, control: Any, worker_name: str = "local") -> dict[str, Any]:
     """Train ``spec`` to its epoch budget (resuming from its own or its parent's latest checkpoint) and
-    return the result.json dict. An exception is recorded as FAILED (StopJob as KILLED) and re-raised."""
+    return the result.json dict. An exception is recorded as FAILED (StopJob as KILLED) and re-raised; TrialLost
+    (``control`` found the trial's job taken from this worker) ends it at once, writing nothing more."""
     started = time.perf_counter()
     tid = spec.trial_id
     spec_dict = spec.to_dict()
@@ -107,8 +108,9 @@ def _restore(spec: TrialSpec, store: ExperimentStore, solver: Solver, spec_array
 
 def _end_of_epoch(spec: TrialSpec, store: ExperimentStore, control: Any, solver: Solver, spec_array: np.ndarray,
                   metrics: dict[str, Any]) -> None:
-    """Persist one finished epoch (history line, then checkpoint) and publish it."""
+    """Persist one finished epoch (history line, then checkpoint), the trial still being ours, and publish it."""
     epoch = metrics["epoch"]
+    control.confirm()
     store.append_history(spec.trial_id, {**metrics, "time": time.time()})
     store.write_checkpoint(spec.trial_id, epoch, metrics["val_acc"], {**solver.state_arrays(), "__spec__": spec_array},
                            spec.keep)
@@ -121,7 +123,9 @@ def _end_of_epoch(spec: TrialSpec, store: ExperimentStore, control: Any, solver:
 
 def _finish(spec: TrialSpec, store: ExperimentStore, control: Any, solver: Solver | None, state: TrialState,
             reason: str, worker_name: str, seconds: float, sanity: list[dict[str, Any]] | None) -> dict[str, Any]:
-    """Write result.json (best = the best checkpoint on disk, so its name, history and result agree)."""
+    """Write result.json (best = the best checkpoint on disk, so its name, history and result agree), the trial
+    still being ours."""
+    control.confirm()
     best = next(iter(store.checkpoints(spec.trial_id)), None)
     result = {
         "trial_id": spec.trial_id,
