@@ -85,6 +85,11 @@ def failing_workers(outcomes: list[tuple[float, str, bool, str]], streak: int) -
     return bad
 
 
+def quarantine_key(experiment: str) -> str:
+    """Redis hash: worker -> the time of the failure it was quarantined (shut down) for."""
+    return f"hs:{experiment}:quarantined"
+
+
 def launched_stages(store: ExperimentStore, config: ExperimentConfig) -> list[tuple[str, dict[str, Any]]]:
     """(stage, record) of the config's stages that have been launched, in order."""
     out = []
@@ -104,7 +109,6 @@ class Monitor:
         self.watch = config.watch
         self.stops: dict[str, tuple[float, bool]] = {}  # trial -> (stop requested at, RQ stop-job sent)
         self.beats: dict[str, tuple[float, float]] = {}  # worker -> (heartbeat seen, when it was first seen)
-        self.shut: dict[str, float] = {}  # worker -> time of the failure it was quarantined for
 
     # the loop ---------------------------------------------------------------------------------
     def tick(self) -> list[Event]:
@@ -119,7 +123,7 @@ class Monitor:
         runners = {w for s, w in jobs.values() if s == "started" and w}
         runners |= {p["worker"] for p in progress.values() if p.get("state") == "RUNNING" and p.get("worker")}
         beats = self.dispatcher.heartbeats(sorted(runners))
-        events = self._quarantine(ids, beats)
+        events = self._quarantine(ids)
         running: set[str] = set()
         for tid in ids:
             spec = self._spec(tid)
@@ -165,13 +169,15 @@ class Monitor:
             return True
         return now - since <= self.watch.heartbeat_seconds
 
-    def _quarantine(self, ids: list[str], beats: dict[str, float | None]) -> list[Event]:
+    def _quarantine(self, ids: list[str]) -> list[Event]:
+        """Shut down each worker whose last ``fail_streak`` jobs failed, once per streak (remembered in Redis,
+        so a restarted master does not shut down a worker restarted since under the same name)."""
         events = []
-        bad = failing_workers(worker_outcomes(self.store, ids), self.watch.fail_streak)
-        for worker, (at, reason) in bad.items():
-            if self.shut.get(worker) == at:
+        key = quarantine_key(self.store.experiment)
+        for worker, (at, reason) in failing_workers(worker_outcomes(self.store, ids), self.watch.fail_streak).items():
+            if self.dispatcher.conn.hget(key, worker) == repr(at).encode():
                 continue
-            self.shut[worker] = at
+            self.dispatcher.conn.hset(key, worker, repr(at))
             self.dispatcher.shutdown_worker(worker)
             events.append(Event("quarantine", f"worker {worker} quarantined: its last {self.watch.fail_streak} jobs "
                                               f"failed (last: {reason}); sent RQ's shutdown command"))

@@ -110,6 +110,7 @@ def test_failed_trials_are_retried_up_to_the_limit_and_a_failing_worker_is_quara
     assert [e.kind for e in events] == ["quarantine", "retry", "retry"]
     assert shut == ["bad"] and "its last 2 jobs failed (last: DataError: broken)" in events[0].message
     assert store.read_result(specs[0].trial_id) is None  # cleared: queued again
+    assert Monitor(store, config, dispatcher, clock).tick() == []  # a restarted master: same streak, no new shutdown
     assert {o[1:3] for o in worker_outcomes(store, [s.trial_id for s in specs])} == {("bad", True)}
     store.write_result(specs[0].trial_id, {"state": "FAILED", "reason": "DataError: broken", "worker": "bad",
                                            "finished_at": 20.0})
