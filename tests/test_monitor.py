@@ -163,3 +163,20 @@ def test_a_finished_stage_is_closed_with_its_flags(setup):
     record = store.read_stage("coarse")
     assert record["status"] == "completed" and "flags" in record and "flag_messages" in record
     assert monitor.done() and monitor.tick() == []
+
+
+def test_a_stop_not_honoured_within_the_grace_period_gets_rqs_stop_job_command(setup, monkeypatch):
+    config, store, specs, dispatcher, monitor, clock = setup
+    dispatcher.enqueue(specs)
+    tid = specs[0].trial_id
+    sent = []
+    monkeypatch.setattr(dispatcher, "stop_job", lambda exp, t: sent.append(t) or True)
+    dispatcher.conn.hset(Job.key_for(job_id("mon", tid)), mapping={"status": "started", "worker_name": "w1"})
+    dispatcher.conn.hset("rq:worker:w1", "last_heartbeat", "2026-01-01T00:00:00.000000Z")
+    monitor.stops[tid] = (clock.now, False)  # a stop requested by the rules at this moment
+    assert monitor.tick() == [] and sent == []
+    clock.now += config.watch.stop_grace + 0.1
+    dispatcher.conn.hset("rq:worker:w1", "last_heartbeat", "2026-01-01T00:00:01.000000Z")  # still alive
+    (event,) = monitor.tick()
+    assert event.kind == "stop-job" and sent == [tid]
+    assert monitor.tick() == []  # sent once
