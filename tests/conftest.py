@@ -1,5 +1,9 @@
-"""Shared test fixtures: small experiment configs, the real Redis on 127.0.0.1:6379, waiting for processes to end."""
+"""Shared test fixtures: small experiment configs, the real Redis on 127.0.0.1:6379 (and a TLS one), waiting for
+processes to end."""
 import os
+import shutil
+import socket
+import subprocess
 import time
 import uuid
 
@@ -69,6 +73,50 @@ def real_redis():
         if keys:
             client.delete(*keys)
         client.close()
+
+
+def self_signed_certificate(directory, name: str = "cert") -> tuple:
+    """(certificate, key) paths of a fresh self-signed certificate for 127.0.0.1 (skips without openssl)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("needs openssl to make a self-signed certificate")
+    cert, key = directory / f"{name}.pem", directory / f"{name}-key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+@pytest.fixture
+def tls_redis(tmp_path):
+    """(url, password): a password-protected redis-server speaking only TLS on a free port, its URL verifying the
+    server's certificate (``ssl_cert_reqs=required&ssl_ca_certs=...``); skips where none can be started."""
+    cert, key = self_signed_certificate(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    password = f"pw-{uuid.uuid4().hex}"
+    url = f"rediss://:{password}@127.0.0.1:{port}/0?ssl_cert_reqs=required&ssl_ca_certs={cert}"
+    for binary in dict.fromkeys(filter(None, [shutil.which("redis-server"), "/usr/bin/redis-server"])):
+        server = subprocess.Popen(
+            [binary, "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+             "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no", "--requirepass", password, "--save", "",
+             "--appendonly", "no", "--bind", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(50):
+                if server.poll() is not None:
+                    break
+                try:
+                    redis.Redis.from_url(url, socket_connect_timeout=0.2).ping()
+                except redis.RedisError:
+                    time.sleep(0.05)
+                    continue
+                yield url, password
+                return
+        finally:
+            server.terminate()
+            server.wait(10)
+    pytest.skip("no redis-server here speaks TLS")
 
 
 def wait_gone(pid: int, timeout: float = 10.0) -> bool:

@@ -7,9 +7,7 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
-import psutil
 import pytest
 import redis
 

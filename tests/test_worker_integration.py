@@ -1,8 +1,6 @@
 """End-to-end tests of `worker start` processes against the real Redis on 127.0.0.1:6379 (and a TLS one)."""
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -231,43 +229,6 @@ def test_a_password_url_works_and_the_password_is_never_logged(rq_redis, workers
         assert "invalid username-password pair" in workers.logs()
     finally:
         conn.acl_deluser(user)
-
-
-@pytest.fixture
-def tls_redis(tmp_path):
-    """A password-protected redis-server speaking only TLS on a free port (skips where none can be started)."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("needs openssl to make a self-signed certificate")
-    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")],
-                   check=True, capture_output=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    password = f"pw-{uuid.uuid4().hex}"
-    url = f"rediss://:{password}@127.0.0.1:{port}/0?ssl_cert_reqs=none"
-    for binary in dict.fromkeys(filter(None, [shutil.which("redis-server"), "/usr/bin/redis-server"])):
-        server = subprocess.Popen(
-            [binary, "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(tmp_path / "cert.pem"),
-             "--tls-key-file", str(tmp_path / "key.pem"), "--tls-ca-cert-file", str(tmp_path / "cert.pem"),
-             "--tls-auth-clients", "no", "--requirepass", password, "--save", "", "--appendonly", "no",
-             "--bind", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            for _ in range(50):
-                if server.poll() is not None:
-                    break
-                try:
-                    redis.Redis.from_url(url, socket_connect_timeout=0.2).ping()
-                except redis.RedisError:
-                    time.sleep(0.05)
-                    continue
-                yield url, password
-                return
-        finally:
-            server.terminate()
-            server.wait(10)
-    pytest.skip("no redis-server here speaks TLS")
 
 
 @pytest.mark.slow
