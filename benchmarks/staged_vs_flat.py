@@ -1,0 +1,203 @@
+"""Epochs that flat random search and our coarse-to-fine search spend to reach flat search's best val accuracy.
+
+Usage: python benchmarks/staged_vs_flat.py [--tasks digits,spiral,waves] [--seeds 0,1,2,3,4] [--trials 32]
+       [--markdown]
+
+Tasks: digits (MLP; 8x8 digits, 270 validation samples), and two harder built-in ones that need many epochs:
+spiral (MLP on cs231n's 3-class spiral, 90 validation samples) and waves (conv1d on 4 noisy waveforms, 300
+validation samples). Flat search trains N trials (default 32) at the full budget (30 epochs). The staged
+search is the default coarse-to-fine plan: coarse (N trials x 1 epoch), medium (N/2 trials x 5 epochs in
+ranges narrowed around the best coarse trials, ASHA rungs at epochs 1 and 3), fine (the best 4 medium
+trials promoted to 30 epochs, ASHA rungs at 9 and 27). Both run one trial at a time in this process with
+the project's own code (master.stages plans every stage, master.pruning's rules stop trials at the end of
+an epoch, the worker's run_trial trains and checkpoints), so the epoch counts are those a cluster would
+spend; the rungs see the trials that finished before, as on one worker. An epoch counts when it is trained:
+a promoted trial's inherited epochs are not counted again. "Epochs to target" is the cumulative number of
+epochs, in execution order, until some trial's validation accuracy first reaches the flat search's best
+minus 0.5 points (inf when it never does); "(any order)" averages flat search's count over every order of
+its independent trials, removing the luck of which trial happened to run first. Counts are deterministic
+for a seed; wall time depends on machine load.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from threadpoolctl import threadpool_info, threadpool_limits
+
+from master.monitor import close_stage
+from master.pruning import Rule, TrialView, should_kill
+from master.space import ExperimentConfig, parse_config
+from master.stages import plan_stage, previous_stage
+from worker.control import DIVERGED_PREFIX, NullControl
+from worker.spec import TrialState
+from worker.store import ExperimentStore
+from worker.trainer import run_trial
+
+EPOCHS = 30
+TOLERANCE = 0.005  # "within 0.5 points" of flat search's best validation accuracy
+TARGET_RATIO = 5.0
+
+SPACE = """
+[space.solver]
+lr = { dist = "loguniform", low = 1e-4, high = 1e-1 }
+reg = { dist = "loguniform", low = 1e-6, high = 1e-1 }
+[space.model]
+dropout = { dist = "uniform", low = 0.0, high = 0.5 }
+hidden = { dist = "choice", values = [[64], [128], [256, 128]] }
+"""
+TASKS = {  # dataset -> fixed settings; the harder tasks need many epochs and their 1-epoch ranking is noisier
+    "digits": '[experiment]\nname = "{name}"\ndataset = "digits"\nseed = {seed}\n'
+              '[data]\npreprocess = "standardize"\n[solver]\nupdate = "adam"\nbatch_size = 64\n',
+    "waves": '[experiment]\nname = "{name}"\ndataset = "waves"\nseed = {seed}\n'
+             '[data]\npreprocess = "standardize"\nval_fraction = 0.3\n[model]\narch = "conv1d"\nconv_channels = [16]\n'
+             '[solver]\nupdate = "adam"\nbatch_size = 32\n',
+    "spiral": '[experiment]\nname = "{name}"\ndataset = "spiral"\nseed = {seed}\n'
+              '[data]\npreprocess = "standardize"\nval_fraction = 0.3\n[solver]\nupdate = "adam"\nbatch_size = 16\n',
+}
+
+
+def flat_stages(n: int) -> str:
+    return f'[stages.flat]\nepochs = {EPOCHS}\ntrials = {n}\nprune = "none"\n'
+
+
+def staged_stages(n: int) -> str:
+    return (f'[stages.coarse]\nepochs = 1\ntrials = {n}\n'
+            f'[stages.medium]\nepochs = 5\ntrials = {max(n // 2, 1)}\nmethod = "narrow"\n'
+            f'[stages.fine]\nepochs = {EPOCHS}\ntrials = 4\nmethod = "promote"\n')
+
+
+class RuleControl(NullControl):
+    """The monitor's stopping rule applied in-process at the end of every epoch (peers: earlier trials)."""
+
+    def __init__(self, store: ExperimentStore, trial_id: str, peers: list[str], rule: Rule):
+        self.store, self.trial_id, self.peers, self.rule = store, trial_id, peers, rule
+        self.reason: str | None = None
+
+    def should_stop(self) -> str | None:
+        return self.reason
+
+    def report(self, fields: dict) -> None:
+        if self.reason is not None or "last_loss" not in fields:
+            return
+        now = time.time()
+        trial = TrialView.from_history(self.trial_id, self.store.read_history(self.trial_id),
+                                       {**fields, "updated": now})
+        peers = [TrialView.from_history(p, self.store.read_history(p)) for p in self.peers]
+        verdict = should_kill(trial, peers, self.rule, now)
+        if verdict is not None:
+            prefix = DIVERGED_PREFIX if verdict.state is TrialState.DIVERGED else ""
+            self.reason = prefix + verdict.reason
+
+
+def run_search(config: ExperimentConfig, root: Path) -> tuple[list[list[float]], dict[str, int]]:
+    """Run every stage of ``config``; returns each trial's validation accuracy per epoch it trained, in
+    execution order, and the number of trials per end state."""
+    store = ExperimentStore(root, config.name).ensure()
+    trials: list[list[float]] = []
+    states: dict[str, int] = {}
+    for stage in config.stages:
+        plan = plan_stage(store, config, stage.name)
+        ids = [s.trial_id for s in plan.specs]
+        store.write_stage(stage.name, {"trial_ids": ids, "ranges": {d.name: d.to_dict() for d in plan.space}})
+        before = previous_stage(config, stage.name)
+        start = before.epochs if stage.method == "promote" and before else 0
+        rule = Rule.of(stage, config.watch, start)
+        for i, spec in enumerate(plan.specs):
+            store.write_spec(spec.to_dict())
+            result = run_trial(spec, store, RuleControl(store, spec.trial_id, ids[:i], rule))
+            states[result["state"]] = states.get(result["state"], 0) + 1
+            trials.append([r["val_acc"] for r in store.read_history(spec.trial_id) if r["epoch"] > start])
+        for event in close_stage(store, config, stage.name, "")[1:]:
+            print(f"    {stage.name} flag: {event.message}", file=sys.stderr)
+    return trials, states
+
+
+def first_hit(accs: list[float], target: float) -> int:
+    """The 1-based epoch at which ``accs`` first reaches ``target``; 0 when it never does."""
+    return next((e for e, acc in enumerate(accs, 1) if acc >= target - 1e-12), 0)
+
+
+def epochs_to(trials: list[list[float]], target: float) -> float:
+    """Epochs spent, in execution order, until some trial first reaches ``target`` (inf if none does)."""
+    spent = 0
+    for accs in trials:
+        hit = first_hit(accs, target)
+        if hit:
+            return spent + hit
+        spent += len(accs)
+    return math.inf
+
+
+def expected_epochs_to(trials: list[list[float]], target: float, draws: int = 5000) -> float:
+    """``epochs_to`` averaged over random orders of the trials: flat search's trials are independent, so
+    every order was as likely as the one that ran (removes the luck of the draw from its count)."""
+    if not any(first_hit(accs, target) for accs in trials):
+        return math.inf
+    rng = np.random.default_rng(0)
+    return statistics.fmean(epochs_to([trials[i] for i in rng.permutation(len(trials))], target)
+                            for _ in range(draws))
+
+
+def best(trials: list[list[float]]) -> float:
+    return max(max(accs, default=0.0) for accs in trials)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", default="digits,spiral,waves")
+    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--trials", type=int, default=32)
+    parser.add_argument("--markdown", action="store_true", help="print the results as a Markdown table")
+    args = parser.parse_args()
+    threadpool_limits(1)
+    blas = next((f"{i['internal_api']} {i.get('version')} ({i.get('architecture')})" for i in threadpool_info()
+                 if i["user_api"] == "blas"), "unknown BLAS")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="hs-staged-") as tmp:
+        for task in args.tasks.split(","):
+            for seed in (int(s) for s in args.seeds.split(",")):
+                out = {}
+                for kind, stages in (("flat", flat_stages), ("staged", staged_stages)):
+                    name = f"{task}-{kind}-{seed}"
+                    config = parse_config(TASKS[task].format(name=name, seed=seed) + stages(args.trials) + SPACE)
+                    started = time.perf_counter()
+                    trials, states = run_search(config, Path(tmp))
+                    out[kind] = (trials, states, time.perf_counter() - started)
+                    print(f"  {name}: {sum(map(len, trials))} epochs, best {best(trials):.4f}, {states}, "
+                          f"{out[kind][2]:.0f} s", file=sys.stderr)
+                (flat, _, flat_s), (staged, _, staged_s) = out["flat"], out["staged"]
+                target = best(flat) - TOLERANCE
+                rows.append((task, seed, best(flat), best(staged), epochs_to(flat, target),
+                             expected_epochs_to(flat, target), epochs_to(staged, target),
+                             sum(map(len, flat)), sum(map(len, staged)), flat_s, staged_s))
+    header = ("task", "seed", "flat best", "staged best", "flat epochs to target", "(any order)",
+              "staged epochs to target", "ratio", "(any order)", "flat total", "staged total", "flat s", "staged s")
+    lines = [header]
+    for task, seed, fbest, sbest, fn, fe, sn, ftot, stot, fs, ss in rows:
+        lines.append((task, str(seed), f"{fbest:.4f}", f"{sbest:.4f}", str(fn), f"{fe:.0f}", str(sn),
+                      f"{fn / sn:.1f}x", f"{fe / sn:.1f}x", str(ftot), str(stot), f"{fs:.0f}", f"{ss:.0f}"))
+    if args.markdown:
+        print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+        print("\n".join("| " + " | ".join(line) + " |" for line in lines[1:]))
+    else:
+        widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+        print("\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines))
+    for task in dict.fromkeys(r[0] for r in rows):
+        mine = [r for r in rows if r[0] == task]
+        reached = sum(math.isfinite(r[6]) for r in mine)
+        print(f"{task}: staged reached the target in {reached} of {len(mine)} runs; median ratio "
+              f"{statistics.median(r[4] / r[6] for r in mine):.1f}x (flat in its own order), "
+              f"{statistics.median(r[5] / r[6] for r in mine):.1f}x (flat in any order); "
+              f"target >= {TARGET_RATIO:.0f}x")
+    print(f"BLAS: {blas}, 1 thread; python {sys.version.split()[0]}")
+
+
+if __name__ == "__main__":
+    main()
