@@ -355,7 +355,7 @@ def render_page(store: ExperimentStore, df: pd.DataFrame, ctx: Context, curves: 
              ("best val accuracy", f"{best['val_acc']:.4f} ({html.escape(best['trial'])})" if best is not None
               else "–")]
     parts = [
-        f'<section id="summary" class="cards">'
+        '<section id="summary" class="cards">'
         + "".join(f'<div class="card">{k}<b>{v}</b></div>' for k, v in cards) + "</section>",
         _figure_section("Trials per stage and state", "funnel", funnel_figure(counts) if len(counts) else None,
                         empty="no trials yet"),

@@ -2,18 +2,17 @@
 import json
 import math
 import numbers
-import os
 import re
 import zipfile
 from collections.abc import Mapping
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 
 from nncore import layers
 from nncore.errors import ConfigError, DataError
 from nncore.init import INIT_KINDS, init_weight
+from nncore.io import atomic_write_npz
 from nncore.losses import l2_penalty, softmax, softmax_loss, svm_loss
 
 MODEL_DEFAULTS = {
@@ -395,17 +394,7 @@ class Model:
             if name in arrays:
                 raise ValueError(f"save: extra array {name!r} collides with a model array")
             arrays[name] = np.asarray(value)
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, allow_pickle=False, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        atomic_write_npz(path, arrays)
 
     @classmethod
     def load(cls, path, return_extra=False):

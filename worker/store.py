@@ -12,6 +12,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from nncore.io import atomic_write, atomic_write_npz
 from worker.spec import check_name
 
 log = logging.getLogger(__name__)
@@ -29,30 +30,12 @@ def storage_root(path: str | os.PathLike[str] | None = None) -> Path:
     return Path(path or os.environ.get("HYPERSEARCH_STORAGE") or DEFAULT_STORAGE)
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through ``write(fileobj)`` into a temp file beside ``path``, fsync it, then rename over ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    _atomic_write(Path(path), lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
-
-
-def atomic_write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    _atomic_write(Path(path), lambda f: np.savez(f, **arrays))
 
 
 def read_json(path: Path) -> Any | None:

@@ -1,0 +1,31 @@
+"""Atomic file writes (temp file, fsync, rename) shared by nncore checkpoints and the worker's storage."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Any], Any]) -> None:
+    """Write through ``write(fileobj)`` into ``<path>.tmp``, fsync it, then rename it over ``path``.
+
+    Readers never see a partial file; on any error the temp file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_npz(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]) -> None:
+    """Save ``arrays`` as an uncompressed ``.npz`` atomically, refusing object arrays (no pickle)."""
+    atomic_write(path, lambda f: np.savez(f, allow_pickle=False, **arrays))
