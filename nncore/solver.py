@@ -94,7 +94,13 @@ class Solver:
     """Train `model` on `data` (x_train, y_train, x_val, y_val) with a validated solver config.
 
     Epoch e (0-based) shuffles with, and draws dropout masks from, np.random.default_rng([seed, e]), so a
-    solver restored with load_state_arrays() continues exactly as an uninterrupted one.
+    solver restored with load_state_arrays() continues exactly as an uninterrupted one. should_stop() is
+    asked before every minibatch; after a stop or divergence the parameters hold a partial epoch, so resume
+    from the state saved at the last callback. Metrics passed to the callback after each epoch: "epoch"
+    (epochs done), "train_loss" (sample-weighted mean minibatch loss, L2 included), "train_acc" (test mode,
+    on a fixed subsample of train_eval_samples), "val_loss" (data loss), "val_acc", "ema_val_acc" (with
+    ema_params), "lr", "update_ratio" ({layer: ||dW|| / ||W||} of the epoch's last update), "seconds"
+    (epoch wall time, evaluation included), "samples_per_sec" (of the minibatch loop).
     """
 
     def __init__(self, model, data, config, *, seed=0, callback=None, should_stop=None):
@@ -154,6 +160,8 @@ class Solver:
         loss_sum = 0.0
         started = time.perf_counter()
         for start in range(0, n, batch):
+            if self.should_stop is not None and self.should_stop():
+                return "stopped", f"stop requested during epoch {self.epoch + 1}"
             idx = order[start:start + batch]
             xb, yb = x_buf[:len(idx)], y_buf[:len(idx)]
             np.take(x_train, idx, axis=0, out=xb, mode="clip")
@@ -176,8 +184,6 @@ class Solver:
                 update(w, grads[k], state, hyper)
                 ema *= decay
                 ema += (1.0 - decay) * w
-            if self.should_stop is not None and self.should_stop():
-                return "stopped", f"stop requested during epoch {self.epoch + 1}"
         train_seconds = time.perf_counter() - started
 
         self.epoch += 1

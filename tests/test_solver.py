@@ -193,18 +193,27 @@ def test_abort_factor_and_initial_loss_survive_resume():
     assert fresh.train()["reason"] == "loss 6.5 exceeded 3x initial loss 2 at epoch 2"
 
 
-def test_should_stop_between_minibatches():
-    calls = []
+def test_should_stop_before_each_minibatch():
+    calls, history = [], []
 
     def should_stop():
         calls.append(1)
         return len(calls) == 6
 
-    solver = make({"epochs": 5, "batch_size": 64}, should_stop=should_stop)
+    solver = make({"epochs": 5, "batch_size": 64}, should_stop=should_stop, callback=history.append)
     result = solver.train()
     assert result == {"status": "stopped", "reason": "stop requested during epoch 2", "epoch": 1,
-                      "best_val_acc": result["best_val_acc"], "best_epoch": 1}
-    assert solver.model.calls == 6 and len(calls) == 6
+                      "best_val_acc": history[0]["val_acc"], "best_epoch": 1}
+    # 4 minibatches per epoch: asked before each, the 6th answer stops before the 6th minibatch
+    assert solver.model.calls == 5 and len(calls) == 6 and len(history) == 1
+
+
+def test_stop_requested_in_last_minibatch_keeps_the_epoch():
+    flag = {"stop": False}
+    solver = make({"epochs": 3, "batch_size": 200}, should_stop=lambda: flag["stop"],
+                  callback=lambda m: flag.update(stop=True))
+    result = solver.train()
+    assert result["status"] == "stopped" and result["epoch"] == 1 and solver.model.calls == 1
 
 
 def test_same_seed_same_run_other_seed_other_order():
