@@ -29,7 +29,8 @@ from master.ensemble import METHODS as ENSEMBLE_METHODS, EnsembleError, build_en
 from master.ensemble import predict as run_prediction
 from master.leaderboard import build_leaderboard, render_table
 from master.borders import range_text
-from master.monitor import Event, Monitor, close_stage, failing_workers, launched_stages, move, worker_outcomes
+from master.monitor import (Event, Monitor, close_stage, failing_workers, launched_stages, move, next_look,
+                            worker_outcomes)
 from master.monitor import watch as watch_loop
 from master.space import DEFAULT_CONFIG, ExperimentConfig, SpaceError, load_config, parse_config
 from master.stages import (StagePlan, border_flags, flag_messages, plan_stage, previous_stage, stage_space,
@@ -426,17 +427,20 @@ def follow(store: ExperimentStore, config: ExperimentConfig, dispatcher: dispatc
            specs: list[TrialSpec], pool: LocalWorkers | None = None) -> str:
     """Show a progress bar and the best trial so far while the watch loop (master.monitor: stop bad trials,
     requeue lost ones, retry failed ones) runs every ``[watch] poll_seconds``, until every trial of the stage
-    has finished ("completed"; failed ones out of retries), or every local worker has exited ("incomplete")."""
+    has finished ("completed"; failed ones out of retries), or every local worker has exited ("incomplete").
+    Looking takes at most master.monitor.WATCH_DUTY of the time: with many trials, it looks less often."""
     ids = [s.trial_id for s in specs]
     stage = specs[0].stage
     monitor = Monitor(store, config, dispatcher)
     next_watch = 0.0
+    final: dict[str, dict[str, Any]] = {}  # results no retry replaces, read once (a large stage has many)
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TextColumn("{task.fields[detail]}"), console=console)
     task = progress.add_task(f"{store.experiment}/{stage}", total=len(ids), detail="")
     best = Text("best so far: -")
     with end_line_when_piped(), Live(Group(progress, best), console=console, refresh_per_second=4):
         while True:
+            looked = time.monotonic()
             # asked before reading results, so a worker that finished the last trial and quit counts as done
             stranded = pool is not None and pool.alive() == 0
             try:
@@ -447,8 +451,12 @@ def follow(store: ExperimentStore, config: ExperimentConfig, dispatcher: dispatc
             except redis.RedisError as exc:
                 log.warning("cannot reach Redis this time: %s", exc)
                 live = {}
-            results = {tid: store.read_result(tid) or {} for tid in ids}
-            done = {tid: r for tid, r in results.items() if r.get("state") in TERMINAL}
+            done = dict(final)
+            for tid in ids:
+                if tid not in final and (result := store.read_result(tid) or {}).get("state") in TERMINAL:
+                    done[tid] = result
+                    if result["state"] != TrialState.FAILED.value:
+                        final[tid] = result
             running = sum(1 for tid in ids if tid not in done and live.get(tid, {}).get("state") == "RUNNING")
             progress.update(task, completed=len(done), detail=f"{running} running")
             best.plain = best_line(done, live, ids)
@@ -457,7 +465,7 @@ def follow(store: ExperimentStore, config: ExperimentConfig, dispatcher: dispatc
                 return "completed"
             if stranded:
                 return "incomplete"
-            time.sleep(POLL_SECONDS)
+            time.sleep(next_look(POLL_SECONDS, time.monotonic() - looked))
 
 
 def show_events(events: list[Event]) -> None:

@@ -22,6 +22,7 @@ TERMINAL = {s.value for s in TERMINAL_STATES}
 WAITING_JOBS = {"queued", "deferred", "scheduled"}
 SANITY_PREFIX = "sanity check"  # a trial that fails its sanity checks is the config's fault, not the worker's
 STAGE_DONE = "completed"
+WATCH_DUTY = 0.2  # the watch loop looks at most this share of the time (a tick reads every trial's files)
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class Monitor:
         self.watch = config.watch
         self.stops: dict[str, tuple[float, bool]] = {}  # trial -> (stop requested at, RQ stop-job sent)
         self.beats: dict[str, tuple[float, float]] = {}  # worker -> (heartbeat seen, when it was first seen)
+        self.specs: dict[str, TrialSpec] = {}  # trial -> its spec, parsed once (a recorded spec.json never changes)
 
     # the loop ---------------------------------------------------------------------------------
     def tick(self) -> list[Event]:
@@ -150,12 +152,13 @@ class Monitor:
                    for _, r in launched_stages(self.store, self.config))
 
     def _spec(self, tid: str) -> TrialSpec | None:
-        raw = self.store.read_spec(tid)
-        try:
-            return TrialSpec.from_dict(raw)
-        except (ValueError, TypeError) as exc:
-            log.warning("trial %s: unreadable spec.json (%s); not watched", tid, exc)
-            return None
+        if tid not in self.specs:
+            try:
+                self.specs[tid] = TrialSpec.from_dict(self.store.read_spec(tid))
+            except (ValueError, TypeError) as exc:
+                log.warning("trial %s: unreadable spec.json (%s); not watched", tid, exc)
+                return None
+        return self.specs[tid]
 
     # workers ----------------------------------------------------------------------------------
     def alive(self, worker: str, beat: float | None, now: float) -> bool:
@@ -274,10 +277,18 @@ def close_stage(store: ExperimentStore, config: ExperimentConfig, stage: str, su
     return [Event("stage", f"stage {stage} completed: {summary}")] + [Event("flag", m) for m in messages]
 
 
+def next_look(poll_seconds: float, tick_seconds: float) -> float:
+    """Seconds until the next tick: ``poll_seconds``, or longer after a slow tick (a stage of many thousand
+    trials), so that looking takes at most WATCH_DUTY of the master's time."""
+    return max(poll_seconds, tick_seconds * (1 - WATCH_DUTY) / WATCH_DUTY)
+
+
 def watch(monitor: Monitor, *, until_done: bool = True, on_event: Callable[[Event], None] = lambda e: None,
           sleep: Callable[[float], None] = time.sleep) -> None:
-    """Tick every ``poll_seconds`` until every launched stage is done (or forever); Redis hiccups only warn."""
+    """Tick every ``poll_seconds`` (see next_look) until every launched stage is done (or forever); Redis
+    hiccups only warn."""
     while True:
+        started = time.monotonic()
         try:
             for event in monitor.tick():
                 on_event(event)
@@ -285,4 +296,4 @@ def watch(monitor: Monitor, *, until_done: bool = True, on_event: Callable[[Even
             log.warning("cannot reach Redis this time: %s", exc)
         if until_done and monitor.done():
             return
-        sleep(monitor.watch.poll_seconds)
+        sleep(next_look(monitor.watch.poll_seconds, time.monotonic() - started))

@@ -1,10 +1,12 @@
 """Tests for the monitor on fakeredis without workers: quarantine rule, heartbeats, requeue, retries, stops, stages."""
+import time
+
 import fakeredis
 import pytest
 from rq.job import Job
 
 from master.dispatch import Dispatcher, job_id
-from master.monitor import Monitor, failing_workers, move, worker_outcomes
+from master.monitor import WATCH_DUTY, Monitor, failing_workers, move, next_look, watch, worker_outcomes
 from master.space import parse_config
 from master.stages import plan_stage
 from worker.control import NullControl, read_progress, stop_key
@@ -180,3 +182,15 @@ def test_a_stop_not_honoured_within_the_grace_period_gets_rqs_stop_job_command(s
     (event,) = monitor.tick()
     assert event.kind == "stop-job" and sent == [tid]
     assert monitor.tick() == []  # sent once
+
+
+def test_slow_ticks_space_out_so_looking_takes_a_bounded_share_of_the_time(setup):
+    config, store, specs, dispatcher, monitor, clock = setup
+    assert next_look(2.0, 0.1) == 2.0
+    assert next_look(2.0, 1.0) * WATCH_DUTY == pytest.approx(1.0 - WATCH_DUTY)  # 1 s looking, 4 s waiting
+    waits = []
+    monitor.tick = lambda: time.sleep(0.6) or []  # a stage of tens of thousands of trials
+    monitor.done = lambda: len(waits) == 2
+    watch(monitor, sleep=waits.append)
+    assert len(waits) == 2 and all(w >= 0.6 * (1 - WATCH_DUTY) / WATCH_DUTY for w in waits)
+
