@@ -1,14 +1,17 @@
 """Epochs that flat random search and our coarse-to-fine search spend to reach flat search's best val accuracy.
 
 Usage: python benchmarks/staged_vs_flat.py [--tasks digits,spiral,waves] [--seeds 0,1,2,3,4] [--trials 32]
+       [--plan halving|default]
        [--markdown]
 
 Tasks: digits (MLP; 8x8 digits, 270 validation samples), and two harder built-in ones that need many epochs:
 spiral (MLP on cs231n's 3-class spiral, 90 validation samples) and waves (conv1d on 4 noisy waveforms, 300
 validation samples). Flat search trains N trials (default 32) at the full budget (30 epochs). The staged
-search is the default coarse-to-fine plan: coarse (N trials x 1 epoch), medium (N/2 trials x 5 epochs in
-ranges narrowed around the best coarse trials, ASHA rungs at epochs 1 and 3), fine (the best 4 medium
-trials promoted to 30 epochs, ASHA rungs at 9 and 27). Both run one trial at a time in this process with
+search (--plan halving, the default) is successive halving in two stages run best first: 3N/8 random trials
+x 3 epochs (ASHA rung at epoch 1), then the best 3 continued to 30 epochs (ASHA rungs at 9 and 27).
+--plan default runs the product's default coarse-to-fine plan instead: coarse (N x 1 epoch), medium (N/2 x 5
+epochs in ranges narrowed around the best coarse trials, ASHA rungs at 1 and 3), fine (the best 4 medium
+trials promoted to 30 epochs). Both run one trial at a time in this process with
 the project's own code (master.stages plans every stage, master.pruning's rules stop trials at the end of
 an epoch, the worker's run_trial trains and checkpoints), so the epoch counts are those a cluster would
 spend; the rungs see the trials that finished before, as on one worker. An epoch counts when it is trained:
@@ -67,10 +70,24 @@ def flat_stages(n: int) -> str:
     return f'[stages.flat]\nepochs = {EPOCHS}\ntrials = {n}\nprune = "none"\n'
 
 
-def staged_stages(n: int) -> str:
+def halving_stages(n: int) -> str:
+    """Successive halving in two stages, best first: 3n/8 random trials x 3 epochs (ASHA's rung at epoch 1
+    stops those that start badly), then the best 3 continued to the full budget (ASHA rungs at 9 and 27)."""
+    coarse = max(3 * n // 8, 1)
+    return (f'[stages.coarse]\nepochs = 3\ntrials = {coarse}\n'
+            f'[stages.fine]\nepochs = {EPOCHS}\ntrials = {min(3, coarse)}\nmethod = "promote"\n')
+
+
+def default_stages(n: int) -> str:
+    """The product's default plan (master.space.DEFAULT_STAGES at n = 32): n x 1 epoch, n/2 x 5 epochs
+    narrowed, the best 4 continued to the full budget."""
+    medium = max(n // 2, 1)
     return (f'[stages.coarse]\nepochs = 1\ntrials = {n}\n'
-            f'[stages.medium]\nepochs = 5\ntrials = {max(n // 2, 1)}\nmethod = "narrow"\n'
-            f'[stages.fine]\nepochs = {EPOCHS}\ntrials = 4\nmethod = "promote"\n')
+            f'[stages.medium]\nepochs = 5\ntrials = {medium}\nmethod = "narrow"\n'
+            f'[stages.fine]\nepochs = {EPOCHS}\ntrials = {min(4, medium)}\nmethod = "promote"\n')
+
+
+PLANS = {"halving": halving_stages, "default": default_stages}
 
 
 class RuleControl(NullControl):
@@ -154,6 +171,8 @@ def main() -> None:
     parser.add_argument("--tasks", default="digits,spiral,waves")
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--trials", type=int, default=32)
+    parser.add_argument("--plan", choices=sorted(PLANS), default="halving",
+                        help="the staged search's plan: halving (default) or the product's default coarse-to-fine")
     parser.add_argument("--markdown", action="store_true", help="print the results as a Markdown table")
     args = parser.parse_args()
     threadpool_limits(1)
@@ -164,7 +183,7 @@ def main() -> None:
         for task in args.tasks.split(","):
             for seed in (int(s) for s in args.seeds.split(",")):
                 out = {}
-                for kind, stages in (("flat", flat_stages), ("staged", staged_stages)):
+                for kind, stages in (("flat", flat_stages), ("staged", PLANS[args.plan])):
                     name = f"{task}-{kind}-{seed}"
                     config = parse_config(TASKS[task].format(name=name, seed=seed) + stages(args.trials) + SPACE)
                     started = time.perf_counter()
