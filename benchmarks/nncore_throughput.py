@@ -1,16 +1,18 @@
 """Training throughput of nncore's Solver against PyTorch on the CPU for the same MLPs, with the BLAS GEMM peak.
 
-Usage: python benchmarks/nncore_throughput.py [--rounds 3] [--threads 1,2] [--markdown]
+Usage: python benchmarks/nncore_throughput.py [--rounds 5] [--threads 1,2] [--markdown]
 
 Both frameworks train the same float32 MLP with SGD + momentum 0.9 on the same synthetic data (same
 number of samples, a fresh shuffle per epoch). Each round trains two epochs with each framework in turn
 and times the second (nncore: the Solver's own samples_per_sec, i.e. its whole minibatch loop with EMA
-and divergence checks; torch: the equivalent loop); the best round is reported, which filters out load
-from other processes on a shared machine. GFLOP/s counts the GEMM work the step needs: forward and weight
+and divergence checks; torch: the equivalent loop). Reported: the best round of each (which filters out
+load from other processes on a shared machine), their ratio, and the median (and range) of the per-round
+ratios of back-to-back runs, which sees both frameworks under the same load. GFLOP/s counts the GEMM work the step needs: forward and weight
 gradients of every layer, input gradients of all but the first (2 flops per multiply-add).
 """
 import argparse
 import os
+import statistics
 import sys
 import time
 from datetime import date
@@ -105,7 +107,7 @@ def blas_description():
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per shape (the best is reported)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per shape")
     parser.add_argument("--threads", default=f"1,{os.cpu_count()}", help="comma-separated BLAS thread counts")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     args = parser.parse_args(argv)
@@ -118,8 +120,8 @@ def main(argv=None):
     print(f"date {date.today()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, "
           f"numpy {np.__version__}" + (f", torch {torch.__version__}" if torch else ""))
     print(f"BLAS: {blas_description()}; OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
-    header = ["threads", "shape", "batch", "nncore samples/s", "torch samples/s", "nncore/torch",
-              "nncore GFLOP/s", "sgemm peak GFLOP/s", "% of peak"]
+    header = ["threads", "shape", "batch", "nncore samples/s", "torch samples/s", "nncore/torch (best)",
+              "paired ratio median (range)", "nncore GFLOP/s", "sgemm peak GFLOP/s", "% of peak"]
     rows = []
     for threads in [int(t) for t in args.threads.split(",")]:
         with threadpool_limits(threads):
@@ -127,16 +129,20 @@ def main(argv=None):
                 torch.set_num_threads(threads)
             for dim, hidden, classes, batch, n in SHAPES:
                 x, y = synthetic(dim, classes, n)
-                ours = theirs = peak = 0.0
+                ours, theirs, peaks = [], [], []
                 for _ in range(args.rounds):  # interleaved, so all three see the same load
-                    peak = max(peak, gemm_peak())
-                    ours = max(ours, bench_nncore(dim, hidden, classes, batch, x, y))
+                    peaks.append(gemm_peak())
+                    ours.append(bench_nncore(dim, hidden, classes, batch, x, y))
                     if torch:
-                        theirs = max(theirs, bench_torch(torch, dim, hidden, classes, batch, x, y))
-                gflops = flops_per_sample(dim, hidden, classes) * ours / 1e9
-                rows.append([str(threads), "-".join(map(str, [dim, *hidden, classes])), str(batch), f"{ours:,.0f}",
-                             f"{theirs:,.0f}" if torch else "n/a", f"{ours / theirs:.2f}" if torch else "n/a",
-                             f"{gflops:.0f}", f"{peak:.0f}", f"{100 * gflops / peak:.0f}%"])
+                        theirs.append(bench_torch(torch, dim, hidden, classes, batch, x, y))
+                gflops = flops_per_sample(dim, hidden, classes) * max(ours) / 1e9
+                ratios = [a / b for a, b in zip(ours, theirs)]
+                rows.append([str(threads), "-".join(map(str, [dim, *hidden, classes])), str(batch),
+                             f"{max(ours):,.0f}", f"{max(theirs):,.0f}" if torch else "n/a",
+                             f"{max(ours) / max(theirs):.2f}" if torch else "n/a",
+                             (f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+                              if torch else "n/a"),
+                             f"{gflops:.0f}", f"{max(peaks):.0f}", f"{100 * gflops / max(peaks):.0f}%"])
                 print("  ".join(rows[-1]), flush=True)
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
     if args.markdown:
