@@ -191,19 +191,28 @@ class Dispatcher:
         return {n: utcparse(b.decode()).timestamp() if b else None for n, b in zip(names, beats)}
 
     def requeue(self, specs: list[TrialSpec]) -> list[str]:
-        """Put trials back in the queue whatever their jobs' state (a dead worker's job stays STARTED): delete
-        the jobs, then enqueue afresh (clearing stale results; they resume from their checkpoints).
+        """Put trials back in the queue whatever their jobs' state (a dead worker's job stays STARTED): in one
+        transaction, delete the jobs and enqueue them afresh (clearing stale results; they resume from their
+        checkpoints), so a worker still running one never sees its job missing, only queued again.
         A pending stop request survives, so a trial being stopped still ends with its reason."""
+        ids = [job_id(s.experiment, s.trial_id) for s in specs]
         stops = {s.trial_id: self.conn.get(stop_key(s.experiment, s.trial_id)) for s in specs}
-        for job in Job.fetch_many([job_id(s.experiment, s.trial_id) for s in specs], connection=self.conn,
-                                  serializer=JSONSerializer):
-            if job is not None:
-                job.delete()
-        enqueued = self.enqueue(specs, force=True)
-        for s in specs:
-            if stops[s.trial_id] is not None:
-                self.conn.set(stop_key(s.experiment, s.trial_id), stops[s.trial_id], ex=KEY_TTL_SECONDS)
-        return enqueued
+        old_jobs = Job.fetch_many(ids, connection=self.conn, serializer=JSONSerializer)
+        if self.storage is not None:
+            for s in specs:
+                ExperimentStore(self.storage, s.experiment).clear_result(s.trial_id)
+        with self.conn.pipeline() as pipe:
+            for job in old_jobs:
+                if job is not None:
+                    job.delete(pipeline=pipe)
+            for s in specs:
+                reset_trial(pipe, s.experiment, s.trial_id, s.epochs)
+                if stops[s.trial_id] is not None:
+                    pipe.set(stop_key(s.experiment, s.trial_id), stops[s.trial_id], ex=KEY_TTL_SECONDS)
+            self.queue.enqueue_many([self._job_data(jid, s) for jid, s in zip(ids, specs)], pipeline=pipe)
+            pipe.execute()
+        log.info("requeued %d trials on queue %s", len(specs), self.queue.name)
+        return [s.trial_id for s in specs]
 
     def workers(self) -> list[dict[str, Any]]:
         """Live workers on this queue: name, state, current job (and trial), last heartbeat (unix time)."""
