@@ -38,6 +38,9 @@ def conn():
     ("rediss://alice:p%40ss@db.example:6380/1", "rediss://alice:***@db.example:6380/1"),
     ("redis://db.example/0?password=hunter2&socket_timeout=5", "redis://db.example/0?password=***&socket_timeout=5"),
     ("unix:///run/redis.sock?db=2", "unix:///run/redis.sock?db=2"),
+    ("redis://:hunt/er2@db.example:6379/0", "redis://:***@db.example:6379/0"),  # unencoded '/', '?', '#': still
+    ("redis://bob:12?er2@db.example/0", "redis://bob:***@db.example/0"),      # hidden whole
+    ("redis://bob:hun#ter@db.example/0", "redis://bob:***@db.example/0"),
 ])
 def test_mask_url_hides_passwords(url, masked):
     assert mask_url(url) == masked
@@ -59,6 +62,15 @@ def test_open_redis_failure_is_one_masked_line(url):
     message = str(err.value)
     assert message.startswith("cannot reach Redis at ") and "***" in message
     assert "hunter2" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize("url", ["redis://:hun/ter2@127.0.0.1:1/0", "redis://bob:zq?hunter2@127.0.0.1/0",
+                                 "redis://:hunter2#zq@127.0.0.1:1/0"])
+def test_a_password_that_needs_percent_encoding_is_refused_without_showing_it(url):
+    with pytest.raises(ControlError) as err:
+        open_redis(url)
+    assert str(err.value).startswith("cannot use Redis URL redis://") and "percent-encoded" in str(err.value)
+    assert "hun" not in str(err.value) and "zq" not in str(err.value)
 
 
 def test_open_redis_rejects_an_unknown_scheme():

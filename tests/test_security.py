@@ -213,6 +213,7 @@ def test_passwords_never_reach_output_logs_or_storage(rq_queue, real_redis, tmp_
     try:
         good = real_redis[0].replace("redis://", f"redis://{user}:{password}@", 1)
         gone = f"redis://:{password}@127.0.0.1:1/0"
+        garbled = f"redis://:{password[:6]}/{password[6:]}@127.0.0.1:1/0"  # a '/' the user did not encode
         storage = tmp_path / "storage"
         storage.mkdir()
         config = write_config(f"sec-{tag}", dataset="spiral", trials=2)
@@ -224,15 +225,17 @@ def test_passwords_never_reach_output_logs_or_storage(rq_queue, real_redis, tmp_
             cli("-vv", "status", "--url", gone, *common),
             cli("-vv", "kill", "coarse-0000", "--url", good, *common),
             cli("-vv", "report", "--storage", str(storage)),
+            cli("-vv", "status", "--url", garbled, *common),
         ]
-        assert [r.returncode for r in runs] == [2, 0, 0, 0, 0, 0], [r.stderr for r in runs]
+        assert [r.returncode for r in runs] == [2, 0, 0, 0, 0, 0, 0], [r.stderr for r in runs]
         assert runs[0].stderr.strip() == ("Error: cannot reach Redis at redis://:***@127.0.0.1:1/0: Error 111 "
                                           "connecting to 127.0.0.1:1. Connection refused.")
         assert f"redis://{user}:***@127.0.0.1:6379/14" in runs[1].stdout  # the URL is shown, masked
         assert "Redis unreachable, showing shared storage only (cannot reach Redis at redis://:***@" in \
             " ".join(runs[3].stdout.split())
+        assert "cannot use Redis URL redis://:***@127.0.0.1:1/0: its password holds" in " ".join(runs[6].stdout.split())
         shown = "".join(r.stdout + r.stderr for r in runs)
-        assert password not in shown
+        assert password[:6] not in shown and password[6:] not in shown
         for path in files_under(storage):
             assert password.encode() not in path.read_bytes(), path
     finally:

@@ -9,7 +9,7 @@ import os
 import threading
 import time
 from typing import Any, Iterator
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 import redis
 
@@ -37,32 +37,46 @@ def redis_url(url: str | None = None) -> str | None:
     return url or os.environ.get("REDIS_URL") or None
 
 
+def _password_span(url: str) -> tuple[int, int] | None:
+    """Where ``url``'s user-info password is written: from the first ':' after '://' to the last '@', taken
+    literally, so that a password holding an unencoded '/', '?' or '#' (where URL parsers end the host) is
+    found whole; None without one."""
+    start, end = url.find("://") + 3, url.rfind("@")
+    colon = url.find(":", start, end) if 3 <= start < end else -1
+    return (colon + 1, end) if colon >= 0 else None
+
+
 def mask_url(url: str) -> str:
     """``url`` with its password (in the userinfo or a ``password=`` query option) replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is not None:
-        userinfo, host = parts.netloc.rsplit("@", 1)
-        url = url.replace(parts.netloc, f"{userinfo.split(':', 1)[0]}:***@{host}", 1)
-    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    span = _password_span(url)
+    if span is not None:
+        url = f"{url[:span[0]]}***{url[span[1]:]}"
+    query = urlsplit(url).query
+    pairs = parse_qsl(query, keep_blank_values=True)
     if any(k.lower() == "password" for k, _ in pairs):
-        query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*")
-        url = url.replace("?" + parts.query, "?" + query, 1)
+        masked = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*")
+        url = url.replace("?" + query, "?" + masked, 1)
     return url
 
 
 def _secrets(url: str) -> list[str]:
-    parts = urlsplit(url)
-    found = [parts.password] if parts.password else []
-    found += [v for k, v in parse_qsl(parts.query) if k.lower() == "password" and v]
-    return found
+    span = _password_span(url)
+    found = [url[span[0]:span[1]], unquote(url[span[0]:span[1]])] if span is not None else []
+    found += [v for k, v in parse_qsl(urlsplit(url).query) if k.lower() == "password"]
+    return [s for s in found if s]
 
 
 def open_redis(url: str) -> redis.Redis:
     """A client for ``url`` (redis://, rediss://, unix://; passwords allowed) that answered PING.
 
-    Raises ControlError "cannot reach Redis at <masked url>: <why>"; the password never appears in it.
+    Raises ControlError "cannot reach Redis at <masked url>: <why>"; the password never appears in it, also
+    when it holds characters that should have been percent-encoded (such a URL is refused before use).
     """
     masked = mask_url(url)
+    span = _password_span(url)
+    if span is not None and url[span[0]:span[1]] != urlsplit(url).password:
+        raise ControlError(f"cannot use Redis URL {masked}: its password holds a '/', '?', '#' or '@' that is not "
+                           "percent-encoded (write them %2F, %3F, %23, %40)")
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=5)
         client.ping()
