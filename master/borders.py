@@ -39,7 +39,8 @@ def chance_of_spread(top: Sequence[float], everyone: Sequence[float], draws: int
     pool, n = np.asarray(everyone, dtype=float), len(top)
     if n >= len(pool):
         return 1.0
-    subsets = pool[np.argsort(np.random.default_rng(0).random((draws, len(pool))), axis=1)[:, :n]]
+    keys = np.random.default_rng(0).random((draws, len(pool)))
+    subsets = pool[np.argpartition(keys, n - 1, axis=1)[:, :n]]  # the n smallest keys: argsort's subset, O(N)
     return float((1 + np.sum(iqr(subsets) <= iqr(np.asarray(top, dtype=float)) + 1e-12)) / (draws + 1))
 
 
