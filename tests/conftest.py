@@ -1,6 +1,7 @@
 """Shared test fixtures: small experiment configs, the real Redis on 127.0.0.1:6379 (and a TLS one), waiting for
 processes to end."""
 import os
+import signal
 import shutil
 import socket
 import subprocess
@@ -72,7 +73,27 @@ def real_redis():
         keys = list(client.scan_iter(match=f"*{token}*", count=1000))
         if keys:
             client.delete(*keys)
+        for registry in (b"rq:queues", b"rq:workers"):
+            members = [m for m in client.smembers(registry) if token.encode() in m]
+            if members:
+                client.srem(registry, *members)
         client.close()
+
+
+@pytest.fixture
+def keep_signal_handlers():
+    """The worker installs SIGINT/SIGTERM handlers and uses SIGALRM; give pytest its own back."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+@pytest.fixture
+def storage(tmp_path, monkeypatch):
+    """A storage root for in-process workers, given to them through $HYPERSEARCH_STORAGE."""
+    monkeypatch.setenv("HYPERSEARCH_STORAGE", str(tmp_path))
+    return tmp_path
 
 
 def self_signed_certificate(directory, name: str = "cert") -> tuple:

@@ -1,6 +1,5 @@
 """Tests for master.dispatch on fakeredis: idempotent JSON jobs, force re-runs, timeouts, state views, URLs."""
 import json
-import signal
 import threading
 import zlib
 
@@ -19,23 +18,12 @@ from worker.store import ExperimentStore
 QUEUE = "hs-test"
 
 
-@pytest.fixture(autouse=True)
-def keep_signal_handlers():
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
+pytestmark = pytest.mark.usefixtures("keep_signal_handlers")
 
 
 @pytest.fixture
 def conn():
     return fakeredis.FakeRedis()
-
-
-@pytest.fixture
-def storage(tmp_path, monkeypatch):
-    monkeypatch.setenv("HYPERSEARCH_STORAGE", str(tmp_path))
-    return tmp_path
 
 
 def make_spec(trial_id="coarse-0001", epochs=1, experiment="exp"):

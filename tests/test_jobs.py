@@ -1,6 +1,5 @@
 """Tests for the RQ side of the worker, in-process on fakeredis: allow-list, no unpickling, stops, timeouts."""
 import pickle
-import signal
 import sys
 import threading
 import time
@@ -42,24 +41,12 @@ def name_of(func):
     return f"{func.__module__}.{func.__name__}"
 
 
-@pytest.fixture(autouse=True)
-def keep_signal_handlers():
-    """The worker installs SIGINT/SIGTERM handlers and uses SIGALRM; give pytest its own back."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
+pytestmark = pytest.mark.usefixtures("keep_signal_handlers")
 
 
 @pytest.fixture
 def conn():
     return fakeredis.FakeRedis()
-
-
-@pytest.fixture
-def storage(tmp_path, monkeypatch):
-    monkeypatch.setenv("HYPERSEARCH_STORAGE", str(tmp_path))
-    return tmp_path
 
 
 def make_spec(trial_id="coarse-0001", epochs=2, **overrides):

@@ -3,7 +3,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 
 import pytest
 import redis
@@ -17,29 +16,15 @@ from master.space import parse_config
 from master.stages import plan_stage
 from worker.store import ExperimentStore
 
-URL = "redis://127.0.0.1:6379/12"  # a database of its own; every key a test makes carries its tag
+from conftest import REAL_REDIS_URL as URL
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
 
 @pytest.fixture
-def tag():
-    """A unique tag; every Redis key naming it is deleted afterwards."""
-    conn = redis.Redis.from_url(URL, socket_connect_timeout=1)
-    try:
-        conn.ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"needs the Redis server on 127.0.0.1:6379 ({exc})")
-    tag = uuid.uuid4().hex[:10]
-    yield tag
-    keys = list(conn.scan_iter(match=f"*{tag}*", count=1000))
-    if keys:
-        conn.delete(*keys)
-    for registry in (b"rq:queues", b"rq:workers"):
-        members = [m for m in conn.smembers(registry) if tag.encode() in m]
-        if members:
-            conn.srem(registry, *members)
-    conn.close()
+def tag(real_redis):
+    """A unique token; every Redis key naming it is deleted afterwards."""
+    return real_redis[1]
 
 
 class Experiment:

@@ -4,17 +4,15 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 
 import pytest
-import redis
 from click.testing import CliRunner
 
 from master.cli import main
 from master.space import parse_config
 from worker.store import ExperimentStore
 
-URL = "redis://127.0.0.1:6379/12"
+from conftest import REAL_REDIS_URL as URL
 CONFIG = """
 [experiment]
 name = "{name}"
@@ -59,23 +57,9 @@ def run(monkeypatch):
 
 
 @pytest.fixture
-def tag():
-    """A unique tag for Redis (DB 12); every key naming it is deleted afterwards (skip when Redis is absent)."""
-    conn = redis.Redis.from_url(URL, socket_connect_timeout=1)
-    try:
-        conn.ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"needs the Redis server on 127.0.0.1:6379 ({exc})")
-    tag = uuid.uuid4().hex[:10]
-    yield tag
-    keys = list(conn.scan_iter(match=f"*{tag}*", count=1000))
-    if keys:
-        conn.delete(*keys)
-    for registry in (b"rq:queues", b"rq:workers"):
-        members = [m for m in conn.smembers(registry) if tag.encode() in m]
-        if members:
-            conn.srem(registry, *members)
-    conn.close()
+def tag(real_redis):
+    """A unique token; every Redis key naming it is deleted afterwards."""
+    return real_redis[1]
 
 
 @pytest.fixture
