@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from master.cli import main
 from master.dispatch import Dispatcher
-from master.embedded import EmbeddedRedis, free_port, redis_server_binary
+from master.embedded import EmbeddedRedis, free_port, redis_server_binary, terminate_trees
 from master.monitor import Monitor, watch
 from master.space import parse_config
 from master.stages import plan_stage
@@ -78,15 +78,7 @@ class Experiment:
         return "".join(p.read_text(errors="replace") for p in sorted(self.tmp_path.glob("*.log")))
 
     def stop(self):
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        terminate_trees([p.pid for p in self.procs], grace=10)
         self.conn.close()
 
 

@@ -8,6 +8,7 @@ import time
 import pytest
 from click.testing import CliRunner
 
+from master.embedded import terminate_trees
 from master.cli import main
 from master.space import parse_config
 from worker.store import ExperimentStore
@@ -67,15 +68,7 @@ def procs():
     """Subprocesses that are always terminated (then killed) at the end."""
     started: list[subprocess.Popen] = []
     yield started
-    for p in started:
-        if p.poll() is None:
-            p.terminate()
-    for p in started:
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    terminate_trees([p.pid for p in started], grace=10)
 
 
 def write_config(tmp_path, name, coarse=1, trials=10, medium=6):

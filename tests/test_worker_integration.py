@@ -13,6 +13,7 @@ from rq.command import send_stop_job_command
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
+from master.embedded import terminate_trees
 from master.dispatch import Dispatcher, connect, job_id
 from worker.control import NullControl
 from worker.spec import TrialSpec
@@ -27,15 +28,12 @@ def worker_command(url, storage, queue, name, *extra):
 
 @pytest.fixture
 def rq_redis(real_redis):
-    """(url, client, tag) on the real Redis (conftest's real_redis deletes every key naming the tag); also drops
-    the tag's members of RQ's queue and worker sets."""
+    """(url, client, tag) on the real Redis (conftest's real_redis deletes every key naming the tag and drops
+    the tag's members of RQ's queue and worker sets)."""
     url, tag = real_redis
     conn = redis.Redis.from_url(url)
     yield url, conn, tag
-    for registry in (b"rq:queues", b"rq:workers"):
-        members = [m for m in conn.smembers(registry) if tag.encode() in m]
-        if members:
-            conn.srem(registry, *members)
+    conn.close()
 
 
 class Workers:
@@ -54,15 +52,7 @@ class Workers:
         return "".join(p.read_text() for p in sorted(self.tmp_path.glob("worker-*.log")))
 
     def stop(self):
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        terminate_trees([p.pid for p in self.procs], grace=10)
 
 
 @pytest.fixture
