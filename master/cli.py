@@ -29,7 +29,7 @@ from master.ensemble import METHODS as ENSEMBLE_METHODS, EnsembleError, build_en
 from master.ensemble import predict as run_prediction
 from master.leaderboard import build_leaderboard, render_table
 from master.borders import range_text
-from master.monitor import (Event, Monitor, close_stage, failing_workers, launched_stages, move, next_look,
+from master.monitor import (Event, Monitor, close_stage, failing_workers, launched_stages, move, next_look, now_iso,
                             worker_outcomes)
 from master.monitor import watch as watch_loop
 from master.space import DEFAULT_CONFIG, ExperimentConfig, SpaceError, load_config, parse_config
@@ -317,10 +317,6 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         return version
     return f"{version}+g{commit}{'.dirty' if dirty else ''}"
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def record_launch(store: ExperimentStore, config: ExperimentConfig, text: str, plan: StagePlan, seed: int) -> None:
