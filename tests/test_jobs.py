@@ -98,6 +98,27 @@ def test_trials_run_in_process_and_return_their_result(conn, storage):
     assert {t: p["state"] for t, p in read_progress(conn, "exp").items()} == {s.trial_id: "COMPLETED" for s in specs}
 
 
+def test_redis_lost_while_rq_records_a_jobs_end_does_not_end_the_worker(conn, storage, monkeypatch, caplog):
+    specs = [make_spec(f"coarse-000{i}", seed=i, epochs=1) for i in range(2)]
+    Dispatcher(conn, QUEUE).enqueue(specs)
+    ended = []
+
+    def redis_gone_for_the_first_job(self, job, *args, **kwargs):  # Redis restarting as that job ends
+        ended.append(job.id)
+        if job.id == job_id("exp", specs[0].trial_id):
+            raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+        return original(self, job, *args, **kwargs)
+
+    original = TrialWorker.handle_execution_ended
+    monkeypatch.setattr(TrialWorker, "handle_execution_ended", redis_gone_for_the_first_job)
+    worker = run_worker(conn)  # burst: returns once the queue is empty, instead of raising
+    assert ended[-1] == job_id("exp", specs[1].trial_id)  # the worker went on to the second trial
+    assert "could not record its end in Redis" in caplog.text
+    store = ExperimentStore(storage, "exp")
+    assert [store.read_result(s.trial_id)["state"] for s in specs] == ["COMPLETED", "COMPLETED"]
+    assert worker.successful_job_count == 1
+
+
 def test_an_invalid_spec_fails_the_job_with_the_field_named(conn, storage):
     job = Queue(QUEUE, connection=conn, serializer=JSONSerializer).enqueue(
         "worker.jobs.train_trial", {**make_spec().to_dict(), "epochs": 0})

@@ -140,6 +140,12 @@ class TrialWorker(SimpleWorker):
         self._heartbeat.watch(job, execution)
         try:
             return super().perform_job(job, queue, execution)
+        except redis.ConnectionError as exc:
+            # Redis went away while RQ recorded the job's end. The trial's outcome is already in shared storage
+            # (the record); the job left STARTED is requeued by the master, and this worker lives on to
+            # reconnect rather than quit (RQ would let the error end its work loop).
+            log.warning("job %s: could not record its end in Redis (%s); the master will requeue it", job.id, exc)
+            return False
         finally:
             self._heartbeat.watch(None)
 
