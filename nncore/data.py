@@ -281,20 +281,23 @@ def _read_digits() -> dict:
     return {"train": (table[:, :-1], table[:, -1])}
 
 
-def _read_spiral() -> dict:
-    rng = np.random.default_rng(_GENERATOR_SEED)
-    per_class, classes = 100, 3
+def make_spiral(per_class: int = 100, classes: int = 3, seed: int = _GENERATOR_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """cs231n's spiral: `classes` arms of `per_class` 2-D points (x float64 (N, 2), y int (N,)); the
+    built-in "spiral" is make_spiral() (3 x 100), larger ones serve as harder tasks (npz:PATH)."""
+    rng = np.random.default_rng(seed)
     x = np.empty((per_class * classes, 2))
     radius = np.linspace(0.0, 1.0, per_class)
     for j in range(classes):
         theta = np.linspace(j * 4, (j + 1) * 4, per_class) + rng.standard_normal(per_class) * 0.2
         x[j * per_class:(j + 1) * per_class] = np.c_[radius * np.sin(theta), radius * np.cos(theta)]
-    return {"train": (x, np.repeat(np.arange(classes), per_class))}
+    return x, np.repeat(np.arange(classes), per_class)
 
 
-def _read_waves() -> dict:
-    rng = np.random.default_rng(_GENERATOR_SEED)
-    per_class, length, classes = 250, 64, 4
+def make_waves(per_class: int = 250, length: int = 64, seed: int = _GENERATOR_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """Noisy sine/square/triangle/sawtooth sequences (x float64 (N, 1, length), y int (N,)) of random
+    frequency, phase and amplitude; the built-in "waves" is make_waves() (4 x 250)."""
+    rng = np.random.default_rng(seed)
+    classes = 4
     n = per_class * classes
     y = np.repeat(np.arange(classes), per_class)
     cycles = rng.uniform(2.0, 5.0, (n, 1)) * np.arange(length) / length + rng.uniform(0.0, 1.0, (n, 1))
@@ -304,7 +307,15 @@ def _read_waves() -> dict:
                        4.0 * np.abs(phase - 0.5) - 1.0,  # triangle
                        2.0 * phase - 1.0])  # sawtooth
     x = rng.uniform(0.8, 1.2, (n, 1)) * shapes[y, np.arange(n)] + 0.3 * rng.standard_normal((n, length))
-    return {"train": (x[:, None, :], y)}
+    return x[:, None, :], y
+
+
+def _read_spiral() -> dict:
+    return {"train": make_spiral()}
+
+
+def _read_waves() -> dict:
+    return {"train": make_waves()}
 
 
 def _read_npz(name: str, arg: str) -> dict:

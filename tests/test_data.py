@@ -93,6 +93,29 @@ def test_waves_shape():
     assert d.x_test.shape == (0, 1, 64) and d.y_test.shape == (0,)
 
 
+def test_generators_scale_the_built_in_tasks(tmp_path):
+    """make_spiral / make_waves at their defaults are the built-ins; larger ones load through npz:PATH."""
+    from nncore.data import make_spiral, make_waves
+
+    x, y = make_spiral(per_class=400, classes=6)
+    assert x.shape == (2400, 2) and np.bincount(y).tolist() == [400] * 6
+    radius = np.hypot(x[:, 0], x[:, 1])
+    assert radius.max() == pytest.approx(1.0) and radius.min() == 0.0
+    # each arm runs from the centre outwards; arms differ (their angles start 4 radians apart)
+    assert np.all(np.diff(radius[:400]) > 0) and np.allclose(radius[:400], radius[400:800])
+    assert not np.allclose(x[:400], x[400:800])
+    assert np.array_equal(make_spiral(per_class=400, classes=6)[0], x)  # fixed generator seed
+    xw, yw = make_waves(per_class=30, length=32)
+    assert xw.shape == (120, 1, 32) and np.bincount(yw).tolist() == [30] * 4
+    np.savez(tmp_path / "big.npz", x=x, y=y)
+    d = load_dataset(f"npz:{tmp_path / 'big.npz'}", val_fraction=0.3)
+    assert d.num_classes == 6 and len(d.y_val) == 720
+    builtin = load_dataset("spiral", preprocess="none")
+    rows = lambda xs: sorted(map(tuple, xs.tolist()))
+    assert rows(np.concatenate([builtin.x_train, builtin.x_val, builtin.x_test])) == rows(
+        make_spiral()[0].astype(np.float32))
+
+
 def test_synthetic_data_does_not_depend_on_split_seed():
     a = load_dataset("waves", seed=1, preprocess="none")
     b = load_dataset("waves", seed=2, preprocess="none")
