@@ -7,11 +7,8 @@ number of samples, a fresh shuffle per epoch). Each round trains two epochs with
 and times the second (nncore: the Solver's own samples_per_sec, i.e. its whole minibatch loop with EMA
 and divergence checks; torch: the equivalent loop). Reported: the best round of each (which filters out
 load from other processes on a shared machine), their ratio, and the median (and range) of the per-round
-ratios of back-to-back runs, which sees both frameworks under the same load. At each thread count T, BLAS
-is limited to T threads and the Solver runs the optimizer step and EMA of large parameters on T threads
-(Solver(threads=T)), as torch.set_num_threads(T) does for torch. GFLOP/s counts the GEMM work the step
-needs: forward and weight gradients of every layer, input gradients of all but the first (2 flops per
-multiply-add).
+ratios of back-to-back runs, which sees both frameworks under the same load. GFLOP/s counts the GEMM work the step needs: forward and weight
+gradients of every layer, input gradients of all but the first (2 flops per multiply-add).
 """
 import argparse
 import os
@@ -65,14 +62,13 @@ def _timed(fn):
     return time.perf_counter() - start
 
 
-def bench_nncore(dim, hidden, classes, batch, x, y, threads):
+def bench_nncore(dim, hidden, classes, batch, x, y):
     model = build_model({"hidden": hidden}, (dim,), classes, seed=0)
     data = SimpleNamespace(x_train=x, y_train=y, x_val=x[:batch], y_val=y[:batch])
     rates = []
     config = {"update": "momentum", "lr": LR, "momentum": MOMENTUM, "batch_size": batch, "epochs": 2,
               "train_eval_samples": batch}
-    solver = Solver(model, data, config, callback=lambda m: rates.append(m["samples_per_sec"]), threads=threads)
-    result = solver.train()
+    result = Solver(model, data, config, callback=lambda m: rates.append(m["samples_per_sec"])).train()
     if result["status"] != "completed":
         raise RuntimeError(f"nncore run {result['status']}: {result['reason']}")
     return rates[-1]
@@ -136,7 +132,7 @@ def main(argv=None):
                 ours, theirs, peaks = [], [], []
                 for _ in range(args.rounds):  # interleaved, so all three see the same load
                     peaks.append(gemm_peak())
-                    ours.append(bench_nncore(dim, hidden, classes, batch, x, y, threads))
+                    ours.append(bench_nncore(dim, hidden, classes, batch, x, y))
                     if torch:
                         theirs.append(bench_torch(torch, dim, hidden, classes, batch, x, y))
                 gflops = flops_per_sample(dim, hidden, classes) * max(ours) / 1e9

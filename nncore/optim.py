@@ -109,31 +109,6 @@ UPDATES = {
     "adam": adam,
 }
 
-# The per-parameter state arrays each rule keeps, shaped like the parameter (row r of a slot belongs to row r
-# of the parameter); any other state entry (Adam's step count "t") is a scalar shared by all rows.
-SLOTS = {"sgd": (), "momentum": ("v",), "nesterov": ("v",), "adagrad": ("cache",), "rmsprop": ("cache",),
-         "adam": ("m", "v")}
-
-
-def init_slots(name, w, state):
-    """Create rule `name`'s missing state slots for parameter w (zeros), before w is updated in row blocks."""
-    for key in SLOTS[name]:
-        _slot(state, key, w)
-
-
-def update_rows(name, w, dw, state, config, start, stop):
-    """Apply rule `name` to rows start:stop of w in place, using and updating those rows of the state slots
-    (which init_slots must have created).
-
-    Every rule is elementwise, so updating a parameter in row blocks (on several threads: NumPy releases
-    the GIL) gives exactly the arrays one whole update gives. The scalar state is advanced on a copy and
-    returned, for the caller to store once for the whole parameter.
-    """
-    part = {key: value[start:stop] if key in SLOTS[name] else np.array(value, copy=True)
-            for key, value in state.items()}
-    UPDATES[name](w[start:stop], dw[start:stop], part, config)
-    return {key: value for key, value in part.items() if key not in SLOTS[name]}
-
 
 def clip_gradients(grads, max_norm):
     """Scale every gradient in place so their global L2 norm is at most max_norm (<= 0: off); return the norm before."""

@@ -4,8 +4,6 @@ import math
 import numbers
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 
 import numpy as np
 
@@ -34,7 +32,6 @@ SOLVER_DEFAULTS = {
 }
 
 _EVAL_CHUNK = 4096  # rows per forward pass when evaluating
-_PARALLEL_MIN = 1 << 18  # parameters with at least this many elements are updated on all `threads`
 _TRAIN_EVAL_STREAM = 2**32 - 1  # SeedSequence key of the fixed training subsample (epochs use [seed, epoch])
 
 # field -> (kind, low, high, low_inclusive, high_inclusive); kind "float" accepts ints, "int" integral numbers.
@@ -104,20 +101,15 @@ class Solver:
     on a fixed subsample of train_eval_samples), "val_loss" (data loss), "val_acc", "ema_val_acc" (with
     ema_params), "lr", "update_ratio" ({layer: ||dW|| / ||W||} of the epoch's last update), "seconds"
     (epoch wall time, evaluation included), "samples_per_sec" (of the minibatch loop).
-
-    threads: how many threads run the optimizer step and the EMA of large parameters (split in row
-    blocks; the result is bit-identical to one thread). Match it to the BLAS threads: the GEMMs already
-    run on those, and with more threads than BLAS has the elementwise work only competes with them.
     """
 
-    def __init__(self, model, data, config, *, seed=0, callback=None, should_stop=None, threads=1):
+    def __init__(self, model, data, config, *, seed=0, callback=None, should_stop=None):
         self.model = model
         self.data = data
         self.config = validate_solver_config(config)
         self.seed = int(seed)
         self.callback = callback
         self.should_stop = should_stop
-        self.threads = max(int(threads), 1)
         self.epoch = 0
         self.initial_loss = math.nan  # first minibatch loss, the reference for divergence
         self.best_val_acc = 0.0
@@ -135,53 +127,29 @@ class Solver:
     def train(self):
         """Train from self.epoch up to config["epochs"]; return status, reason, epochs done and the best val acc."""
         cfg = self.config
-        pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="nncore") if self.threads > 1 else None
-        with pool or nullcontext():
-            while self.epoch < cfg["epochs"]:
-                stop = self._train_epoch(pool)
-                if stop is not None:
-                    status, reason = stop
-                    logger.info("training %s: %s", status, reason)
-                    return self._result(status, reason)
+        while self.epoch < cfg["epochs"]:
+            stop = self._train_epoch()
+            if stop is not None:
+                status, reason = stop
+                logger.info("training %s: %s", status, reason)
+                return self._result(status, reason)
         return self._result("completed", f"trained {self.epoch} epochs")
 
     def _result(self, status, reason):
         return {"status": status, "reason": reason, "epoch": self.epoch,
                 "best_val_acc": self.best_val_acc, "best_epoch": self.best_epoch}
 
-    def _row_blocks(self, w):
-        """[(start, stop), ...]: one row block of w per thread, or None to update w whole on this thread."""
-        blocks = min(self.threads, len(w) if w.ndim else 1)
-        if blocks < 2 or w.size < _PARALLEL_MIN:
-            return None
-        bounds = [len(w) * i // blocks for i in range(blocks + 1)]
-        return list(zip(bounds[:-1], bounds[1:]))
-
-    @staticmethod
-    def _step_rows(name, w, dw, state, hyper, ema, decay, start, stop):
-        """Optimizer step and EMA of rows start:stop of one parameter; returns the rule's scalar state."""
-        scalars = optim.update_rows(name, w, dw, state, hyper, start, stop)
-        ema_rows = ema[start:stop]
-        ema_rows *= decay
-        ema_rows += (1.0 - decay) * w[start:stop]
-        return scalars
-
-    def _train_epoch(self, pool):
+    def _train_epoch(self):
         """Run one epoch; return (status, reason) when training must end early, else None."""
         model, data, cfg = self.model, self.data, self.config
         x_train, y_train = data.x_train, data.y_train
         n, batch = len(x_train), cfg["batch_size"]
         hyper = {**cfg, "lr": lr_at(self.epoch, cfg)}
-        name = cfg["update"]
-        update = optim.UPDATES[name]
+        update = optim.UPDATES[cfg["update"]]
         reg, clip_norm = cfg["reg"], cfg["clip_norm"]
         decay = cfg["ema_decay"]
         limit = cfg["abort_factor"] * self.initial_loss
-        slots = [(model.params[k], self.opt_state[k], self.ema_params[k], k, self._row_blocks(model.params[k]))
-                 for k in model.params]
-        for w, state, _, _, blocks in slots:
-            if blocks:
-                optim.init_slots(name, w, state)
+        slots = [(model.params[k], self.opt_state[k], self.ema_params[k], k) for k in model.params]
         weights = model.weight_names
         last_start = (n - 1) // batch * batch
 
@@ -212,20 +180,10 @@ class Solver:
                 optim.clip_gradients(grads, clip_norm)
             if start == last_start:
                 before = {k: model.params[k].copy() for k in weights}
-            pending = []
-            for w, state, ema, k, blocks in slots:
-                if blocks is None:
-                    update(w, grads[k], state, hyper)
-                    ema *= decay
-                    ema += (1.0 - decay) * w
-                    continue
-                args = (name, w, grads[k], state, hyper, ema, decay)
-                futures = [pool.submit(self._step_rows, *args, *rows) for rows in blocks[1:]]
-                pending.append((state, self._step_rows(*args, *blocks[0]), futures))
-            for state, scalars, futures in pending:
-                for future in futures:
-                    future.result()
-                state.update(scalars)
+            for w, state, ema, k in slots:
+                update(w, grads[k], state, hyper)
+                ema *= decay
+                ema += (1.0 - decay) * w
         train_seconds = time.perf_counter() - started
 
         self.epoch += 1
@@ -305,4 +263,3 @@ class Solver:
         self.initial_loss = float(arrays["initial_loss"])
         self.best_val_acc = float(arrays["best_val_acc"])
         self.best_epoch = int(arrays["best_epoch"])
-

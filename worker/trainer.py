@@ -7,7 +7,6 @@ import time
 from typing import Any
 
 import numpy as np
-from threadpoolctl import threadpool_info
 
 from nncore.data import load_dataset_cached
 from nncore.model import build_model
@@ -20,12 +19,6 @@ from worker.store import ExperimentStore, load_npz
 log = logging.getLogger(__name__)
 
 SOLVER_STATES = {"completed": TrialState.COMPLETED, "diverged": TrialState.DIVERGED, "stopped": TrialState.KILLED}
-
-
-def blas_threads() -> int:
-    """The BLAS thread limit in force (`worker start --threads`): the Solver runs its elementwise updates
-    of large parameters on as many threads."""
-    return max((info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"), default=1)
 
 
 class _StopCheck:
@@ -68,7 +61,7 @@ def run_trial(spec: TrialSpec, store: ExperimentStore, control: Any, worker_name
                 return finish(TrialState.FAILED, f"sanity check {failed[0]['name']} failed: {failed[0]['message']}")
         model = build_model(spec.model, data.input_shape, data.num_classes, seed=spec.seed)
         stop = _StopCheck(control)
-        solver = Solver(model, data, spec.solver, seed=spec.seed, should_stop=stop, threads=blas_threads())
+        solver = Solver(model, data, spec.solver, seed=spec.seed, should_stop=stop)
         solver.callback = lambda metrics: _end_of_epoch(spec, store, control, solver, spec_array, metrics)
         start_epoch = _restore(spec, store, solver, spec_array)
         if start_epoch:
