@@ -1,4 +1,9 @@
-"""First-order update rules that step a parameter in place from its gradient and per-parameter state."""
+"""First-order update rules that step a parameter in place from its gradient and per-parameter state.
+
+Every rule is `rule(w, dw, state, config, scratch=None)`: it updates w and state in place, leaves dw
+as it was, and computes its temporaries in `scratch` (an array shaped like w that the caller reuses
+across steps, so a training step allocates nothing) or, without one, in a new array.
+"""
 import math
 
 import numpy as np
@@ -20,64 +25,73 @@ def _slot(state, key, w, dtype=None):
     return arr
 
 
-def sgd(w, dw, state, config):
+def _scratch(w, scratch):
+    """The buffer a rule computes its temporaries in: the caller's (shaped like w), else a new one."""
+    return np.empty_like(w) if scratch is None else scratch
+
+
+def sgd(w, dw, state, config, scratch=None):
     """Vanilla SGD: w -= lr * dw."""
     (lr,) = _hyper(config, "lr")
-    w -= lr * dw
+    step = np.multiply(dw, lr, out=_scratch(w, scratch))
+    w -= step
     return w, state
 
 
-def momentum(w, dw, state, config):
+def momentum(w, dw, state, config, scratch=None):
     """SGD with momentum: v = mu*v - lr*dw; w += v."""
     lr, mu = _hyper(config, "lr", "momentum")
     v = _slot(state, "v", w)
     v *= mu
-    v -= lr * dw
+    v -= np.multiply(dw, lr, out=_scratch(w, scratch))
     w += v
     return w, state
 
 
-def nesterov(w, dw, state, config):
+def nesterov(w, dw, state, config, scratch=None):
     """Nesterov momentum (cs231n form): v = mu*v - lr*dw; w += mu*v - lr*dw."""
     lr, mu = _hyper(config, "lr", "momentum")
     v = _slot(state, "v", w)
-    step = lr * dw
+    step = np.multiply(dw, lr, out=_scratch(w, scratch))
     v *= mu
     v -= step
     w -= step
-    w += mu * v
+    w += np.multiply(v, mu, out=step)
     return w, state
 
 
-def adagrad(w, dw, state, config):
+def adagrad(w, dw, state, config, scratch=None):
     """Adagrad: cache += dw^2; w -= lr * dw / (sqrt(cache) + eps)."""
     lr, eps = _hyper(config, "lr", "eps")
     cache = _slot(state, "cache", w)
-    cache += dw * dw
-    _scaled_step(w, dw, cache, lr, eps)
+    tmp = _scratch(w, scratch)
+    cache += np.multiply(dw, dw, out=tmp)
+    _scaled_step(w, dw, cache, lr, eps, tmp)
     return w, state
 
 
-def rmsprop(w, dw, state, config):
+def rmsprop(w, dw, state, config, scratch=None):
     """RMSprop: cache = d*cache + (1-d)*dw^2; w -= lr * dw / (sqrt(cache) + eps)."""
     lr, decay, eps = _hyper(config, "lr", "decay_rate", "eps")
     cache = _slot(state, "cache", w)
+    tmp = np.multiply(dw, dw, out=_scratch(w, scratch))
+    tmp *= 1.0 - decay
     cache *= decay
-    cache += (1.0 - decay) * (dw * dw)
-    _scaled_step(w, dw, cache, lr, eps)
+    cache += tmp
+    _scaled_step(w, dw, cache, lr, eps, tmp)
     return w, state
 
 
-def _scaled_step(w, dw, cache, lr, eps):
-    """w -= lr * dw / (sqrt(cache) + eps), with one temporary."""
-    denom = np.sqrt(cache)
+def _scaled_step(w, dw, cache, lr, eps, tmp):
+    """w -= lr * dw / (sqrt(cache) + eps), computed in tmp."""
+    denom = np.sqrt(cache, out=tmp)
     denom += eps
     np.divide(dw, denom, out=denom)
     denom *= lr
     w -= denom
 
 
-def adam(w, dw, state, config):
+def adam(w, dw, state, config, scratch=None):
     """Adam with bias correction: w -= lr * m_hat / (sqrt(v_hat) + eps); state m, v and step count t."""
     lr, beta1, beta2, eps = _hyper(config, "lr", "beta1", "beta2", "eps")
     m = _slot(state, "m", w)
@@ -87,11 +101,14 @@ def adam(w, dw, state, config):
         t = state["t"] = np.zeros((), dtype=np.int64)
     t += 1
     steps = int(t)
+    tmp = _scratch(w, scratch)
     m *= beta1
-    m += (1.0 - beta1) * dw
+    m += np.multiply(dw, 1.0 - beta1, out=tmp)
     v *= beta2
-    v += (1.0 - beta2) * (dw * dw)
-    denom = np.sqrt(v)
+    np.multiply(dw, dw, out=tmp)
+    tmp *= 1.0 - beta2
+    v += tmp
+    denom = np.sqrt(v, out=tmp)
     denom *= 1.0 / math.sqrt(1.0 - beta2**steps)
     denom += eps
     np.divide(m, denom, out=denom)

@@ -149,7 +149,9 @@ class Solver:
         reg, clip_norm = cfg["reg"], cfg["clip_norm"]
         decay = cfg["ema_decay"]
         limit = cfg["abort_factor"] * self.initial_loss
-        slots = [(model.params[k], self.opt_state[k], self.ema_params[k], k) for k in model.params]
+        # one scratch buffer per parameter for the update's and the EMA's temporaries: no allocation per step
+        slots = [(model.params[k], self.opt_state[k], self.ema_params[k], k, np.empty_like(model.params[k]))
+                 for k in model.params]
         weights = model.weight_names
         last_start = (n - 1) // batch * batch
 
@@ -180,10 +182,10 @@ class Solver:
                 optim.clip_gradients(grads, clip_norm)
             if start == last_start:
                 before = {k: model.params[k].copy() for k in weights}
-            for w, state, ema, k in slots:
-                update(w, grads[k], state, hyper)
+            for w, state, ema, k, scratch in slots:
+                update(w, grads[k], state, hyper, scratch)
                 ema *= decay
-                ema += (1.0 - decay) * w
+                ema += np.multiply(w, 1.0 - decay, out=scratch)
         train_seconds = time.perf_counter() - started
 
         self.epoch += 1

@@ -110,6 +110,36 @@ def test_float32_stays_float32_and_state_matches(name):
             assert value.dtype == np.float32 and value.shape == w.shape
 
 
+@pytest.mark.parametrize("name", sorted(optim.UPDATES))
+def test_step_with_scratch_allocates_nothing_and_matches(name):
+    """With the caller's scratch buffer a step allocates no array (NumPy reports its buffers to tracemalloc);
+    without one it allocates one temporary; both give the same bits."""
+    import tracemalloc
+
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((512, 512)).astype(np.float32)
+    dw = rng.standard_normal((512, 512)).astype(np.float32)
+    config = {"lr": 1e-2}
+    plain_w, plain_state = w.copy(), {}
+    scratch, state = np.empty_like(w), {}
+    for _ in range(2):  # the first step creates the state slots
+        optim.UPDATES[name](plain_w, dw, plain_state, config)
+        tracemalloc.start()
+        try:
+            optim.UPDATES[name](w, dw, state, config, scratch)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak < w.nbytes // 100
+    assert np.array_equal(w, plain_w) and all(np.array_equal(state[k], plain_state[k]) for k in state)
+    tracemalloc.start()
+    try:
+        optim.UPDATES[name](plain_w, dw, plain_state, config)
+        assert tracemalloc.get_traced_memory()[1] >= w.nbytes  # the test sees an allocation when there is one
+    finally:
+        tracemalloc.stop()
+
+
 def test_defaults_fill_missing_keys():
     w = np.ones(2)
     optim.adam(w, np.ones(2), {}, {"lr": 0.5})
