@@ -251,3 +251,35 @@ def test_unwritable_storage_is_one_line_and_exit_2(tmp_path):
     done = run_cli("start", "--url", "redis://127.0.0.1:1/0", "--storage", str(tmp_path / "file" / "sub"))
     assert done.returncode == 2
     assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith(f"worker: storage {tmp_path}/file/sub:")
+
+
+def test_exit_status_tells_a_supervisor_whether_to_restart(rq_redis, workers, tmp_path, monkeypatch):
+    """A worker asked to quit (SIGTERM, or RQ's shutdown command as quarantine sends) exits 0; one whose
+    RQ loop ended on its own (an unexpected error RQ logs and swallows) exits 1, so that systemd's
+    Restart=on-failure or Kubernetes starts it again."""
+    from click.testing import CliRunner
+    from rq import Worker
+    from rq.command import send_shutdown_command
+
+    from worker import cli
+    from worker.jobs import TrialWorker
+
+    url, conn, tag = rq_redis
+    for i, ask in enumerate(("sigterm", "shutdown")):
+        name = f"{tag}-exit-{i}"
+        proc = workers.start(worker_command(url, tmp_path, tag, name))
+        wait_for(lambda: any(w.name == name for w in Worker.all(connection=conn)), 30, f"worker {name} registered")
+        if ask == "sigterm":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            send_shutdown_command(conn, name)
+        assert proc.wait(30) == 0, workers.logs()
+
+    monkeypatch.setattr(TrialWorker, "work", lambda self, **kw: False)  # RQ's loop: "unhandled exception, quitting"
+    done = CliRunner().invoke(cli.main, ["start", "--url", url, "--storage", str(tmp_path), "--queue", tag,
+                                         "--name", f"{tag}-exit-2"])
+    assert done.exit_code == 1
+    assert f"{tag}-exit-2 quit on an unexpected error" in done.output
+    burst = CliRunner().invoke(cli.main, ["start", "--url", url, "--storage", str(tmp_path), "--queue", tag,
+                                          "--name", f"{tag}-exit-3", "--burst"])
+    assert burst.exit_code == 0, burst.output  # --burst: returning is how it ends

@@ -70,6 +70,10 @@ def start(url: str | None, storage: str | None, queue: str, name: str | None, th
         worker.work(burst=burst, logging_level="INFO")
     except ValueError as exc:  # e.g. "There exists an active worker named ... already"
         _fail(str(exc))
+    if not burst and not worker.stop_asked:  # RQ logs an unexpected error (or a Redis timeout) and returns
+        click.echo(f"worker: {name} quit on an unexpected error (logged above); exit status 1 so that a "
+                   "supervisor (systemd Restart=on-failure, Kubernetes) starts it again", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -119,8 +119,14 @@ class TrialWorker(SimpleWorker):
         super().__init__(queues, **kwargs)
         self.allowed = allowed
         self.stop_grace = stop_grace
+        self.stop_asked = False  # a signal or RQ's shutdown command asked this worker to quit
         self._heartbeat: _Heartbeat | None = None
         self._full_beat_at = 0.0
+
+    def request_stop(self, signum: Any, frame: Any) -> None:
+        """SIGINT / SIGTERM (RQ's shutdown command sends SIGINT): remember that quitting was asked for."""
+        self.stop_asked = True
+        super().request_stop(signum, frame)
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         self._stopped_job_id = None
