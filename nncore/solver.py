@@ -99,8 +99,9 @@ class Solver:
     from the state saved at the last callback. Metrics passed to the callback after each epoch: "epoch"
     (epochs done), "train_loss" (sample-weighted mean minibatch loss, L2 included), "train_acc" (test mode,
     on a fixed subsample of train_eval_samples), "val_loss" (data loss), "val_acc", "ema_val_acc" (with
-    ema_params), "lr", "update_ratio" ({layer: ||dW|| / ||W||} of the epoch's last update), "seconds"
-    (epoch wall time, evaluation included), "samples_per_sec" (of the minibatch loop).
+    ema_params), "lr", "update_ratio" ({layer: ||dW|| / ||W||} of the epoch's last update; None for a
+    layer whose weights were all zero, e.g. decayed to zero by a huge L2, and moved), "seconds" (epoch
+    wall time, evaluation included), "samples_per_sec" (of the minibatch loop).
     """
 
     def __init__(self, model, data, config, *, seed=0, callback=None, should_stop=None):
@@ -193,7 +194,8 @@ class Solver:
         metrics.update(self._evaluate())
         metrics.update({
             "lr": hyper["lr"],
-            "update_ratio": update_weight_ratios(before, model.params, weights),
+            "update_ratio": {layer: ratio if math.isfinite(ratio) else None  # None: all-zero weights moved
+                             for layer, ratio in update_weight_ratios(before, model.params, weights).items()},
             "seconds": time.perf_counter() - started,
             "samples_per_sec": n / train_seconds,
         })

@@ -213,3 +213,15 @@ def test_cli_report_needs_no_redis(store, monkeypatch):
     assert "learning curves of the top 2 trials" in (store.report_dir / "index.html").read_text().lower()
     done = CliRunner().invoke(main, ["report", "--storage", str(store.root), "--experiment", "nope"])
     assert done.exit_code == 2 and "experiment nope: not found" in done.output
+
+
+def test_ratio_figure_leaves_a_gap_for_a_none_ratio():
+    """A layer whose all-zero weights moved has update_ratio None in its history (no finite ratio)."""
+    from master.report import ratio_figure
+
+    history = [{"epoch": e, "update_ratio": {"layer1": None, "layer2": 0.3 / e}} for e in (1, 2, 3)]
+    fig = ratio_figure({"coarse-0000": history})
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines() if line.get_label().startswith("layer")}
+    assert set(lines) == {"layer1", "layer2"}
+    assert np.isnan(lines["layer1"].get_ydata().astype(float)).all()
+    assert list(lines["layer2"].get_ydata()) == pytest.approx([0.3, 0.15, 0.1])

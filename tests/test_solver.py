@@ -114,6 +114,17 @@ def test_trains_and_reports_json_safe_metrics_every_epoch():
     assert solver.model.calls == 12
 
 
+def test_update_ratio_of_all_zero_weights_that_move_is_none_not_inf():
+    """Weights at exactly zero (a huge L2 can decay float32 weights to 0) that then move have no finite
+    update/weight ratio; the metrics stay strict JSON (the worker's history.jsonl refuses inf)."""
+    history = []
+    solver = make({"update": "sgd", "lr": 0.1, "epochs": 1, "batch_size": 500}, callback=history.append)
+    solver.model.params["W1"][...] = 0.0
+    assert solver.train()["status"] == "completed"
+    assert history[0]["update_ratio"] == {"layer1": None}
+    json.dumps(history[0], allow_nan=False)
+
+
 def test_train_loss_is_sample_weighted_mean_of_minibatch_losses():
     history, losses = [], []
     solver = make({"lr": 0.1, "epochs": 1, "batch_size": 64}, callback=history.append)
