@@ -42,6 +42,15 @@ hidden = {{ dist = "choice", values = [[32], [64]] }}
 """
 
 
+def wait_for(predicate, timeout: float = 30.0, what: str = "the condition", interval: float = 0.05) -> None:
+    """Poll ``predicate`` every ``interval`` seconds until it is true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
 @pytest.fixture()
 def write_config(tmp_path):
     """``write_config(name, dataset="digits", epochs=1, trials=4, prune="asha") -> Path`` of a small TOML

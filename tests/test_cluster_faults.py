@@ -16,6 +16,8 @@ from master.embedded import free_port, redis_server_binary
 from master.leaderboard import build_leaderboard
 from worker.store import Checkpoint, ExperimentStore, load_npz
 
+from conftest import wait_for
+
 pytestmark = [pytest.mark.slow, pytest.mark.netns, pytest.mark.timeout(300)]
 
 TRIALS, EPOCHS = 24, 40  # ~2 s of training each: the stage outlasts the kill and the Redis restart
@@ -166,15 +168,6 @@ class Cluster:
         if self.server is not None and self.server.poll() is None:
             self.server.kill()
             self.server.wait(10)
-
-
-def wait_for(predicate, timeout, what):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def _answers(client):

@@ -15,6 +15,8 @@ import pytest
 
 from worker.store import ExperimentStore
 
+from conftest import wait_for
+
 pytestmark = pytest.mark.slow
 
 
@@ -78,14 +80,6 @@ class Launch:
     def kinds(self) -> set[str]:
         return {("redis" if "redis-server" in c else "worker" if "worker.cli" in c else c)
                 for _, c in self.seen.values()}
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_readme_first_command_runs_a_stage_and_leaves_nothing_behind(tmp_path):

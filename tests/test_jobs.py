@@ -20,6 +20,8 @@ from worker.jobs import INTERRUPT, STOP_COMMAND_REASON, TrialWorker, refusal, tr
 from worker.spec import TrialSpec
 from worker.store import ExperimentStore
 
+from conftest import wait_for
+
 QUEUE = "hs-test"
 
 
@@ -71,15 +73,6 @@ def in_background(target):
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     return thread
-
-
-def wait_until(predicate, timeout=30.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    raise AssertionError("condition not reached in time")
 
 
 # -- the job function -------------------------------------------------------------------------------------------
@@ -213,7 +206,7 @@ def test_a_stop_key_is_honoured_within_a_second(conn, storage):
     asked = {}
 
     def stop_after_first_epoch():
-        wait_until(lambda: read_progress(conn, "exp").get(spec.trial_id, {}).get("epoch", 0) >= 1)
+        wait_for(lambda: read_progress(conn, "exp").get(spec.trial_id, {}).get("epoch", 0) >= 1, interval=0.005)
         asked["at"] = time.time()
         request_stop(conn, "exp", spec.trial_id, "stopped by user")
 
@@ -232,7 +225,7 @@ def test_rq_stop_job_command_stops_an_in_process_trial(conn, storage):
     asked = {}
 
     def send_stop():
-        wait_until(lambda: read_progress(conn, "exp").get(spec.trial_id, {}).get("epoch", 0) >= 1)
+        wait_for(lambda: read_progress(conn, "exp").get(spec.trial_id, {}).get("epoch", 0) >= 1, interval=0.005)
         asked["at"] = time.time()
         send_stop_job_command(conn, jid, serializer=JSONSerializer)
 
@@ -252,7 +245,7 @@ def test_a_job_that_ignores_the_stop_command_is_interrupted(conn, storage):
     took = {}
 
     def send_stop():
-        wait_until(lambda: fetch(conn, job.id).get_status() == JobStatus.STARTED)
+        wait_for(lambda: fetch(conn, job.id).get_status() == JobStatus.STARTED, interval=0.005)
         took["asked"] = time.monotonic()
         send_stop_job_command(conn, job.id, serializer=JSONSerializer)
 
@@ -272,7 +265,7 @@ def test_a_trial_requeued_while_it_runs_ends_without_a_result_and_leaves_the_job
     seen = {}
 
     def requeue_after_first_epoch():  # what the master does when it stops hearing from the worker
-        wait_until(lambda: read_progress(conn, "exp").get(spec.trial_id, {}).get("epoch", 0) >= 1)
+        wait_for(lambda: read_progress(conn, "exp").get(spec.trial_id, {}).get("epoch", 0) >= 1, interval=0.005)
         Dispatcher(conn, QUEUE).requeue([spec])
         seen["epoch"] = store.latest_checkpoint(spec.trial_id).epoch
 
@@ -314,7 +307,7 @@ def test_heartbeats_continue_while_a_job_runs(conn, storage):
     beats = set()
 
     def sample():
-        wait_until(lambda: fetch(conn, job.id).get_status() == JobStatus.STARTED)
+        wait_for(lambda: fetch(conn, job.id).get_status() == JobStatus.STARTED, interval=0.005)
         while fetch(conn, job.id).get_status() == JobStatus.STARTED:
             beats.add(conn.hget("rq:worker:w1", "last_heartbeat"))
             time.sleep(0.05)

@@ -17,6 +17,7 @@ from master.stages import plan_stage
 from worker.store import ExperimentStore
 
 from conftest import REAL_REDIS_URL as URL
+from conftest import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
@@ -92,15 +93,6 @@ def experiment(tmp_path, tag):
     yield make
     for e in made:
         e.stop()
-
-
-def wait_for(predicate, timeout, what):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 LONG_TRIAL = """dataset = "digits"

@@ -21,6 +21,8 @@ from worker.spec import TrialSpec
 from worker.store import ExperimentStore, load_npz
 from worker.trainer import run_trial
 
+from conftest import wait_for
+
 
 def worker_command(url, storage, queue, name, *extra):
     return [sys.executable, "-m", "worker.cli", "start", "--url", url, "--storage", str(storage),
@@ -67,15 +69,6 @@ def make_spec(experiment, index, epochs=1, hidden=(32,)):
     return TrialSpec(experiment=experiment, trial_id=f"coarse-{index:04d}", stage="coarse", dataset="digits",
                      model={"hidden": list(hidden)}, solver={"update": "adam", "lr": 3e-3, "batch_size": 64},
                      epochs=epochs, seed=index, data={"preprocess": "standardize"})
-
-
-def wait_for(predicate, timeout, what):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.slow
