@@ -51,23 +51,17 @@ EPOCHS = 30
 TOLERANCE = 0.005  # "within 0.5 points" of flat search's best validation accuracy
 TARGET_RATIO = 5.0
 
+SPACE = """
+[space.solver]
+lr = {{ dist = "loguniform", low = {lr_low}, high = {lr_high} }}
+reg = {{ dist = "loguniform", low = 1e-6, high = {reg_high} }}
+[space.model]
+dropout = {{ dist = "uniform", low = 0.0, high = 0.5 }}
+hidden = {{ dist = "choice", values = [[64], [128], [256, 128]] }}
+"""
 SPACES = {  # --space: the product default's ranges, or cs231n's coarse first search (a wide log scale)
-    "default": """
-[space.solver]
-lr = { dist = "loguniform", low = 1e-4, high = 1e-1 }
-reg = { dist = "loguniform", low = 1e-6, high = 1e-1 }
-[space.model]
-dropout = { dist = "uniform", low = 0.0, high = 0.5 }
-hidden = { dist = "choice", values = [[64], [128], [256, 128]] }
-""",
-    "wide": """
-[space.solver]
-lr = { dist = "loguniform", low = 1e-6, high = 1e0 }
-reg = { dist = "loguniform", low = 1e-6, high = 1e1 }
-[space.model]
-dropout = { dist = "uniform", low = 0.0, high = 0.5 }
-hidden = { dist = "choice", values = [[64], [128], [256, 128]] }
-""",
+    "default": SPACE.format(lr_low="1e-4", lr_high="1e-1", reg_high="1e-1"),
+    "wide": SPACE.format(lr_low="1e-6", lr_high="1e0", reg_high="1e1"),
 }
 TASKS = {  # dataset -> fixed settings; the harder tasks need many epochs and their 1-epoch ranking is noisier
     "spiral6": '[experiment]\nname = "{name}"\ndataset = "npz:{data}/spiral6.npz"\nseed = {seed}\n'
