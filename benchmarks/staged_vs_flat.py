@@ -192,6 +192,9 @@ def main() -> None:
                         help="the search space: cs231n's wide coarse ranges (default) or the product default's ranges")
     parser.add_argument("--markdown", action="store_true", help="print the results as a Markdown table")
     args = parser.parse_args()
+    unknown = [t for t in args.tasks.split(",") if t not in TASKS]
+    if unknown:
+        parser.error(f"--tasks: unknown task {unknown[0]!r} (known: {', '.join(TASKS)})")
     threadpool_limits(1)
     blas = next((f"{i['internal_api']} {i.get('version')} ({i.get('architecture')})" for i in threadpool_info()
                  if i["user_api"] == "blas"), "unknown BLAS")
