@@ -1,0 +1,48 @@
+"""The epoch counting of benchmarks/staged_vs_flat.py, on hand-made accuracy curves."""
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import staged_vs_flat as bench  # noqa: E402
+
+HIT_AT_3 = [0.1, 0.5, 0.9, 0.95]  # reaches 0.9 at its 3rd epoch
+SLOW_START = [0.3, 0.6, 0.7, 0.92]  # best after one epoch, reaches 0.9 only at its 4th
+NEVER = [0.2, 0.4, 0.5, 0.6]
+
+
+def test_epochs_to_counts_every_epoch_trained_before_the_first_hit():
+    assert bench.first_hit(HIT_AT_3, 0.9) == 3
+    assert bench.first_hit(NEVER, 0.9) == 0
+    assert bench.epochs_to([NEVER, HIT_AT_3], 0.9) == 4 + 3
+    assert bench.epochs_to([HIT_AT_3, NEVER], 0.9) == 3
+    assert bench.epochs_to([NEVER, NEVER], 0.9) == math.inf
+
+
+def test_any_order_averages_over_the_orders_of_the_trials():
+    # two orders, equally likely: 3 (the hit first) and 4 + 3 (after the miss)
+    assert bench.expected_epochs_to([NEVER, HIT_AT_3], 0.9) == pytest.approx(5.0, abs=0.1)
+    assert bench.expected_epochs_to([NEVER], 0.9) == math.inf
+
+
+def test_replay_screens_one_epoch_then_continues_best_first():
+    # screen: 3 epochs; SLOW_START ranks first (0.3) and reaches 0.9 three epochs later
+    assert bench.replay([HIT_AT_3, SLOW_START, NEVER], 0.9) == 3 + 3
+    # SLOW_START ranks first but never gets there: its 3 remaining epochs are spent before HIT_AT_3's 2
+    slow_miss = [0.3, 0.6, 0.7, 0.8]
+    assert bench.replay([HIT_AT_3, slow_miss], 0.9) == 2 + 3 + 2
+    assert bench.replay([slow_miss, NEVER], 0.9) == math.inf
+
+
+def test_perfect_pick_continues_only_the_trial_that_gets_there_soonest():
+    assert bench.replay([NEVER, SLOW_START, HIT_AT_3], 0.9, perfect=True) == 3 + 2
+    assert bench.replay([HIT_AT_3, [0.1, 0.2, 0.3, 0.4, 0.5, 0.91]], 0.9, perfect=True) == 2 + 2
+    assert bench.replay([NEVER], 0.9, perfect=True) == math.inf
+
+
+def test_a_hit_within_the_screen_ends_the_replay_there():
+    first_epoch_hit = [0.95, 0.96]
+    assert bench.replay([NEVER, first_epoch_hit, HIT_AT_3], 0.9) == 2
+    assert bench.replay([NEVER, first_epoch_hit, HIT_AT_3], 0.9, perfect=True) == 2
