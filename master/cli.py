@@ -749,7 +749,8 @@ def ensemble(experiment: str | None, storage: Path | None, top: int, method: str
               metavar="X.npz", help="Raw samples as array `x` (samples, features...), preprocessed here like the "
                                     "training data; no pickled arrays.")
 @click.option("--output", "output_path", type=click.Path(path_type=Path, dir_okay=False), required=True,
-              metavar="PREDS.npz", help="Where to write `proba` (samples, classes) and `pred` (class indices).")
+              metavar="PREDS.npz", help="Where to write `proba` (samples, classes), `classes` (the dataset's label "
+                                      "of each column) and `pred` (predicted labels).")
 @user_errors
 def predict(experiment: str | None, storage: Path | None, ensemble_name: str | None, trial: str | None, ema: bool,
             input_path: Path, output_path: Path) -> None:

@@ -274,7 +274,8 @@ def read_input(path: Path) -> np.ndarray:
 def predict(store: ExperimentStore, input_path: Path, output_path: Path, *, ensemble: str | None = None,
             trial: str | None = None, ema: bool = False) -> dict[str, np.ndarray]:
     """Run an ensemble (or one trial's best checkpoint) on the raw samples ``x`` of ``input_path``,
-    preprocessed like its training data; write ``proba`` (samples, classes) and ``pred`` (class indices)."""
+    preprocessed like its training data; write ``proba`` (samples, classes), ``classes`` (the label of each
+    column of proba, as the dataset spelled it) and ``pred`` (the predicted labels, from ``classes``)."""
     if (ensemble is None) == (trial is None):
         raise EnsembleError("give exactly one of --ensemble NAME or --trial ID")
     if ensemble is not None and ema:
@@ -300,6 +301,8 @@ def predict(store: ExperimentStore, input_path: Path, output_path: Path, *, ense
     apply_preprocessing(x, *preprocessing_stats(raw.x_train, spec.data["preprocess"]))
     probas = np.stack([m.proba(x) for m in members])
     proba = combine(probas, np.array([w for _, w in weighted], dtype=float)).astype(np.float32)
-    out = {"proba": proba, "pred": proba.argmax(axis=1).astype(np.int64)}
+    data = members[0].data
+    classes = np.arange(data.num_classes, dtype=np.int64) if data.classes is None else data.classes
+    out = {"proba": proba, "classes": classes, "pred": classes[proba.argmax(axis=1)]}
     atomic_write_npz(output_path, out)
     return out

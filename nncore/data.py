@@ -47,7 +47,8 @@ _NPZ_ARRAYS = ("x", "y", "x_val", "y_val", "x_test", "y_test")
 
 @dataclass(frozen=True)
 class Dataset:
-    """Three splits of one dataset: x float32 of shape (N, *input_shape), y int64 in 0..num_classes-1."""
+    """Three splits of one dataset: x float32 of shape (N, *input_shape), y int64 in 0..num_classes-1;
+    ``classes[i]`` is the label class i had in the source data (None: the labels were 0..num_classes-1)."""
 
     name: str
     x_train: np.ndarray
@@ -58,6 +59,7 @@ class Dataset:
     y_test: np.ndarray
     num_classes: int
     input_shape: tuple
+    classes: np.ndarray | None = None
 
     def __post_init__(self):
         if not isinstance(self.input_shape, tuple):
@@ -74,6 +76,11 @@ class Dataset:
                                 f"got {getattr(y, 'dtype', type(y).__name__)} {getattr(y, 'shape', '')}")
             if y.size and (y.min() < 0 or y.max() >= self.num_classes):
                 raise DataError(f"Dataset.y_{split}: labels must lie in 0..{self.num_classes - 1}")
+        if self.classes is not None and (not isinstance(self.classes, np.ndarray) or self.classes.dtype != np.int64
+                                         or self.classes.shape != (self.num_classes,)):
+            raise DataError(f"Dataset.classes: expected int64 of shape ({self.num_classes},), "
+                            f"got {getattr(self.classes, 'dtype', type(self.classes).__name__)} "
+                            f"{getattr(self.classes, 'shape', '')}")
 
 
 def load_dataset(name: str, *, seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15,
@@ -88,7 +95,7 @@ def load_dataset(name: str, *, seed: int = 0, val_fraction: float = 0.15, test_f
     also divides by the per-feature training standard deviation (features constant on the training split
     are only centred), "none" leaves the values raw (pixels stay 0..255). Samples keep their natural shape
     (images (C, H, W), sequences (C, L), tables (D,)); an MLP flattens them. Labels are remapped to
-    0..C-1 in sorted order. The CIFAR-10 *python* version is refused: its batches are pickles, which
+    0..C-1 in sorted order (``classes`` keeps the original ones). The CIFAR-10 *python* version is refused: its batches are pickles, which
     nncore never loads; use the binary version (cifar-10-binary.tar.gz) or convert the data to npz.
     The arrays of the result are read-only.
     """
@@ -97,7 +104,8 @@ def load_dataset(name: str, *, seed: int = 0, val_fraction: float = 0.15, test_f
         raise DataError(f"dataset name: expected a string, got {name!r}")
     splits = _read(name)
     input_shape = _check_arrays(name, splits)
-    labels, num_classes = _encode_labels(name, splits)
+    labels, classes = _encode_labels(name, splits)
+    num_classes = len(classes)
     rng = np.random.default_rng(seed)
     indices = _stratified_indices(labels["train"], num_classes,
                                   0.0 if "val" in splits else val_fraction,
@@ -113,7 +121,7 @@ def load_dataset(name: str, *, seed: int = 0, val_fraction: float = 0.15, test_f
         raise DataError(f"{name}: the validation split is empty ({len(labels['train'])} samples to carve it from, "
                         f"val_fraction={val_fraction})")
     _preprocess(xs, preprocess)
-    for array in (*xs.values(), *ys.values()):
+    for array in (*xs.values(), *ys.values(), classes):
         array.setflags(write=False)
     missing = sorted(set(range(num_classes)) - set(np.unique(ys["train"]).tolist()))
     if missing:
@@ -121,7 +129,8 @@ def load_dataset(name: str, *, seed: int = 0, val_fraction: float = 0.15, test_f
     logger.info("%s: %d train / %d val / %d test samples, %d classes, input shape %s, preprocess=%s",
                 name, len(ys["train"]), len(ys["val"]), len(ys["test"]), num_classes, input_shape, preprocess)
     return Dataset(name=name, x_train=xs["train"], y_train=ys["train"], x_val=xs["val"], y_val=ys["val"],
-                   x_test=xs["test"], y_test=ys["test"], num_classes=num_classes, input_shape=input_shape)
+                   x_test=xs["test"], y_test=ys["test"], num_classes=num_classes, input_shape=input_shape,
+                   classes=None if np.array_equal(classes, np.arange(num_classes)) else classes)
 
 
 @functools.lru_cache(maxsize=2)
@@ -187,18 +196,19 @@ def _check_arrays(name: str, splits: dict) -> tuple:
     return input_shape
 
 
-def _encode_labels(name: str, splits: dict) -> tuple[dict[str, np.ndarray], int]:
-    """Map the labels of every split to int64 0..C-1 (sorted order of the distinct labels); return them and C."""
+def _encode_labels(name: str, splits: dict) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Map the labels of every split to int64 0..C-1 (sorted order of the distinct labels); return them and
+    the distinct labels (int64), class i's original label at index i."""
     for split, (_, y) in splits.items():
         integral = y.dtype.kind in "biu" or (y.dtype.kind == "f" and bool(np.all(np.isfinite(y) & (y == np.round(y)))))
         if not integral:
             raise DataError(f"{name}: {_array_name('y', split)} must hold integer class labels (dtype {y.dtype})")
-    classes = np.unique(np.concatenate([y for _, y in splits.values()]))
+    classes = np.unique(np.concatenate([y for _, y in splits.values()])).astype(np.int64)
     if len(classes) < 2:
         raise DataError(f"{name}: needs at least 2 classes, found {len(classes)}")
     if not np.array_equal(classes, np.arange(len(classes))):
         logger.info("%s: labels %s remapped to 0..%d", name, classes[:20].tolist(), len(classes) - 1)
-    return {split: np.searchsorted(classes, y).astype(np.int64) for split, (_, y) in splits.items()}, len(classes)
+    return {split: np.searchsorted(classes, y).astype(np.int64) for split, (_, y) in splits.items()}, classes
 
 
 def _allocate(counts: np.ndarray, fraction: float, spare: np.ndarray) -> np.ndarray:

@@ -220,6 +220,14 @@ def test_labels_are_remapped(tmp_path):
     np.savez(tmp_path / "a.npz", x=np.ones((30, 2)), y=np.repeat([3.0, 7.0, 9.0], 10))
     d = load_dataset(f"npz:{tmp_path / 'a.npz'}")
     assert d.num_classes == 3 and set(d.y_train.tolist()) == {0, 1, 2}
+    assert d.classes.tolist() == [3, 7, 9] and d.classes.dtype == np.int64
+    assert load_dataset("spiral").classes is None  # labels already 0..C-1
+    # classes[y] gives back every sample's original label (x carries it here)
+    y = np.repeat([3, 7, 9], 10)
+    np.savez(tmp_path / "b.npz", x=np.stack([y, y], axis=1).astype(float), y=y)
+    d = load_dataset(f"npz:{tmp_path / 'b.npz'}", preprocess="none")
+    for split in ("train", "val", "test"):
+        np.testing.assert_array_equal(d.classes[getattr(d, f"y_{split}")], getattr(d, f"x_{split}")[:, 0])
 
 
 def test_dataset_validates_its_fields():
@@ -229,6 +237,9 @@ def test_dataset_validates_its_fields():
         Dataset("t", x, y, x.astype(np.float64), y, x, y, num_classes=2, input_shape=(3,))
     with pytest.raises(DataError, match="Dataset.y_test"):
         Dataset("t", x, y, x, y, x, np.array([0, 2]), num_classes=2, input_shape=(3,))
+    Dataset("t", x, y, x, y, x, y, num_classes=2, input_shape=(3,), classes=np.array([4, 8]))
+    with pytest.raises(DataError, match="Dataset.classes"):
+        Dataset("t", x, y, x, y, x, y, num_classes=2, input_shape=(3,), classes=np.array([4, 8, 9]))
 
 
 # --- npz ---------------------------------------------------------------------------------------

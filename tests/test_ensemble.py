@@ -59,8 +59,24 @@ def test_average_of_two_models_equals_the_hand_computed_mean(store, tmp_path):
     out = predict(store, tmp_path / "x.npz", tmp_path / "preds.npz", ensemble="pair")
     np.testing.assert_allclose(out["proba"], mean["val"], rtol=1e-5, atol=1e-6)
     with np.load(tmp_path / "preds.npz", allow_pickle=False) as saved:
-        assert sorted(saved.files) == ["pred", "proba"]
+        assert sorted(saved.files) == ["classes", "pred", "proba"]
+        np.testing.assert_array_equal(saved["classes"], [0, 1, 2])
         np.testing.assert_array_equal(saved["pred"], mean["val"].argmax(1))
+
+
+def test_predict_answers_in_the_dataset_s_own_labels(tmp_path):
+    """A dataset labelled 3/7/9 is trained on classes 0..2; predict maps its answers back to 3/7/9."""
+    raw = load_dataset("spiral", seed=0, val_fraction=0.2, test_fraction=0.2, preprocess="none")
+    labels = np.array([3, 7, 9])
+    np.savez(tmp_path / "d.npz", x=raw.x_train, y=labels[raw.y_train])
+    data = {**SPIRAL, "preprocess": "standardize"}
+    store = ExperimentStore(tmp_path, "exp").ensure()
+    _train(store, "coarse-0000", [16], 0.05, dataset=f"npz:{tmp_path / 'd.npz'}", data=data)
+    np.savez(tmp_path / "x.npz", x=raw.x_val)
+    out = predict(store, tmp_path / "x.npz", tmp_path / "p.npz", trial="coarse-0000")
+    np.testing.assert_array_equal(out["classes"], labels)
+    np.testing.assert_array_equal(out["pred"], labels[out["proba"].argmax(1)])
+    assert np.mean(out["pred"] == labels[raw.y_val]) > 0.5  # a trained model's answers, in the original labels
 
 
 def test_record_names_members_weights_and_scores(store):
