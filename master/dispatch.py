@@ -28,6 +28,9 @@ JOB_FUNCTION = "worker.jobs.train_trial"
 TIMEOUT_BASE_SECONDS = 300  # data loading, sanity checks, the first checkpoint
 TIMEOUT_PER_EPOCH_SECONDS = 600  # generous: a job timeout catches a hung trial, not a slow one
 FAILURE_TTL_SECONDS = 365 * 24 * 3600
+# A finished job (its hash, result and registry entry: ~7 KB) lives as long as the trial's progress hash;
+# shared storage is the record, so the master never needs it later (a relaunch reads result.json).
+RESULT_TTL_SECONDS = KEY_TTL_SECONDS
 ACTIVE_STATUSES = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
 _WATCH_RETRIES = 20
 
@@ -148,7 +151,7 @@ class Dispatcher:
     def _job_data(self, jid: str, spec: TrialSpec) -> Any:
         return Queue.prepare_data(
             JOB_FUNCTION, args=(spec.to_dict(),), job_id=jid, timeout=self.job_timeout(spec),
-            result_ttl=-1, failure_ttl=FAILURE_TTL_SECONDS, description=f"trial {spec.experiment}/{spec.trial_id}",
+            result_ttl=RESULT_TTL_SECONDS, failure_ttl=FAILURE_TTL_SECONDS, description=f"trial {spec.experiment}/{spec.trial_id}",
         )
 
     def progress(self, experiment: str) -> dict[str, dict[str, Any]]:

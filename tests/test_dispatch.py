@@ -9,7 +9,7 @@ from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
 
-from master.dispatch import DispatchError, Dispatcher, connect, job_id, mask_url, trial_of
+from master.dispatch import RESULT_TTL_SECONDS, DispatchError, Dispatcher, connect, job_id, mask_url, trial_of
 from worker.control import progress_key, request_stop, stop_key
 from worker.jobs import TrialWorker
 from worker.spec import SpecError, TrialSpec
@@ -64,7 +64,7 @@ def test_enqueue_twice_enqueues_nothing_the_second_time(conn):
     assert d.counts("exp") == {"queued": 7, "started": 0, "finished": 0, "failed": 0, "stopped": 0}
 
 
-def test_the_job_carries_the_spec_as_json_with_timeout_and_kept_result(conn):
+def test_the_job_carries_the_spec_as_json_with_timeout_and_result_ttl(conn):
     d = Dispatcher(conn, QUEUE)
     spec = make_spec(epochs=3)
     d.enqueue([spec])
@@ -72,7 +72,7 @@ def test_the_job_carries_the_spec_as_json_with_timeout_and_kept_result(conn):
     func, instance, args, kwargs = json.loads(zlib.decompress(raw[b"data"]))
     assert (func, instance, args, kwargs) == ("worker.jobs.train_trial", None, [spec.to_dict()], {})
     assert int(raw[b"timeout"]) == d.job_timeout(spec) == 300 + 3 * 600
-    assert int(raw[b"result_ttl"]) == -1
+    assert int(raw[b"result_ttl"]) == RESULT_TTL_SECONDS == 7 * 24 * 3600  # storage is the record
     assert raw[b"description"] == b"trial exp/coarse-0001"
     assert not any(v.startswith(b"\x80") for v in raw.values())  # no pickle anywhere
 

@@ -15,7 +15,7 @@ from rq.serializers import JSONSerializer
 from threadpoolctl import threadpool_limits
 
 from master.embedded import terminate_trees
-from master.dispatch import Dispatcher, connect, job_id
+from master.dispatch import RESULT_TTL_SECONDS, Dispatcher, connect, job_id
 from worker.control import NullControl
 from worker.spec import TrialSpec
 from worker.store import ExperimentStore, load_npz
@@ -95,9 +95,12 @@ def test_two_workers_complete_eight_trials_with_consistent_records(rq_redis, wor
         assert ckpt.val_acc == round(history[0]["val_acc"], 4) == result["best_val_acc"]
         job = Job.fetch(job_id(experiment, spec.trial_id), connection=conn, serializer=JSONSerializer)
         assert job.get_status() == JobStatus.FINISHED and job.return_value() == result
+        assert 0 < conn.ttl(job.key) <= RESULT_TTL_SECONDS  # Redis does not keep finished jobs for ever
     assert dispatcher.counts(experiment)["finished"] == 8
     assert dispatcher.enqueue(specs) == []  # launching again enqueues nothing
-    assert Dispatcher(conn, queue).enqueue(specs) == []  # not even without storage: the jobs are kept
+    assert Dispatcher(conn, queue).enqueue(specs) == []  # not even without storage, while the jobs live
+    conn.delete(*[Job.key_for(job_id(experiment, s.trial_id)) for s in specs])  # as when their TTL ran out
+    assert dispatcher.enqueue(specs) == []  # storage is the record
 
 
 @pytest.mark.slow
