@@ -1,7 +1,7 @@
 """Epochs that flat random search and our coarse-to-fine search spend to reach flat search's best val accuracy.
 
 Usage: python benchmarks/staged_vs_flat.py [--tasks digits,spiral6] [--seeds 0,1,2,3,4] [--trials 32]
-       [--space wide|default] [--plan default|halving] [--markdown]
+       [--space wide|default] [--plan default|halving] [--markdown] [--plot FILE.png]
 
 Tasks: digits (MLP on the 8x8 digits, 270 validation samples) and spiral6, the harder one: an MLP on
 cs231n's spiral grown to 6 arms x 1000 points (nncore.data.make_spiral), 1800 validation samples, still
@@ -26,7 +26,9 @@ run first. The last two columns replay successive halving on flat search's own t
 repeats its curve, as promote resumes bit for bit): every trial screened for one epoch, then continued best
 first by that epoch's accuracy ("ranked"), or only the one that gets to the target soonest ("perfect pick":
 the fewest epochs any choice made from a one-epoch screen of those trials can spend). They tell how much of
-a miss is the one-epoch ranking and how much the task allows at all. Counts are deterministic for a seed;
+a miss is the one-epoch ranking and how much the task allows at all. --plot draws, per task, how far each
+search's best validation accuracy so far is below flat search's best against the epochs spent (median over
+the seeds and the quartiles; flat search averaged over the orders of its trials). Counts are deterministic for a seed;
 wall time depends on machine load.
 """
 from __future__ import annotations
@@ -198,6 +200,43 @@ def replay(trials: list[list[float]], target: float, perfect: bool = False) -> f
     return spent + epochs_to(rest, target)
 
 
+def anytime(trials: list[list[float]]) -> np.ndarray:
+    """Best validation accuracy so far after each epoch spent, in execution order."""
+    return np.maximum.accumulate(np.concatenate([np.asarray(a, dtype=float) for a in trials if a] or [[0.0]]))
+
+
+def gap_curve(trials: list[list[float]], reference: float, epochs: int, orders: int = 0) -> np.ndarray:
+    """Points below ``reference`` after 1..``epochs`` epochs (the last value held once the search ended);
+    with ``orders``, averaged over that many random orders of the trials."""
+    def gaps(curve: np.ndarray) -> np.ndarray:
+        held = np.concatenate([curve, np.full(max(epochs - len(curve), 0), curve[-1])])[:epochs]
+        return 100 * (held - reference)
+    if not orders:
+        return gaps(anytime(trials))
+    rng = np.random.default_rng(0)
+    return np.mean([gaps(anytime([trials[i] for i in rng.permutation(len(trials))])) for _ in range(orders)], axis=0)
+
+
+def plot(curves: dict[str, dict[str, list[np.ndarray]]], path: Path, title: str) -> None:
+    """One panel per task: median and interquartile band over seeds of each search's gap curve."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5 * len(curves), 4.2), layout="constrained")
+    for ax, (task, kinds) in zip(np.atleast_1d(fig.subplots(1, len(curves))), curves.items()):
+        for kind, runs in kinds.items():
+            x = np.arange(1, len(runs[0]) + 1)
+            q25, q50, q75 = np.percentile(np.stack(runs), [25, 50, 75], axis=0)
+            line, = ax.plot(x, q50, label=f"{kind} (median of {len(runs)} seeds)")
+            ax.fill_between(x, q25, q75, color=line.get_color(), alpha=0.2)
+        ax.axhline(-100 * TOLERANCE, color="k", ls="--", lw=1, label="target: flat best - 0.5 points")
+        ax.set(xscale="log", xlabel="epochs spent", ylabel="best val acc so far - flat best (points)",
+               title=task, ylim=(-20, 3))
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110)
+
+
 def best(trials: list[list[float]]) -> float:
     return max(max(accs, default=0.0) for accs in trials)
 
@@ -212,6 +251,8 @@ def main() -> None:
     parser.add_argument("--space", choices=sorted(SPACES), default="wide",
                         help="the search space: cs231n's wide coarse ranges (default) or the product default's ranges")
     parser.add_argument("--markdown", action="store_true", help="print the results as a Markdown table")
+    parser.add_argument("--plot", type=Path, metavar="FILE.png",
+                        help="also draw each search's best accuracy so far against the epochs spent")
     args = parser.parse_args()
     unknown = [t for t in args.tasks.split(",") if t not in TASKS]
     if unknown:
@@ -220,6 +261,7 @@ def main() -> None:
     blas = next((f"{i['internal_api']} {i.get('version')} ({i.get('architecture')})" for i in threadpool_info()
                  if i["user_api"] == "blas"), "unknown BLAS")
     rows = []
+    curves: dict[str, dict[str, list[np.ndarray]]] = {}
     with tempfile.TemporaryDirectory(prefix="hs-staged-") as tmp:
         for task in args.tasks.split(","):
             if task in GENERATED:
@@ -238,6 +280,10 @@ def main() -> None:
                           f"{out[kind][2]:.0f} s", file=sys.stderr)
                 (flat, _, flat_s), (staged, _, staged_s) = out["flat"], out["staged"]
                 target = best(flat) - TOLERANCE
+                horizon = sum(map(len, flat))
+                mine = curves.setdefault(task, {"flat search": [], f"staged ({args.plan} plan)": []})
+                mine["flat search"].append(gap_curve(flat, best(flat), horizon, orders=200))
+                mine[f"staged ({args.plan} plan)"].append(gap_curve(staged, best(flat), horizon))
                 rows.append((task, seed, best(flat), best(staged), epochs_to(flat, target),
                              expected_epochs_to(flat, target), epochs_to(staged, target),
                              sum(map(len, flat)), sum(map(len, staged)), flat_s, staged_s,
@@ -267,8 +313,15 @@ def main() -> None:
         replayed = [sum(r[5] / r[col] >= TARGET_RATIO for r in mine) for col in (11, 12)]
         print(f"{task}: flat's own trials replayed with a one-epoch screen meet {TARGET_RATIO:.0f}x (any order) in "
               f"{replayed[0]} of {len(mine)} runs continued best first, {replayed[1]} with a perfect pick")
-    print(f"plan {args.plan}, space {args.space}, {args.trials} flat trials; BLAS: {blas}, 1 thread; "
-          f"python {sys.version.split()[0]}")
+    footer = (f"plan {args.plan}, space {args.space}, {args.trials} flat trials; BLAS: {blas}, 1 thread; "
+              f"python {sys.version.split()[0]}")
+    print(footer)
+    if args.plot:
+        for mine in curves.values():  # flat searches of different seeds spend different totals: cut to the least
+            for kind, runs in mine.items():
+                mine[kind] = [r[:min(map(len, runs))] for r in runs]
+        plot(curves, args.plot, footer)
+        print(f"wrote {args.plot}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -46,3 +47,11 @@ def test_a_hit_within_the_screen_ends_the_replay_there():
     first_epoch_hit = [0.95, 0.96]
     assert bench.replay([NEVER, first_epoch_hit, HIT_AT_3], 0.9) == 2
     assert bench.replay([NEVER, first_epoch_hit, HIT_AT_3], 0.9, perfect=True) == 2
+
+
+def test_anytime_curve_holds_the_best_so_far_across_trials():
+    np.testing.assert_array_equal(bench.anytime([[0.1, 0.3], [], [0.2, 0.5]]), [0.1, 0.3, 0.3, 0.5])
+    # in points below the reference, held at its last value once the search has ended
+    np.testing.assert_allclose(bench.gap_curve([[0.1, 0.3]], 0.5, 4), [-40, -20, -20, -20])
+    # averaged over orders: half of them start with the 0.9 trial
+    np.testing.assert_allclose(bench.gap_curve([[0.9], [0.1]], 0.9, 2, orders=400), [-40, 0], atol=4)
