@@ -1,5 +1,7 @@
 """Tests for the RQ side of the worker, in-process on fakeredis: allow-list, no unpickling, stops, timeouts."""
+import os
 import pickle
+import signal
 import sys
 import threading
 import time
@@ -354,3 +356,24 @@ def test_a_failed_heartbeat_is_retried_within_a_second(conn, storage, monkeypatc
     run_worker(conn, allowed=frozenset({name_of(sleepy_job)}), job_monitoring_interval=2)
     assert fetch(conn, job.id).return_value() == "slept"
     assert len(calls) >= 2 and 0.8 < calls[1] - calls[0] < 1.8  # not a whole 2 s interval later
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_the_worker_registers_ends_it_before_any_job(conn, signum):
+    """RQ makes the worker visible before installing its signal handlers; a supervisor's SIGTERM (or the
+    shutdown command's SIGINT) in between must end the worker cleanly, not kill it or be lost."""
+    seen = []
+    signal.signal(signum, lambda *_: seen.append("the process's own handler"))  # where the signal would go
+    Queue(QUEUE, connection=conn, serializer=JSONSerializer).enqueue("worker.jobs.train_trial",
+                                                                     make_spec().to_dict(), job_id="j1")
+    worker = TrialWorker([QUEUE], connection=conn, name="early")
+    registered = worker.register_birth
+
+    def register_then_signal(*args, **kwargs):
+        registered(*args, **kwargs)
+        os.kill(os.getpid(), signum)
+
+    worker.register_birth = register_then_signal
+    assert worker.work(burst=True) is False  # stopped before taking the queued job
+    assert worker.stop_asked and seen == []
+    assert fetch(conn, "j1").get_status() == JobStatus.QUEUED

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 from typing import Any
@@ -108,7 +109,7 @@ class TrialWorker(SimpleWorker):
     """
 
     get_heartbeat_ttl = BaseWorker.get_heartbeat_ttl  # heartbeats arrive while a job runs, as with forking
-    log_result_lifespan = False  # results are kept forever by design; no line per job about it
+    log_result_lifespan = False  # the master sets how long results live; no line per job about it
 
     def __init__(self, queues: Any, *, allowed: frozenset[str] = ALLOWED_FUNCTIONS,
                  stop_grace: float = STOP_GRACE_SECONDS, **kwargs: Any):
@@ -122,6 +123,18 @@ class TrialWorker(SimpleWorker):
         self.stop_asked = False  # a signal or RQ's shutdown command asked this worker to quit
         self._heartbeat: _Heartbeat | None = None
         self._full_beat_at = 0.0
+
+    def bootstrap(self, *args: Any, **kwargs: Any) -> None:
+        """RQ registers the worker (visible to ``Worker.all``, so to supervisors and to the master's shutdown
+        command) before it installs its SIGINT / SIGTERM handlers; a signal in between would kill the process
+        (exit -15). Until RQ's handlers take over, a signal asks the work loop to end before its first job."""
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._stop_before_work)
+        super().bootstrap(*args, **kwargs)
+
+    def _stop_before_work(self, signum: Any, frame: Any) -> None:
+        log.info("worker %s: asked to quit while starting (signal %s)", self.name, signum)
+        self.stop_asked = self._stop_requested = True
 
     def request_stop(self, signum: Any, frame: Any) -> None:
         """SIGINT / SIGTERM (RQ's shutdown command sends SIGINT): remember that quitting was asked for."""
