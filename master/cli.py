@@ -525,7 +525,7 @@ def status(experiment: str | None, storage: Path | None, url: str | None, queue:
 
     Works from shared storage alone when Redis is absent or unreachable.
     """
-    store = open_experiment(storage, experiment)
+    store = open_experiment(storage, experiment).snapshot()  # leaderboard, flags, quarantine: each file read once
     root, experiment = store.root, store.experiment
     live, workers, note = None, None, None
     url = dispatch.redis_url(url) or running_server_url(store.dir / LOCAL_DIR)
@@ -711,7 +711,7 @@ def report(experiment: str | None, storage: Path | None, top: int, curves: int) 
     skipped with a warning naming them."""
     from master.report import build_report  # matplotlib: imported only when a report is built (~0.6 s)
 
-    store = open_experiment(storage, experiment)
+    store = open_experiment(storage, experiment).snapshot()
     result = build_report(store, curves=curves)
     console.print(render_table(result.leaderboard, top=top))
     console.print(f"report: {result.html}\nleaderboard: {result.csv}, {result.json.name}")

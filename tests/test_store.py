@@ -120,3 +120,27 @@ def test_scanning(tmp_path, monkeypatch):
     monkeypatch.setenv("HYPERSEARCH_STORAGE", str(tmp_path / "env"))
     assert storage_root(None) == tmp_path / "env"
     assert storage_root(tmp_path / "flag") == tmp_path / "flag"
+
+
+def test_a_snapshot_reads_each_trial_file_once_and_agrees_with_storage(store, monkeypatch):
+    import worker.store as module
+
+    for i in range(3):
+        tid = f"coarse-000{i}"
+        store.write_spec({"trial_id": tid, "stage": "coarse"})
+        store.write_result(tid, {"state": "COMPLETED", "best_val_acc": 0.5 + i / 10})
+        store.append_history(tid, {"epoch": 1, "val_acc": 0.5})
+    store.append_event("coarse-0001", {"event": "retry", "worker": "w1"})
+    expected = [(tid, spec, store.read_result(tid), store.read_history(tid), store.read_events(tid))
+                for tid, spec in store.iter_trials()]
+    reads = []
+    for name in ("read_json", "read_jsonl"):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda path, real=real: reads.append(path.name) or real(path))
+    snap = store.snapshot()
+    for _ in range(3):  # as master status does: leaderboard, border flags per stage, quarantine
+        assert [(tid, spec, snap.read_result(tid), snap.read_history(tid), snap.read_events(tid))
+                for tid, spec in snap.iter_trials()] == expected
+    assert sorted(reads) == sorted(["spec.json", "result.json", "history.jsonl", "events.jsonl"] * 3)
+    store.write_result("coarse-0000", {"state": "FAILED"})
+    assert snap.read_result("coarse-0000")["state"] == "COMPLETED"  # a snapshot: later writes are not seen

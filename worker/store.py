@@ -228,9 +228,44 @@ class ExperimentStore:
             if c.epoch > epoch:
                 c.path.unlink(missing_ok=True)
 
+    def snapshot(self) -> StoreSnapshot:
+        """A read-only view of this experiment that reads each trial file at most once (see StoreSnapshot)."""
+        return StoreSnapshot(self.root, self.experiment)
+
     def iter_trials(self) -> Iterator[tuple[str, dict[str, Any]]]:
         """(trial id, spec) for every trial whose spec is readable."""
         for tid in self.trial_ids():
             spec = self.read_spec(tid)
             if isinstance(spec, dict):
                 yield tid, spec
+
+
+class StoreSnapshot(ExperimentStore):
+    """The experiment as one read-only command sees it: the trial list and each trial's spec, result, history
+    and events are read from storage once, then served from memory (``master status`` and ``master report``
+    look at every trial several times: leaderboard, border flags per stage, quarantine). Files written after
+    the first read are not seen; callers must not modify what it returns, and must not write through it."""
+
+    def __init__(self, root: str | os.PathLike[str], experiment: str):
+        super().__init__(root, experiment)
+        self._read: dict[tuple[str, str], Any] = {}
+
+    def _once(self, kind: str, key: str, read: Any) -> Any:
+        if (kind, key) not in self._read:
+            self._read[kind, key] = read(key)
+        return self._read[kind, key]
+
+    def trial_ids(self) -> list[str]:
+        return list(self._once("trial_ids", "", lambda _: super(StoreSnapshot, self).trial_ids()))
+
+    def read_spec(self, trial_id: str) -> dict[str, Any] | None:
+        return self._once("spec", trial_id, super().read_spec)
+
+    def read_result(self, trial_id: str) -> dict[str, Any] | None:
+        return self._once("result", trial_id, super().read_result)
+
+    def read_history(self, trial_id: str) -> list[dict[str, Any]]:
+        return self._once("history", trial_id, super().read_history)
+
+    def read_events(self, trial_id: str) -> list[dict[str, Any]]:
+        return self._once("events", trial_id, super().read_events)
