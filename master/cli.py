@@ -138,10 +138,10 @@ def launch(stage: str | None, config_path: Path | None, url: str | None, storage
     The first stage samples the search space at random; a narrow stage samples ranges narrowed around the
     previous stage's best trials (printed old -> new, with the previous stage's border flags); a promote stage
     continues the previous stage's best trials from their last checkpoints. A later stage is refused while the
-    one before it is unfinished (--force overrides). Launching again after a crash resumes the stage: nothing
-    is enqueued twice and nothing is lost. With no Redis URL, runs everything on this machine: an embedded
-    Redis, local workers, a progress bar, then the leaderboard. Everything is validated before anything is
-    written.
+    one before it is unfinished (--force overrides). Launching again after a crash or Ctrl-C resumes the stage:
+    nothing is enqueued twice, nothing is lost, interrupted trials continue from their last checkpoints. With
+    no Redis URL, runs everything on this machine: an embedded Redis, local workers, a progress bar, then the
+    leaderboard. Everything is validated before anything is written.
     """
     config = load_config(config_path)
     url = dispatch.redis_url(url)
@@ -399,9 +399,11 @@ def run_embedded(store: ExperimentStore, config: ExperimentConfig, specs: list[T
             if pool is not None:
                 pool.stop()
             server.stop()
+    if outcome == "interrupted":
+        requeue_interrupted(store, specs)
     finish_stage(store, stage, outcome, specs)
     if outcome == "interrupted":
-        console.print("the same command with --force resumes the stopped trials from their checkpoints")
+        console.print("the same command resumes the interrupted trials from their checkpoints")
         return EXIT_INTERRUPTED
     if pool is not None and pool.failed():
         log.warning("local workers exited with codes %s; their logs are in %s", pool.failed(), run_dir)
@@ -417,6 +419,17 @@ def stop_trials(store: ExperimentStore, dispatcher: dispatch.Dispatcher, specs: 
             except redis.RedisError as exc:
                 log.warning("cannot request a stop of %s: %s", spec.trial_id, exc)
                 return
+
+
+def requeue_interrupted(store: ExperimentStore, specs: list[TrialSpec]) -> None:
+    """Trials that stopped because the user interrupted the launch are unfinished, not killed: their results
+    go back to QUEUED (the reason kept), so launching again resumes them from their checkpoints."""
+    for spec in specs:
+        result = store.read_result(spec.trial_id) or {}
+        if result.get("state") == TrialState.KILLED.value and result.get("reason") == INTERRUPTED_REASON:
+            store.write_result(spec.trial_id, {**result, "state": TrialState.QUEUED.value})
+            store.append_event(spec.trial_id, {"time": time.time(), "event": "interrupted",
+                                               "state": TrialState.QUEUED.value, "reason": INTERRUPTED_REASON})
 
 
 def follow(store: ExperimentStore, config: ExperimentConfig, dispatcher: dispatch.Dispatcher,

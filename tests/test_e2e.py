@@ -115,11 +115,12 @@ def test_readme_first_command_runs_a_stage_and_leaves_nothing_behind(tmp_path):
     assert "stage coarse completed" in out
 
 
-def test_ctrl_c_stops_trials_workers_and_redis(tmp_path, write_config):
+def test_ctrl_c_stops_trials_workers_and_redis_and_the_same_command_resumes(tmp_path, write_config):
     storage = tmp_path / "store"
     storage.mkdir()
-    config = write_config("interrupt", epochs=400, trials=4, prune="none")
-    launch = Launch(["--config", config, "--workers", 2, "--storage", storage], cwd=tmp_path)
+    config = write_config("interrupt", dataset="spiral", epochs=400, trials=4, prune="none")
+    args = ["--config", config, "--workers", 2, "--storage", storage]
+    launch = Launch(args, cwd=tmp_path)
     store = ExperimentStore(storage, "interrupt")
     wait_for(lambda: any(store.read_history(t) for t in store.trial_ids()), 60, "a trial to finish an epoch")
     started = time.monotonic()
@@ -128,10 +129,23 @@ def test_ctrl_c_stops_trials_workers_and_redis(tmp_path, write_config):
     assert rc == 130, err
     assert time.monotonic() - started < 20
     assert launch.survivors() == []
-    assert "interrupted" in out
+    assert "interrupted" in out and "the same command resumes the interrupted trials" in out
     assert store.read_stage("coarse")["status"] == "interrupted"
-    killed = [store.read_result(t) for t in store.trial_ids() if store.read_result(t)]
-    assert killed and all(r["state"] == "KILLED" and r["reason"] == "interrupted by user (Ctrl-C)" for r in killed)
+    stopped = {t: store.read_result(t) for t in store.trial_ids() if store.read_result(t)}
+    assert stopped and all(r["state"] == "QUEUED" and r["reason"] == "interrupted by user (Ctrl-C)"
+                           for r in stopped.values())  # unfinished, not killed
+    assert all(store.read_events(t)[-1]["event"] == "interrupted" for t in stopped)
+
+    relaunched = time.time()
+    rc, out, err = Launch(args, cwd=tmp_path).wait(timeout=180)
+    assert rc == 0, err
+    for tid in store.trial_ids():
+        assert store.read_result(tid)["state"] == "COMPLETED"
+        history = store.read_history(tid)
+        assert [r["epoch"] for r in history] == list(range(1, 401))
+        if tid in stopped:  # resumed: the epochs done before Ctrl-C were not trained again
+            done = stopped[tid]["epochs_done"]
+            assert done >= 1 and all(r["time"] < relaunched for r in history[:done])
 
 
 def test_sigkilled_master_leaves_nothing_and_a_relaunch_resumes(tmp_path, write_config):
