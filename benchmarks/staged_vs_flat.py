@@ -1,7 +1,7 @@
 """Epochs that flat random search and our coarse-to-fine search spend to reach flat search's best val accuracy.
 
 Usage: python benchmarks/staged_vs_flat.py [--tasks digits,spiral6] [--seeds 0,1,2,3,4] [--trials 32]
-       [--space wide|default] [--plan default|halving] [--markdown] [--plot FILE.png]
+       [--space wide|default] [--plan default|halving] [--markdown] [--plot FILE.png] [--ladders]
 
 Tasks: digits (MLP on the 8x8 digits, 270 validation samples) and spiral6, the harder one: an MLP on
 cs231n's spiral grown to 6 arms x 1000 points (nncore.data.make_spiral), 1800 validation samples, still
@@ -26,7 +26,8 @@ run first. The last two columns replay successive halving on flat search's own t
 repeats its curve, as promote resumes bit for bit): every trial screened for one epoch, then continued best
 first by that epoch's accuracy ("ranked"), or only the one that gets to the target soonest ("perfect pick":
 the fewest epochs any choice made from a one-epoch screen of those trials can spend). They tell how much of
-a miss is the one-epoch ranking and how much the task allows at all. --plot draws, per task, how far each
+a miss is the one-epoch ranking and how much the task allows at all; --ladders also replays the successive
+halving ladders of LADDERS (several rungs after the screen) and counts the runs each meets the target in. --plot draws, per task, how far each
 search's best validation accuracy so far is below flat search's best against the epochs spent (median over
 the seeds and the quartiles; flat search averaged over the orders of its trials). Counts are deterministic for a seed;
 wall time depends on machine load.
@@ -184,20 +185,40 @@ def expected_epochs_to(trials: list[list[float]], target: float, draws: int = 50
                             for _ in range(draws))
 
 
-def replay(trials: list[list[float]], target: float, perfect: bool = False) -> float:
+ALL = None  # a rung that keeps every trial
+LADDERS = {  # --ladders: after the one-epoch screen, (trials kept, epochs trained to) per rung, best first
+    "continue all to 30": ((ALL, EPOCHS),),
+    "best 4 -> 30": ((4, EPOCHS),),
+    "best 8 -> 3, best 3 -> 30": ((8, 3), (3, EPOCHS)),
+    "best 6 -> 3, best 2 -> 10, best 1 -> 30": ((6, 3), (2, 10), (1, EPOCHS)),
+    "best 8 -> 2, best 4 -> 5, best 1 -> 30": ((8, 2), (4, 5), (1, EPOCHS)),
+    "best 10 -> 2, best 3 -> 30": ((10, 2), (3, EPOCHS)),
+    "best 8 -> 5, best 2 -> 30": ((8, 5), (2, EPOCHS)),
+}
+
+
+def replay(trials: list[list[float]], target: float, ladder: tuple[tuple[int | None, int], ...] = ((ALL, EPOCHS),),
+           perfect: bool = False) -> float:
     """Successive halving replayed on flat search's own trials, whose curves are what a continued trial gives
-    (promote resumes bit for bit): each trains one epoch, then they continue to the full budget best first by
-    that epoch's accuracy until one reaches ``target``. ``perfect``: only the trial that gets there soonest
+    (promote resumes bit for bit): each trains one epoch, then at every rung of ``ladder`` the best ``n`` by
+    validation accuracy so far continue, best first, to the rung's epoch, until one reaches ``target``; the
+    default continues them all to the full budget. ``perfect``: only the trial that gets there soonest
     continues, the fewest epochs any choice made from a one-epoch screen of these trials can spend."""
     screen = [accs[:1] for accs in trials]
     if any(first_hit(accs, target) for accs in screen):
         return epochs_to(screen, target)
-    spent = sum(map(len, screen))
+    spent, done = sum(map(len, screen)), 1
     if perfect:
         return spent + min((first_hit(accs, target) - 1 for accs in trials if first_hit(accs, target)),
                            default=math.inf)
-    rest = [accs[1:] for accs in sorted(trials, key=lambda accs: -max(accs[:1], default=0.0))]
-    return spent + epochs_to(rest, target)
+    pool = trials
+    for keep, epochs in ladder:
+        pool = sorted(pool, key=lambda accs: -max(accs[:done], default=0.0))[:keep]
+        rung = [accs[done:epochs] for accs in pool]
+        if math.isfinite(hit := epochs_to(rung, target)):
+            return spent + hit
+        spent, done = spent + sum(map(len, rung)), epochs
+    return math.inf
 
 
 def anytime(trials: list[list[float]]) -> np.ndarray:
@@ -253,6 +274,8 @@ def main() -> None:
     parser.add_argument("--markdown", action="store_true", help="print the results as a Markdown table")
     parser.add_argument("--plot", type=Path, metavar="FILE.png",
                         help="also draw each search's best accuracy so far against the epochs spent")
+    parser.add_argument("--ladders", action="store_true",
+                        help="also replay the successive halving ladders of LADDERS on flat search's trials")
     args = parser.parse_args()
     unknown = [t for t in args.tasks.split(",") if t not in TASKS]
     if unknown:
@@ -262,6 +285,7 @@ def main() -> None:
                  if i["user_api"] == "blas"), "unknown BLAS")
     rows = []
     curves: dict[str, dict[str, list[np.ndarray]]] = {}
+    flats: dict[str, list[tuple[list[list[float]], float, float]]] = {}  # task -> (trials, target, any order)
     with tempfile.TemporaryDirectory(prefix="hs-staged-") as tmp:
         for task in args.tasks.split(","):
             if task in GENERATED:
@@ -280,6 +304,7 @@ def main() -> None:
                           f"{out[kind][2]:.0f} s", file=sys.stderr)
                 (flat, _, flat_s), (staged, _, staged_s) = out["flat"], out["staged"]
                 target = best(flat) - TOLERANCE
+                flats.setdefault(task, []).append((flat, target, expected_epochs_to(flat, target)))
                 horizon = sum(map(len, flat))
                 mine = curves.setdefault(task, {"flat search": [], f"staged ({args.plan} plan)": []})
                 mine["flat search"].append(gap_curve(flat, best(flat), horizon, orders=200))
@@ -313,6 +338,15 @@ def main() -> None:
         replayed = [sum(r[5] / r[col] >= TARGET_RATIO for r in mine) for col in (11, 12)]
         print(f"{task}: flat's own trials replayed with a one-epoch screen meet {TARGET_RATIO:.0f}x (any order) in "
               f"{replayed[0]} of {len(mine)} runs continued best first, {replayed[1]} with a perfect pick")
+    if args.ladders:
+        print("\nladders replayed on flat search's own trials after a one-epoch screen: runs reaching the target "
+              f"/ runs >= {TARGET_RATIO:.0f}x (any order)")
+        for task, runs in flats.items():
+            for name, ladder in {**LADDERS, "perfect pick": None}.items():
+                spent = [replay(t, target, ladder, perfect=True) if ladder is None else replay(t, target, ladder)
+                         for t, target, _ in runs]
+                met = sum(fe / e >= TARGET_RATIO for (_, _, fe), e in zip(runs, spent))
+                print(f"  {task:8s} {name:42s} {sum(map(math.isfinite, spent)):2d} / {met:2d} of {len(runs)}")
     footer = (f"plan {args.plan}, space {args.space}, {args.trials} flat trials; BLAS: {blas}, 1 thread; "
               f"python {sys.version.split()[0]}")
     print(footer)

@@ -55,3 +55,13 @@ def test_anytime_curve_holds_the_best_so_far_across_trials():
     np.testing.assert_allclose(bench.gap_curve([[0.1, 0.3]], 0.5, 4), [-40, -20, -20, -20])
     # averaged over orders: half of them start with the 0.9 trial
     np.testing.assert_allclose(bench.gap_curve([[0.9], [0.1]], 0.9, 2, orders=400), [-40, 0], atol=4)
+
+
+def test_a_ladder_reranks_at_every_rung():
+    fast_start, late_winner, slow = [0.3, 0.4, 0.5, 0.6], [0.2, 0.5, 0.7, 0.95], [0.1, 0.2, 0.3, 0.4]
+    trials = [slow, late_winner, fast_start]
+    # screen 3; the best 2 after one epoch (fast_start, late_winner) to epoch 2: 2 more; then the best 1 by
+    # then (late_winner, 0.5 > 0.4) on to epoch 4, reaching 0.9 at its 2nd epoch there
+    assert bench.replay(trials, 0.9, ((2, 2), (1, 4))) == 3 + 2 + 2
+    assert bench.replay(trials, 0.9, ((1, 4),)) == math.inf  # ranked once, after one epoch: the wrong one
+    assert bench.replay(trials, 0.9) == 3 + 3 + 3  # all continued best first: fast_start's 3, then the hit
