@@ -27,10 +27,10 @@ repeats its curve, as promote resumes bit for bit): every trial screened for one
 first by that epoch's accuracy ("ranked"), or only the one that gets to the target soonest ("perfect pick":
 the fewest epochs any choice made from a one-epoch screen of those trials can spend). They tell how much of
 a miss is the one-epoch ranking and how much the task allows at all; --ladders also replays the successive
-halving ladders of LADDERS (several rungs after the screen) and counts the runs each meets the target in. --plot draws, per task, how far each
-search's best validation accuracy so far is below flat search's best against the epochs spent (median over
-the seeds and the quartiles; flat search averaged over the orders of its trials). Counts are deterministic for a seed;
-wall time depends on machine load.
+halving ladders of LADDERS (several rungs after the screen) and counts the runs each meets the target in.
+--plot draws, per task, how far each search's best validation accuracy so far is below flat search's best
+against the epochs spent (median over the seeds and the quartiles; flat search averaged over the orders of
+its trials). Counts are deterministic for a seed; wall time depends on machine load.
 """
 from __future__ import annotations
 

@@ -151,7 +151,8 @@ class Dispatcher:
     def _job_data(self, jid: str, spec: TrialSpec) -> Any:
         return Queue.prepare_data(
             JOB_FUNCTION, args=(spec.to_dict(),), job_id=jid, timeout=self.job_timeout(spec),
-            result_ttl=RESULT_TTL_SECONDS, failure_ttl=FAILURE_TTL_SECONDS, description=f"trial {spec.experiment}/{spec.trial_id}",
+            result_ttl=RESULT_TTL_SECONDS, failure_ttl=FAILURE_TTL_SECONDS,
+            description=f"trial {spec.experiment}/{spec.trial_id}",
         )
 
     def progress(self, experiment: str) -> dict[str, dict[str, Any]]:

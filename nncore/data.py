@@ -95,8 +95,9 @@ def load_dataset(name: str, *, seed: int = 0, val_fraction: float = 0.15, test_f
     also divides by the per-feature training standard deviation (features constant on the training split
     are only centred), "none" leaves the values raw (pixels stay 0..255). Samples keep their natural shape
     (images (C, H, W), sequences (C, L), tables (D,)); an MLP flattens them. Labels are remapped to
-    0..C-1 in sorted order (``classes`` keeps the original ones). The CIFAR-10 *python* version is refused: its batches are pickles, which
-    nncore never loads; use the binary version (cifar-10-binary.tar.gz) or convert the data to npz.
+    0..C-1 in sorted order (``classes`` keeps the original ones). The CIFAR-10 *python* version is refused:
+    its batches are pickles, which nncore never loads; use the binary version (cifar-10-binary.tar.gz) or
+    convert the data to npz.
     The arrays of the result are read-only.
     """
     _check_options(seed, val_fraction, test_fraction, preprocess)
