@@ -135,6 +135,7 @@ def test_ctrl_c_stops_trials_workers_and_redis_and_the_same_command_resumes(tmp_
     assert stopped and all(r["state"] == "QUEUED" and r["reason"] == "interrupted by user (Ctrl-C)"
                            for r in stopped.values())  # unfinished, not killed
     assert all(store.read_events(t)[-1]["event"] == "interrupted" for t in stopped)
+    assert any(r["epochs_done"] >= 1 for r in stopped.values())  # one had finished an epoch (waited for above)
 
     relaunched = time.time()
     rc, out, err = Launch(args, cwd=tmp_path).wait(timeout=180)
@@ -143,9 +144,8 @@ def test_ctrl_c_stops_trials_workers_and_redis_and_the_same_command_resumes(tmp_
         assert store.read_result(tid)["state"] == "COMPLETED"
         history = store.read_history(tid)
         assert [r["epoch"] for r in history] == list(range(1, 401))
-        if tid in stopped:  # resumed: the epochs done before Ctrl-C were not trained again
-            done = stopped[tid]["epochs_done"]
-            assert done >= 1 and all(r["time"] < relaunched for r in history[:done])
+        if tid in stopped:  # resumed: the epochs done before Ctrl-C (none if stopped in its first) not trained again
+            assert all(r["time"] < relaunched for r in history[:stopped[tid]["epochs_done"]])
 
 
 def test_sigkilled_master_leaves_nothing_and_a_relaunch_resumes(tmp_path, write_config):
