@@ -202,20 +202,20 @@ def test_a_killed_worker_loses_at_most_the_epoch_in_flight(rq_redis, workers, tm
 def test_a_password_url_works_and_the_password_is_never_logged(rq_redis, workers, tmp_path):
     url, conn, tag = rq_redis
     user, password = f"hs-it-{tag}", f"pw@:/?#%-{uuid.uuid4().hex}"  # percent-encoded in the URL, as documented
+    encoded = urllib.parse.quote(password, safe="")
     conn.acl_setuser(user, enabled=True, passwords=[f"+{password}"], keys=["*"], channels=["*"],
                      commands=["+@all"])
     try:
-        url = url.replace("redis://", f"redis://{user}:{urllib.parse.quote(password, safe='')}@", 1)
+        url = url.replace("redis://", f"redis://{user}:{encoded}@", 1)
         experiment, queue, storage = f"it-{tag}", f"hs-it-{tag}", tmp_path / "storage"
         assert Dispatcher(redis.Redis.from_url(url), queue).enqueue([make_spec(experiment, 0)]) == ["coarse-0000"]
         proc = workers.start(worker_command(url, storage, queue, f"it-{tag}-1", "--burst"))
         assert proc.wait(120) == 0, workers.logs()
         assert ExperimentStore(storage, experiment).read_result("coarse-0000")["state"] == "COMPLETED"
         assert f"{user}:***@127.0.0.1" in workers.logs() and password not in workers.logs()
-        assert urllib.parse.quote(password, safe="") not in workers.logs()
+        assert encoded not in workers.logs()
 
-        bad = workers.start(worker_command(url.replace(urllib.parse.quote(password, safe=""), "wrong"), storage,
-                                           queue, f"it-{tag}-2"))
+        bad = workers.start(worker_command(url.replace(encoded, "wrong"), storage, queue, f"it-{tag}-2"))
         assert bad.wait(30) == 2
         assert "invalid username-password pair" in workers.logs()
     finally:
