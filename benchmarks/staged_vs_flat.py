@@ -280,6 +280,8 @@ def main() -> None:
     unknown = [t for t in args.tasks.split(",") if t not in TASKS]
     if unknown:
         parser.error(f"--tasks: unknown task {unknown[0]!r} (known: {', '.join(TASKS)})")
+    if args.plot and not args.plot.parent.is_dir():
+        parser.error(f"--plot: directory {args.plot.parent} does not exist")
     threadpool_limits(1)
     blas = next((f"{i['internal_api']} {i.get('version')} ({i.get('architecture')})" for i in threadpool_info()
                  if i["user_api"] == "blas"), "unknown BLAS")
