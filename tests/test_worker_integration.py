@@ -284,3 +284,47 @@ def test_exit_status_tells_a_supervisor_whether_to_restart(rq_redis, workers, tm
     burst = CliRunner().invoke(cli.main, ["start", "--url", url, "--storage", str(tmp_path), "--queue", tag,
                                           "--name", f"{tag}-exit-3", "--burst"])
     assert burst.exit_code == 0, burst.output  # --burst: returning is how it ends
+
+
+
+@pytest.mark.redis
+def test_quitting_never_waits_for_the_command_listener(rq_redis, keep_signal_handlers):
+    """The race behind workers that took up to 60 s to quit: when the command listener reads the UNSUBSCRIBE
+    reply before RQ clears its running flag, it blocks in get_message(timeout=sleep_time) on an unsubscribed
+    connection, and redis-py 8.2's PubSubWorkerThread.stop() joins it. Forced here: the reply is read first."""
+    from worker.jobs import TrialWorker
+
+    url, conn, tag = rq_redis
+    worker = TrialWorker([f"hs-{tag}"], connection=conn, name=f"{tag}-listener")
+    worker.subscribe()
+    wait_for(lambda: worker.pubsub.subscribed, 10, "the subscription")
+    worker.pubsub.unsubscribe()
+    wait_for(lambda: not worker.pubsub.subscribed, 10, "the listener to read the UNSUBSCRIBE reply")
+    time.sleep(0.2)  # now blocked waiting for a subscription that never comes
+    asked = time.monotonic()
+    worker.unsubscribe()
+    assert time.monotonic() - asked < 2.0
+    assert not worker.pubsub_thread.is_alive()
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+def test_an_idle_worker_exits_within_two_seconds_of_sigterm_or_shutdown(rq_redis, workers, tmp_path):
+    """RQ's unsubscribe() joins its command listener thread, which redis-py 8.2 lets block in a read of up to RQ's
+    60 s: the worker listens with a short wake-up instead, so quitting never waits for it (ten times in a row)."""
+    from rq import Worker
+    from rq.command import send_shutdown_command
+
+    url, conn, tag = rq_redis
+    for i in range(10):
+        name = f"{tag}-idle-{i}"
+        proc = workers.start(worker_command(url, tmp_path, tag, name))
+        wait_for(lambda: any(w.name == name for w in Worker.all(connection=conn)), 30, f"worker {name} registered")
+        time.sleep(0.3)  # the listener thread is in its blocking read
+        asked = time.monotonic()
+        if i % 2:
+            send_shutdown_command(conn, name)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, workers.logs()
+        assert time.monotonic() - asked < 2.0, f"worker {name} took {time.monotonic() - asked:.1f} s to quit"

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 ALLOWED_FUNCTIONS = frozenset({"worker.jobs.train_trial"})
 STOP_COMMAND_REASON = "stopped by user (RQ stop-job command)"
 HEARTBEAT_SECONDS = 10  # RQ worker and job heartbeats while a job runs (a silent worker's key expires in ~70 s)
+PUBSUB_WAKE_SECONDS = 0.5  # the command listener checks this often whether the worker is quitting
 HEARTBEAT_RETRY_SECONDS = 1.0  # after a failed heartbeat (Redis restarting, a network blip), try again this soon
 INTERRUPT = JobInterrupt()  # the stop request for the job this process runs (one at a time)
 
@@ -135,6 +136,17 @@ class TrialWorker(SimpleWorker):
     def _stop_before_work(self, signum: Any, frame: Any) -> None:
         log.info("worker %s: asked to quit while starting (signal %s)", self.name, signum)
         self.stop_asked = self._stop_requested = True
+
+    def subscribe(self) -> None:
+        """RQ's command channel (stop-job, shutdown), listened to by a thread that wakes every
+        PUBSUB_WAKE_SECONDS instead of RQ's 60: redis-py 8.2's ``PubSubWorkerThread.stop()`` joins that thread,
+        so RQ's ``unsubscribe()`` on the way out waited up to a minute for its blocked read (rq 3.0 with
+        redis-py 8.1 did not wait). An idle wake-up is a local poll of the socket, no round trip to Redis."""
+        self.log.info("Worker %s: subscribing to channel %s", self.name, self.pubsub_channel_name)
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(sleep_time=PUBSUB_WAKE_SECONDS, daemon=True,
+                                                       exception_handler=self._pubsub_exception_handler)
 
     def request_stop(self, signum: Any, frame: Any) -> None:
         """SIGINT / SIGTERM (RQ's shutdown command sends SIGINT): remember that quitting was asked for."""
