@@ -30,6 +30,7 @@ DATASETS = {
     "csv:PATH[:LABEL_COLUMN]": "CSV with a header row, numeric values, label column default 'label'",
 }
 PREPROCESS = ("none", "mean", "standardize")
+DATA_DEFAULTS = {"seed": 0, "val_fraction": 0.15, "test_fraction": 0.15, "preprocess": "mean"}
 
 _GENERATOR_SEED = 0  # spiral and waves are fixed data sets; `seed` only picks their split
 _CHUNK = 8192  # rows per block when accumulating variances in float64
@@ -100,7 +101,8 @@ def load_dataset(name: str, *, seed: int = 0, val_fraction: float = 0.15, test_f
     convert the data to npz.
     The arrays of the result are read-only.
     """
-    _check_options(seed, val_fraction, test_fraction, preprocess)
+    validate_data_options({"seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
+                           "preprocess": preprocess})
     if not isinstance(name, str):
         raise DataError(f"dataset name: expected a string, got {name!r}")
     splits = _read(name)
@@ -142,18 +144,28 @@ def load_dataset_cached(name: str, *, seed: int = 0, val_fraction: float = 0.15,
                         preprocess=preprocess)
 
 
-def _check_options(seed, val_fraction, test_fraction, preprocess) -> None:
+def validate_data_options(options) -> dict:
+    """The data options (``seed``, ``val_fraction``, ``test_fraction``, ``preprocess``) with defaults filled in
+    and checked: the one definition of what a dataset split accepts. DataError names ``data.<field>``."""
+    if not isinstance(options, dict):
+        raise DataError(f"data: expected a table, got {type(options).__name__}")
+    unknown = sorted(set(options) - set(DATA_DEFAULTS))
+    if unknown:
+        raise DataError(f"data.{unknown[0]}: unknown field (known: {', '.join(DATA_DEFAULTS)})")
+    out = {**DATA_DEFAULTS, **options}
+    seed, val_fraction, test_fraction, preprocess = (out[k] for k in DATA_DEFAULTS)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise DataError(f"seed: expected a non-negative int, got {seed!r}")
+        raise DataError(f"data.seed: expected a non-negative int, got {seed!r}")
     for field, value, low_open in (("val_fraction", val_fraction, True), ("test_fraction", test_fraction, False)):
         if (isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating))
                 or not (0 < value < 1 if low_open else 0 <= value < 1)):
             bounds = "0 < value < 1" if low_open else "0 <= value < 1"
-            raise DataError(f"{field}: expected a number with {bounds}, got {value!r}")
+            raise DataError(f"data.{field}: expected a number with {bounds}, got {value!r}")
     if val_fraction + test_fraction >= 1:
-        raise DataError(f"val_fraction + test_fraction: must be below 1, got {val_fraction} + {test_fraction}")
+        raise DataError(f"data.val_fraction + test_fraction: must be below 1, got {val_fraction} + {test_fraction}")
     if preprocess not in PREPROCESS:
-        raise DataError(f"preprocess: expected one of {', '.join(PREPROCESS)}, got {preprocess!r}")
+        raise DataError(f"data.preprocess: expected one of {', '.join(PREPROCESS)}, got {preprocess!r}")
+    return out
 
 
 def _read(name: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -2,7 +2,7 @@
 
 
 class ConfigError(ValueError):
-    """A model or solver configuration is invalid; the message names the field."""
+    """A configuration (an experiment config, a model or solver table) is invalid; the message names the key."""
 
 
 class DataError(ValueError):

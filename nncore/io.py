@@ -9,12 +9,13 @@ import numpy as np
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Any], Any]) -> None:
-    """Write through ``write(fileobj)`` into ``<path>.tmp``, fsync it, then rename it over ``path``.
+    """Write through ``write(fileobj)`` into ``<path>.<random>.tmp``, fsync it, then rename it over ``path``.
 
-    Readers never see a partial file; on any error the temp file is removed and ``path`` is untouched.
+    Readers never see a partial file; on any error the temp file is removed and ``path`` is untouched. The
+    temp name is unique per call, so two writers of one file never write through the same temp file.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.urandom(4).hex()}.tmp")
     try:
         with open(tmp, "wb") as f:
             write(f)

@@ -1,18 +1,15 @@
 """Models (MLP and 1-D CNN) built from a plain config dict: loss and gradients, inference, npz checkpoints."""
-import json
 import math
 import numbers
 import re
-import zipfile
 from collections.abc import Mapping
 from functools import partial
 
 import numpy as np
 
 from nncore import layers
-from nncore.errors import ConfigError, DataError
+from nncore.errors import ConfigError
 from nncore.init import INIT_KINDS, init_weight
-from nncore.io import atomic_write_npz
 from nncore.losses import l2_penalty, softmax, softmax_loss, svm_loss
 
 MODEL_DEFAULTS = {
@@ -379,42 +376,6 @@ class Model:
         params = {name: a.astype(dtype) for name, a in self.params.items()}
         buffers = {name: a.astype(dtype) for name, a in self.buffers.items()}
         return type(self)(self.config, self.input_shape, self.num_classes, params, buffers)
-
-    def save(self, path, extra=None):
-        """Write params, buffers, metadata and `extra` arrays to an .npz atomically (tmp, fsync, replace).
-
-        Metadata: "__config__" (the config as a JSON string, 0-d unicode array), "__input_shape__",
-        "__num_classes__". Extra array names must not collide with the model's own.
-        """
-        arrays = {**self.params, **self.buffers,
-                  "__config__": np.array(json.dumps(self.config, sort_keys=True)),
-                  "__input_shape__": np.array(self.input_shape, dtype=np.int64),
-                  "__num_classes__": np.array(self.num_classes, dtype=np.int64)}
-        for name, value in (extra or {}).items():
-            if name in arrays:
-                raise ValueError(f"save: extra array {name!r} collides with a model array")
-            arrays[name] = np.asarray(value)
-        atomic_write_npz(path, arrays)
-
-    @classmethod
-    def load(cls, path, return_extra=False):
-        """The model saved at path (no pickle); with return_extra=True, (model, {name: extra array}).
-
-        Raises DataError naming the file when it is not a valid checkpoint.
-        """
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                arrays = {name: archive[name] for name in archive.files}
-            config = validate_model_config(json.loads(arrays.pop("__config__").item()))
-            input_shape = tuple(arrays.pop("__input_shape__").tolist())
-            num_classes = int(arrays.pop("__num_classes__"))
-            param_shapes, buffer_shapes = _shapes(config, input_shape, num_classes)
-            params = {name: arrays.pop(name) for name in param_shapes if name in arrays}
-            buffers = {name: arrays.pop(name) for name in buffer_shapes if name in arrays}
-            model = cls(config, input_shape, num_classes, params, buffers)
-        except (KeyError, TypeError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-            raise DataError(f"checkpoint {path}: {exc}") from exc
-        return (model, arrays) if return_extra else model
 
 
 def build_model(cfg, input_shape, num_classes, seed, dtype=np.float32):

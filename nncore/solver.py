@@ -74,6 +74,17 @@ def _check_number(name, value, kind, low, high, low_incl, high_incl):
     return value
 
 
+def divergence(loss, initial_loss, factor, epoch):
+    """Why training has diverged at ``epoch`` (1-based), or None: a non-finite loss, or a loss above ``factor``
+    times the initial loss (when that is known). The one rule, applied by the Solver to every minibatch and by
+    the master's watch to the losses workers report."""
+    if not math.isfinite(loss):
+        return f"non-finite loss at epoch {epoch}"
+    if initial_loss is not None and math.isfinite(initial_loss) and loss > factor * initial_loss:
+        return f"loss {loss:.3g} exceeded {factor:g}x initial loss {initial_loss:.3g} at epoch {epoch}"
+    return None
+
+
 def validate_solver_config(cfg):
     """Return cfg with defaults filled and numbers normalised; raise ConfigError naming solver.<field>."""
     if not isinstance(cfg, Mapping):
@@ -149,7 +160,7 @@ class Solver:
         update = optim.UPDATES[cfg["update"]]
         reg, clip_norm = cfg["reg"], cfg["clip_norm"]
         decay = cfg["ema_decay"]
-        limit = cfg["abort_factor"] * self.initial_loss
+        factor = cfg["abort_factor"]
         # one scratch buffer per parameter for the update's and the EMA's temporaries: no allocation per step
         slots = [(model.params[k], self.opt_state[k], self.ema_params[k], k, np.empty_like(model.params[k]))
                  for k in model.params]
@@ -170,14 +181,10 @@ class Solver:
             np.take(x_train, idx, axis=0, out=xb, mode="clip")
             np.take(y_train, idx, axis=0, out=yb, mode="clip")
             loss, grads = model.loss(xb, yb, reg=reg, train=True, rng=rng)
-            if not math.isfinite(loss):
-                return "diverged", f"non-finite loss at epoch {self.epoch + 1}"
-            if math.isnan(limit):
+            if (why := divergence(loss, self.initial_loss, factor, self.epoch + 1)) is not None:
+                return "diverged", why
+            if math.isnan(self.initial_loss):
                 self.initial_loss = loss
-                limit = cfg["abort_factor"] * loss
-            elif loss > limit:
-                return "diverged", (f"loss {loss:.3g} exceeded {cfg['abort_factor']:g}x initial loss "
-                                    f"{self.initial_loss:.3g} at epoch {self.epoch + 1}")
             loss_sum += loss * len(idx)
             if clip_norm:
                 optim.clip_gradients(grads, clip_norm)
