@@ -12,7 +12,7 @@ from threadpoolctl import threadpool_limits
 
 from worker.control import DEFAULT_QUEUE, DEFAULT_REDIS_URL, ControlError, mask_url, open_redis, redis_url
 from worker.jobs import TrialWorker
-from worker.store import storage_root
+from worker.store import StorageError, probe_writable, storage_root
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +25,11 @@ def _fail(message: str) -> None:
 def _writable_storage(path: str | None) -> Path:
     """The absolute storage root, created if missing; exits 2 with one line when it cannot be written."""
     root = storage_root(path).resolve()
-    probe = root / f".write-probe-{os.getpid()}.tmp"
     try:
         root.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        _fail(f"storage {root}: not writable ({exc.strerror or exc})")
+        probe_writable(root)
+    except OSError as exc:  # StorageError says it in full
+        _fail(str(exc) if isinstance(exc, StorageError) else f"storage {root}: not writable ({exc.strerror or exc})")
     return root
 
 

@@ -1,4 +1,5 @@
-"""The live control plane in Redis (progress hashes, stop requests, connections) and in-process job interrupts."""
+"""The live control plane in Redis, the one place its keys and RQ's job fields are named (progress hashes, stop
+requests, job ownership, connections), and in-process job interrupts."""
 from __future__ import annotations
 
 import contextlib
@@ -12,8 +13,9 @@ from typing import Any, Iterator
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 import redis
+from rq.job import Job, JobStatus
 
-from worker.spec import TrialState
+from worker.states import TrialState
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +24,6 @@ DEFAULT_QUEUE = "hypersearch"
 STOP_POLL_SECONDS = 0.2  # how often a running trial reads its stop key (honoured well within 1 s)
 KEY_TTL_SECONDS = 7 * 24 * 3600  # progress and stop keys expire; shared storage is the record
 ERROR_BACKOFF_SECONDS = 10.0  # after a failed stop poll (Redis gone), wait this long before the next one
-DIVERGED_PREFIX = "DIVERGED: "  # a stop request's reason starting so ends the trial DIVERGED, not KILLED
 STOP_GRACE_SECONDS = 5.0  # a job that ignores an in-process stop request this long gets StopJob raised in it
 FRESH_REPLY_SECONDS = 1.0  # an ownership answer that took longer may predate a requeue (a partition delayed it)
 CONFIRM_RETRY_SECONDS = 1.0  # while Redis cannot confirm a trial is still ours, ask again this often
@@ -99,23 +100,36 @@ def stop_key(experiment: str, trial_id: str) -> str:
 def request_stop(conn: redis.Redis, experiment: str, trial_id: str, reason: str,
                  state: TrialState = TrialState.KILLED) -> None:
     """Ask the worker running (or about to run) a trial to stop it; it ends in ``state`` (KILLED or DIVERGED)
-    and the reason ends up in its result."""
-    prefix = DIVERGED_PREFIX if state is TrialState.DIVERGED else ""
-    conn.set(stop_key(experiment, trial_id), prefix + (reason or "stopped by user"), ex=KEY_TTL_SECONDS)
+    and the reason ends up in its result. The key holds the reason (KILLED), or a JSON object naming the state."""
+    conn.set(stop_key(experiment, trial_id), stop_request(reason, state), ex=KEY_TTL_SECONDS)
 
 
-def stopped_as(reason: str) -> tuple[TrialState, str]:
-    """The state and reason a trial stopped on request ends with: DIVERGED when the master judged it so."""
-    if reason.startswith(DIVERGED_PREFIX):
-        return TrialState.DIVERGED, reason[len(DIVERGED_PREFIX):]
-    return TrialState.KILLED, reason
+def stop_request(reason: str, state: TrialState = TrialState.KILLED) -> str:
+    """A stop request as its key holds it: the reason (KILLED), or a JSON object naming the state (``stopped_as``
+    reads both)."""
+    reason = reason or "stopped by user"
+    if state is TrialState.DIVERGED:
+        return json.dumps({"state": state.value, "reason": reason})
+    if state is not TrialState.KILLED:
+        raise ValueError(f"a stop request ends a trial KILLED or DIVERGED, not {state.value}")
+    return reason
+
+
+def stopped_as(request: str) -> tuple[TrialState, str]:
+    """The state and reason a trial stopped on ``request`` (a stop key's value, or a plain reason) ends with."""
+    try:
+        decoded = json.loads(request)
+        return TrialState(decoded["state"]), str(decoded["reason"])
+    except (ValueError, TypeError, KeyError):  # a plain reason: KILLED
+        return TrialState.KILLED, request
 
 
 def reset_trial(conn: Any, experiment: str, trial_id: str, epochs: int) -> None:
     """Mark a trial QUEUED and drop any old stop request (``conn`` may be a pipeline)."""
     key = progress_key(experiment, trial_id)
     conn.delete(key, stop_key(experiment, trial_id))
-    conn.hset(key, mapping=_encode({"state": "QUEUED", "epoch": 0, "epochs": epochs, "updated": time.time()}))
+    conn.hset(key, mapping=_encode({"state": TrialState.QUEUED.value, "epoch": 0, "epochs": epochs,
+                                    "updated": time.time()}))
     conn.expire(key, KEY_TTL_SECONDS)
 
 
@@ -157,12 +171,29 @@ class TrialLost(BaseException):
     lost it): the run must end without writing anything more to shared storage or to the job."""
 
 
+def job_key(rq_job_id: str) -> str:
+    """The Redis key of an RQ job's hash."""
+    return Job.key_for(rq_job_id)
+
+
+def read_job_owner(conn: Any, key: str) -> Any:
+    """Queue a read of (status, worker name) of the RQ job hash at ``key`` on ``conn`` (a client: the answer;
+    a pipeline: its slot in the pipeline's results). ``job_owner`` decodes the answer."""
+    return conn.hmget(key, "status", "worker_name")
+
+
+def job_owner(fields: list[bytes | None]) -> tuple[str | None, str | None]:
+    """(RQ status, worker name) from ``read_job_owner``'s answer; (None, None) when the job is gone."""
+    status, owner = (f.decode(errors="replace") or None if f is not None else None for f in fields)
+    return status, owner
+
+
 def job_owner_problem(fields: list[bytes | None], worker_name: str) -> str | None:
     """Why a job whose (status, worker_name) are ``fields`` is not being run by ``worker_name``; None if it is."""
-    status, owner = (f.decode(errors="replace") if f is not None else None for f in fields)
+    status, owner = job_owner(fields)
     if status is None:
         return "its job is gone from Redis"
-    if status != "started" or owner != worker_name:
+    if status != JobStatus.STARTED.value or owner != worker_name:
         return f"its job is now {status}" + (f" on worker {owner}" if owner and owner != worker_name else "")
     return None
 
@@ -252,7 +283,7 @@ class RedisControl:
             with self.conn.pipeline(transaction=False) as pipe:
                 pipe.get(self._stop_key)
                 if self.job_key is not None:
-                    pipe.hmget(self.job_key, "status", "worker_name")
+                    read_job_owner(pipe, self.job_key)
                 value, *job = pipe.execute()
         except redis.RedisError as exc:
             log.warning("cannot read the stop request %s (next try in %g s): %s", self._stop_key,
@@ -262,7 +293,7 @@ class RedisControl:
         if job:
             self._check_owner(job[0])
         if value is not None:
-            self._reason = value.decode(errors="replace") or "stopped by user"
+            self._reason = value.decode(errors="replace") or "stopped by user"  # the request, read by stopped_as
         return self._reason
 
     def confirm(self) -> None:
@@ -275,7 +306,7 @@ class RedisControl:
         while True:
             asked = time.monotonic()
             try:
-                fields = self.conn.hmget(self.job_key, "status", "worker_name")
+                fields = read_job_owner(self.conn, self.job_key)
             except redis.RedisError as exc:
                 if unreachable_since is None:
                     unreachable_since = asked
@@ -305,16 +336,3 @@ class RedisControl:
                 pipe.execute()
         except redis.RedisError as exc:
             log.warning("cannot publish progress to %s: %s", self._progress_key, exc)
-
-
-class NullControl:
-    """No control plane (local runs and tests): never asked to stop, reports go nowhere."""
-
-    def should_stop(self) -> str | None:
-        return None
-
-    def confirm(self) -> None:
-        pass
-
-    def report(self, fields: dict[str, Any]) -> None:
-        pass

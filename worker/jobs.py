@@ -15,8 +15,10 @@ from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.worker import BaseWorker, SimpleWorker
 
-from worker.control import STOP_GRACE_SECONDS, JobInterrupt, RedisControl, StopJob, TrialLost, job_owner_problem
-from worker.spec import TrialSpec, TrialState
+from worker.control import (STOP_GRACE_SECONDS, JobInterrupt, RedisControl, StopJob, TrialLost, job_owner_problem,
+                            read_job_owner)
+from worker.spec import TrialSpec
+from worker.states import TrialState
 from worker.store import ExperimentStore, storage_root
 from worker.trainer import run_trial
 
@@ -46,9 +48,9 @@ def train_trial(spec: dict[str, Any]) -> dict[str, Any] | None:
     except TrialLost as exc:
         log.warning("%s", exc)
         return None
-    if INTERRUPT.reason is not None and result["state"] == TrialState.KILLED.value:
-        raise StopJob(result["reason"])  # RQ's stop-job command: the job ends STOPPED, as with RQ's forking worker
-    return result
+    if INTERRUPT.reason is not None and result.state is TrialState.KILLED:
+        raise StopJob(result.reason)  # RQ's stop-job command: the job ends STOPPED, as with RQ's forking worker
+    return result.to_dict()
 
 
 def refusal(job: Job, allowed: frozenset[str] = ALLOWED_FUNCTIONS) -> str | None:
@@ -191,7 +193,7 @@ class TrialWorker(SimpleWorker):
     def _taken(self, job: Job, execution: Any) -> bool:
         """Whether ``job`` was taken from this worker while it ran (the master requeued it when it could not hear
         from us): then the job's state in Redis belongs to its new run, and only our execution record goes."""
-        problem = job_owner_problem(self.connection.hmget(job.key, "status", "worker_name"), self.name)
+        problem = job_owner_problem(read_job_owner(self.connection, job.key), self.name)
         if problem is None:
             return False
         log.warning("job %s: not recording its end, it is no longer ours (%s)", job.id, problem)

@@ -1,41 +1,21 @@
-"""The trial specification a worker receives, and the one enum of trial states."""
+"""The trial specification a worker receives: frozen, JSON-safe, validated on construction."""
 from __future__ import annotations
 
-import enum
 import math
 import re
 from dataclasses import MISSING, asdict, dataclass, field
 from typing import Any
 
-from nncore.errors import ConfigError
+from nncore.data import validate_data_options
+from nncore.errors import ConfigError, DataError
 from nncore.model import validate_model_config
 from nncore.solver import validate_solver_config
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-PREPROCESS = ("none", "mean", "standardize")
-DATA_DEFAULTS: dict[str, Any] = {"seed": 0, "val_fraction": 0.15, "test_fraction": 0.15, "preprocess": "mean"}
 
 
 class SpecError(ValueError):
     """A trial specification is invalid; the message names the field."""
-
-
-class TrialState(str, enum.Enum):
-    """Life cycle: QUEUED -> RUNNING -> COMPLETED | KILLED | DIVERGED | FAILED (RUNNING -> QUEUED on requeue)."""
-
-    QUEUED = "QUEUED"
-    RUNNING = "RUNNING"
-    COMPLETED = "COMPLETED"
-    KILLED = "KILLED"
-    DIVERGED = "DIVERGED"
-    FAILED = "FAILED"
-
-    @property
-    def terminal(self) -> bool:
-        return self in TERMINAL_STATES
-
-
-TERMINAL_STATES = frozenset({TrialState.COMPLETED, TrialState.KILLED, TrialState.DIVERGED, TrialState.FAILED})
 
 
 def check_name(value: Any, what: str) -> str:
@@ -51,25 +31,6 @@ def check_name(value: Any, what: str) -> str:
 def trial_id(stage: str, index: int) -> str:
     """Readable trial id, e.g. ``coarse-0042``."""
     return f"{stage}-{index:04d}"
-
-
-def validate_data_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Fill defaults for the data options and check them; errors name ``data.<field>``."""
-    if not isinstance(cfg, dict):
-        raise SpecError(f"data: expected a table, got {type(cfg).__name__}")
-    unknown = sorted(set(cfg) - set(DATA_DEFAULTS))
-    if unknown:
-        raise SpecError(f"data.{unknown[0]}: unknown field (known: {', '.join(DATA_DEFAULTS)})")
-    out = {**DATA_DEFAULTS, **cfg}
-    if not isinstance(out["seed"], int) or isinstance(out["seed"], bool):
-        raise SpecError(f"data.seed: expected an integer, got {out['seed']!r}")
-    for key in ("val_fraction", "test_fraction"):
-        value = out[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 0.5:
-            raise SpecError(f"data.{key}: expected a number in (0, 0.5), got {value!r}")
-    if out["preprocess"] not in PREPROCESS:
-        raise SpecError(f"data.preprocess: expected one of {', '.join(PREPROCESS)}, got {out['preprocess']!r}")
-    return out
 
 
 @dataclass(frozen=True)
@@ -112,11 +73,12 @@ class TrialSpec:
         try:
             model = validate_model_config(self.model)
             solver = validate_solver_config({**self.solver, "epochs": self.epochs})
-        except ConfigError as exc:
+            data = validate_data_options(self.data)
+        except (ConfigError, DataError) as exc:
             raise SpecError(str(exc)) from None
         object.__setattr__(self, "model", model)
         object.__setattr__(self, "solver", solver)
-        object.__setattr__(self, "data", validate_data_config(self.data))
+        object.__setattr__(self, "data", data)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

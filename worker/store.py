@@ -1,24 +1,33 @@
-"""The shared-storage layout of an experiment: atomic writes, checkpoint names, scanning."""
+"""The shared-storage layout of an experiment (the only code that knows its file names), its typed records,
+atomic writes, checkpoint names, and the one function that moves a trial or a stage between states."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import re
+import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
 from nncore.io import atomic_write, atomic_write_npz
+from worker.records import ExperimentRecord, RecordError, StageRecord, TrialResult
 from worker.spec import check_name
+from worker.states import StageStatus, TrialState, check_stage_transition, check_trial_transition
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^val(?P<acc>[01]\.\d{4})_ep(?P<epoch>\d{3,})\.npz$")
 DEFAULT_STORAGE = "checkpoints"
+SPEC_ARRAY = "__spec__"  # every checkpoint carries its trial's spec as a JSON string (a 0-d unicode array)
+LOCAL_DIR = "local"  # <experiment>/local: the embedded Redis's data dir, its pidfile and the local workers' logs
 
 
 class StorageError(OSError):
@@ -28,6 +37,21 @@ class StorageError(OSError):
 def storage_root(path: str | os.PathLike[str] | None = None) -> Path:
     """The storage root: ``path``, else ``$HYPERSEARCH_STORAGE``, else ``./checkpoints``."""
     return Path(path or os.environ.get("HYPERSEARCH_STORAGE") or DEFAULT_STORAGE)
+
+
+def now_iso() -> str:
+    """The current UTC time as ISO 8601 to the second (stage and experiment records)."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def probe_writable(directory: Path, root: Path | None = None) -> None:
+    """StorageError "storage <root>: not writable (...)" unless a file can be created in ``directory`` (an
+    unnamed temp file where the OS allows, removed either way, so nothing is left behind)."""
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise StorageError(f"storage {root or directory}: not writable ({exc.strerror or exc})") from None
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -41,7 +65,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 def read_json(path: Path) -> Any | None:
     """The JSON in ``path``; None (with a warning naming the file) when it is missing or corrupt."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_bytes())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
@@ -52,14 +76,17 @@ def read_json(path: Path) -> Any | None:
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The JSON objects of a JSON-lines file ([] when missing); a corrupt line is skipped with a warning."""
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = Path(path).read_bytes().splitlines()
     except FileNotFoundError:
+        return []
+    except OSError as exc:
+        log.warning("skipping unreadable %s: %s", path, exc)
         return []
     records = []
     for n, line in enumerate(lines, 1):
         try:
             rec = json.loads(line)
-        except ValueError:
+        except ValueError:  # UnicodeDecodeError too
             log.warning("skipping corrupt line %d of %s", n, path)
             continue
         if isinstance(rec, dict):
@@ -67,9 +94,25 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def _json_line(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record, sort_keys=True, allow_nan=False) + "\n").encode()
+
+
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     """Write one JSON object per line, atomically."""
-    atomic_write_bytes(path, "".join(json.dumps(r, sort_keys=True, allow_nan=False) + "\n" for r in records).encode())
+    atomic_write_bytes(path, b"".join(map(_json_line, records)))
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line, flushed and fsynced (one write of a whole line: a reader sees it whole or not at
+    all, and a torn last line after a crash is skipped as corrupt)."""
+    line = _json_line(record)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:
@@ -79,6 +122,19 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
             return {k: z[k] for k in z.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise StorageError(f"{path}: unreadable checkpoint ({exc})") from None
+
+
+def _record(kind: Any, path: Path) -> Any | None:
+    """The typed record ``kind`` stored in ``path``; None when missing, or (with a warning naming the file) when
+    it is not such a record."""
+    doc = read_json(path)
+    if doc is None:
+        return None
+    try:
+        return kind.from_dict(doc)
+    except RecordError as exc:
+        log.warning("skipping %s: not a %s (%s)", path, kind.__name__, exc)
+        return None
 
 
 @dataclass(frozen=True, order=True)
@@ -118,31 +174,50 @@ class ExperimentStore:
         self.stages_dir = self.dir / "stages"
         self.ensembles_dir = self.dir / "ensembles"
         self.report_dir = self.dir / "report"
+        self.local_dir = self.dir / LOCAL_DIR
 
     def ensure(self) -> ExperimentStore:
         """Create the folders; StorageError naming the path when storage is missing or unwritable."""
         try:
             for d in (self.trials_dir, self.stages_dir):
                 d.mkdir(parents=True, exist_ok=True)
-            probe = self.dir / f".write-probe-{os.getpid()}.tmp"  # per process: workers share the folder
-            probe.write_bytes(b"")
-            probe.unlink()
         except OSError as exc:
             raise StorageError(f"storage {self.root}: not writable ({exc.strerror or exc})") from None
+        probe_writable(self.dir, self.root)
         return self
 
     # experiment and stages -------------------------------------------------------------
-    def write_experiment(self, config: dict[str, Any]) -> None:
-        atomic_write_json(self.dir / "experiment.json", config)
+    def write_experiment(self, record: ExperimentRecord) -> None:
+        atomic_write_json(self.dir / "experiment.json", record.to_dict())
 
-    def read_experiment(self) -> dict[str, Any] | None:
-        return read_json(self.dir / "experiment.json")
+    def read_experiment(self) -> ExperimentRecord | None:
+        return _record(ExperimentRecord, self.dir / "experiment.json")
 
-    def write_stage(self, stage: str, record: dict[str, Any]) -> None:
-        atomic_write_json(self.stages_dir / f"{check_name(stage, 'stage')}.json", record)
+    def stage_path(self, stage: str) -> Path:
+        return self.stages_dir / f"{check_name(stage, 'stage')}.json"
 
-    def read_stage(self, stage: str) -> dict[str, Any] | None:
-        return read_json(self.stages_dir / f"{check_name(stage, 'stage')}.json")
+    def write_stage(self, record: StageRecord) -> None:
+        """Write a stage record as planned (its status must be one the stage may move to)."""
+        old = self.read_stage(record.stage)
+        check_stage_transition(record.stage, old.status if old else None, record.status)
+        atomic_write_json(self.stage_path(record.stage), record.to_dict())
+
+    def read_stage(self, stage: str) -> StageRecord | None:
+        return _record(StageRecord, self.stage_path(stage))
+
+    def stage_names(self) -> list[str]:
+        """Names of the stages recorded in stages/ (any order)."""
+        return sorted(p.stem for p in self.stages_dir.glob("*.json")) if self.stages_dir.is_dir() else []
+
+    def set_stage_status(self, stage: str, status: StageStatus, **fields: Any) -> StageRecord:
+        """The one place a stage moves: check the move, update its record (with ``fields``), stamp the time."""
+        record = self.read_stage(stage)
+        if record is None:
+            raise StorageError(f"stage {stage}: no record in {self.stages_dir}")
+        check_stage_transition(stage, record.status, status)
+        record = dataclasses.replace(record, status=status, updated_at=now_iso(), **fields)
+        atomic_write_json(self.stage_path(stage), record.to_dict())
+        return record
 
     # trials ------------------------------------------------------------------------------
     def trial_dir(self, trial_id: str) -> Path:
@@ -161,34 +236,56 @@ class ExperimentStore:
     def read_spec(self, trial_id: str) -> dict[str, Any] | None:
         return read_json(self.trial_dir(trial_id) / "spec.json")
 
-    def write_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        atomic_write_json(self.trial_dir(trial_id) / "result.json", result)
+    def read_result(self, trial_id: str) -> TrialResult | None:
+        """The trial's state record (None: never queued nor run)."""
+        return _record(TrialResult, self.trial_dir(trial_id) / "result.json")
 
-    def read_result(self, trial_id: str) -> dict[str, Any] | None:
-        return read_json(self.trial_dir(trial_id) / "result.json")
-
-    def clear_result(self, trial_id: str) -> None:
-        (self.trial_dir(trial_id) / "result.json").unlink(missing_ok=True)
+    def transition(self, trial_id: str, to: TrialState, reason: str, event: str, details: dict[str, Any] | None = None,
+                   **fields: Any) -> TrialResult:
+        """The one function that moves a trial between states: check the move (IllegalTransition otherwise),
+        write result.json with ``to``, ``reason`` and the record ``fields`` given (a terminal state stamps
+        ``finished_at``), then append ``event`` (with ``details``) to events.jsonl. Returns the new record."""
+        current = self.read_result(trial_id)
+        check_trial_transition(trial_id, current.state if current else None, to)
+        now = time.time()
+        base = current or TrialResult(trial_id, to)
+        record = dataclasses.replace(base, state=to, reason=reason, updated_at=now,
+                                     **{"finished_at": now if to.terminal else None, **fields})
+        d = self.trial_dir(trial_id)
+        d.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(d / "result.json", record.to_dict())
+        self.append_event(trial_id, {"time": now, "event": event, "state": to.value, "reason": reason,
+                                     **(details or {})})
+        return record
 
     # history -----------------------------------------------------------------------------
     def read_history(self, trial_id: str) -> list[dict[str, Any]]:
-        """Per-epoch records; a corrupt line is skipped with a warning naming the file."""
-        return [r for r in read_jsonl(self.trial_dir(trial_id) / "history.jsonl") if isinstance(r.get("epoch"), int)]
+        """Per-epoch records in epoch order. The file is append-only: a resumed trial re-runs epochs after its
+        last checkpoint and appends them again, so a record of epoch e replaces the records of epochs >= e
+        before it. A corrupt line is skipped with a warning naming the file."""
+        history: list[dict[str, Any]] = []
+        for record in read_jsonl(self.trial_dir(trial_id) / "history.jsonl"):
+            if isinstance(record.get("epoch"), int) and not isinstance(record["epoch"], bool):
+                while history and history[-1]["epoch"] >= record["epoch"]:
+                    history.pop()
+                history.append(record)
+        return history
 
     def write_history(self, trial_id: str, records: list[dict[str, Any]]) -> None:
+        """Replace the whole history (a resumed trial trims the epochs after its checkpoint)."""
         write_jsonl(self.trial_dir(trial_id) / "history.jsonl", records)
 
     def append_history(self, trial_id: str, record: dict[str, Any]) -> None:
-        """Add one epoch's record, replacing any record of that epoch or later (a resumed epoch re-run)."""
-        kept = [r for r in self.read_history(trial_id) if r["epoch"] < record["epoch"]]
-        self.write_history(trial_id, kept + [record])
+        """Add one epoch's record at the end (one fsynced line; nothing else of the file is rewritten)."""
+        append_jsonl(self.trial_dir(trial_id) / "history.jsonl", record)
 
-    # events (what the master did to a trial and why: requeued, retried, stop requested) ---------
+    # events (what happened to a trial and why: queued, started, finished, requeued, stop requested) ---
     def read_events(self, trial_id: str) -> list[dict[str, Any]]:
         return read_jsonl(self.trial_dir(trial_id) / "events.jsonl")
 
     def append_event(self, trial_id: str, event: dict[str, Any]) -> None:
-        write_jsonl(self.trial_dir(trial_id) / "events.jsonl", self.read_events(trial_id) + [event])
+        """Record an event that is not a move between states (a stop request); transitions record their own."""
+        append_jsonl(self.trial_dir(trial_id) / "events.jsonl", event)
 
     # checkpoints -------------------------------------------------------------------------
     def checkpoints(self, trial_id: str) -> list[Checkpoint]:
@@ -202,18 +299,31 @@ class ExperimentStore:
     def latest_checkpoint(self, trial_id: str) -> Checkpoint | None:
         return max(self.checkpoints(trial_id), key=lambda c: c.epoch, default=None)
 
-    def write_checkpoint(self, trial_id: str, epoch: int, val_acc: float,
-                         arrays: dict[str, np.ndarray], keep: int) -> Checkpoint:
-        """Write one epoch's checkpoint atomically, then keep the best ``keep`` plus the latest one."""
+    def write_checkpoint(self, trial_id: str, epoch: int, val_acc: float, arrays: dict[str, np.ndarray], keep: int,
+                         spec: dict[str, Any] | None = None) -> Checkpoint:
+        """Write one epoch's checkpoint (``arrays``, and the trial's ``spec`` when given) atomically, then keep the
+        best ``keep`` plus the latest one."""
         d = self.trial_dir(trial_id)
         d.mkdir(parents=True, exist_ok=True)
         path = d / Checkpoint.filename(val_acc, epoch)
         for old in self.checkpoints(trial_id):  # a re-run epoch replaces its earlier file
             if old.epoch == epoch and old.path != path:
                 old.path.unlink(missing_ok=True)
-        atomic_write_npz(path, arrays)
+        carried = {SPEC_ARRAY: np.array(json.dumps(spec, sort_keys=True))} if spec is not None else {}
+        atomic_write_npz(path, {**arrays, **carried})
         self.prune_checkpoints(trial_id, keep)
         return Checkpoint.parse(path)
+
+    @staticmethod
+    def read_checkpoint(checkpoint: Checkpoint) -> tuple[dict[str, np.ndarray], dict[str, Any] | None]:
+        """(the arrays a checkpoint holds, the trial spec it carries or None); StorageError when unreadable."""
+        arrays = load_npz(checkpoint.path)
+        raw = arrays.pop(SPEC_ARRAY, None)
+        try:
+            spec = json.loads(raw.item()) if raw is not None else None
+        except (ValueError, TypeError):
+            raise StorageError(f"{checkpoint.path}: unreadable trial spec in the checkpoint") from None
+        return arrays, spec if isinstance(spec, dict) else None
 
     def prune_checkpoints(self, trial_id: str, keep: int) -> None:
         ckpts = self.checkpoints(trial_id)
@@ -222,11 +332,22 @@ class ExperimentStore:
             if c is not latest:
                 c.path.unlink(missing_ok=True)
 
-    def drop_checkpoints_after(self, trial_id: str, epoch: int) -> None:
-        """Remove checkpoints of epochs after ``epoch`` (used when a trial restarts from an earlier one)."""
-        for c in self.checkpoints(trial_id):
-            if c.epoch > epoch:
-                c.path.unlink(missing_ok=True)
+    # ensembles ------------------------------------------------------------------------------
+    def ensemble_path(self, name: str) -> Path:
+        return self.ensembles_dir / f"{check_name(name, 'ensemble name')}.json"
+
+    def ensemble_names(self) -> list[str]:
+        """Names of the experiment's recorded ensembles."""
+        return sorted(p.stem for p in self.ensembles_dir.glob("*.json")) if self.ensembles_dir.is_dir() else []
+
+    def write_ensemble(self, record: dict[str, Any]) -> Path:
+        self.ensembles_dir.mkdir(parents=True, exist_ok=True)
+        path = self.ensemble_path(record["name"])
+        atomic_write_json(path, record)
+        return path
+
+    def read_ensemble(self, name: str) -> Any | None:
+        return read_json(self.ensemble_path(name))
 
     def snapshot(self) -> StoreSnapshot:
         """A read-only view of this experiment that reads each trial file at most once (see StoreSnapshot)."""
@@ -261,7 +382,7 @@ class StoreSnapshot(ExperimentStore):
     def read_spec(self, trial_id: str) -> dict[str, Any] | None:
         return self._once("spec", trial_id, super().read_spec)
 
-    def read_result(self, trial_id: str) -> dict[str, Any] | None:
+    def read_result(self, trial_id: str) -> TrialResult | None:
         return self._once("result", trial_id, super().read_result)
 
     def read_history(self, trial_id: str) -> list[dict[str, Any]]:

@@ -1,20 +1,20 @@
 """Run one trial: build its data and model, train with a checkpoint every epoch, resume, report, obey stops."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any
 
-import numpy as np
 
 from nncore.data import load_dataset_cached
 from nncore.model import build_model
 from nncore.sanity import run_sanity_checks
 from nncore.solver import Solver
 from worker.control import StopJob, stopped_as
-from worker.spec import TrialSpec, TrialState
-from worker.store import ExperimentStore, load_npz
+from worker.records import TrialResult
+from worker.spec import TrialSpec
+from worker.states import TrialState
+from worker.store import ExperimentStore
 
 log = logging.getLogger(__name__)
 
@@ -33,22 +33,22 @@ class _StopCheck:
         return self.reason is not None
 
 
-def run_trial(spec: TrialSpec, store: ExperimentStore, control: Any, worker_name: str = "local") -> dict[str, Any]:
+def run_trial(spec: TrialSpec, store: ExperimentStore, control: Any, worker_name: str = "local") -> TrialResult:
     """Train ``spec`` to its epoch budget (resuming from its own or its parent's latest checkpoint) and
-    return the result.json dict. An exception is recorded as FAILED (StopJob as KILLED) and re-raised; TrialLost
+    return its final record. An exception is recorded as FAILED (StopJob as KILLED) and re-raised; TrialLost
     (``control`` found the trial's job taken from this worker) ends it at once, writing nothing more."""
     started = time.perf_counter()
     tid = spec.trial_id
     spec_dict = spec.to_dict()
     if store.read_spec(tid) != spec_dict:
         store.write_spec(spec_dict)
-    spec_array = np.array(json.dumps(spec_dict, sort_keys=True))  # "__spec__" in every checkpoint
-    store.clear_result(tid)
+    control.confirm()
+    store.transition(tid, TrialState.RUNNING, f"running on {worker_name}", "started", worker=worker_name)
     control.report({"state": TrialState.RUNNING.value, "epochs": spec.epochs, "reason": ""})
     solver = None
     sanity: list[dict[str, Any]] | None = None
 
-    def finish(state: TrialState, reason: str) -> dict[str, Any]:
+    def finish(state: TrialState, reason: str) -> TrialResult:
         return _finish(spec, store, control, solver, state, reason, worker_name, time.perf_counter() - started, sanity)
 
     try:
@@ -62,8 +62,8 @@ def run_trial(spec: TrialSpec, store: ExperimentStore, control: Any, worker_name
         model = build_model(spec.model, data.input_shape, data.num_classes, seed=spec.seed)
         stop = _StopCheck(control)
         solver = Solver(model, data, spec.solver, seed=spec.seed, should_stop=stop)
-        solver.callback = lambda metrics: _end_of_epoch(spec, store, control, solver, spec_array, metrics)
-        start_epoch = _restore(spec, store, solver, spec_array)
+        solver.callback = lambda metrics: _end_of_epoch(spec, store, control, solver, metrics)
+        start_epoch = _restore(spec, store, solver)
         if start_epoch:
             control.report({"epoch": start_epoch})
             log.info("trial %s: resuming at epoch %d of %d", tid, start_epoch, spec.epochs)
@@ -80,21 +80,20 @@ def run_trial(spec: TrialSpec, store: ExperimentStore, control: Any, worker_name
     return finish(state, outcome["reason"])
 
 
-def _restore(spec: TrialSpec, store: ExperimentStore, solver: Solver, spec_array: np.ndarray) -> int:
+def _restore(spec: TrialSpec, store: ExperimentStore, solver: Solver) -> int:
     """Load the trial's latest checkpoint, or its parent's (copying the parent's history up to it) when it
     has none; trim history records past the restored epoch. Returns the epoch training resumes after."""
     tid = spec.trial_id
     own = store.latest_checkpoint(tid)
     history = current = store.read_history(tid)
     if own is not None:
-        solver.load_state_arrays(load_npz(own.path))
+        solver.load_state_arrays(store.read_checkpoint(own)[0])
         epoch = own.epoch
     elif spec.parent is not None and (parent := store.latest_checkpoint(spec.parent)) is not None:
-        solver.load_state_arrays(load_npz(parent.path))
+        solver.load_state_arrays(store.read_checkpoint(parent)[0])
         epoch = parent.epoch
         history = store.read_history(spec.parent)
-        store.write_checkpoint(tid, epoch, parent.val_acc, {**solver.state_arrays(), "__spec__": spec_array},
-                               spec.keep)
+        store.write_checkpoint(tid, epoch, parent.val_acc, solver.state_arrays(), spec.keep, spec.to_dict())
         log.info("trial %s: starting from parent %s at epoch %d", tid, spec.parent, epoch)
     else:
         if spec.parent is not None:
@@ -106,14 +105,14 @@ def _restore(spec: TrialSpec, store: ExperimentStore, solver: Solver, spec_array
     return epoch
 
 
-def _end_of_epoch(spec: TrialSpec, store: ExperimentStore, control: Any, solver: Solver, spec_array: np.ndarray,
+def _end_of_epoch(spec: TrialSpec, store: ExperimentStore, control: Any, solver: Solver,
                   metrics: dict[str, Any]) -> None:
     """Persist one finished epoch (history line, then checkpoint), the trial still being ours, and publish it."""
     epoch = metrics["epoch"]
     control.confirm()
     store.append_history(spec.trial_id, {**metrics, "time": time.time()})
-    store.write_checkpoint(spec.trial_id, epoch, metrics["val_acc"], {**solver.state_arrays(), "__spec__": spec_array},
-                           spec.keep)
+    store.write_checkpoint(spec.trial_id, epoch, metrics["val_acc"], solver.state_arrays(), spec.keep,
+                           spec.to_dict())
     control.report({
         "epoch": epoch, "train_loss": metrics["train_loss"], "last_loss": metrics["train_loss"],
         "initial_loss": solver.initial_loss, "train_acc": metrics["train_acc"], "val_acc": metrics["val_acc"],
@@ -122,28 +121,18 @@ def _end_of_epoch(spec: TrialSpec, store: ExperimentStore, control: Any, solver:
 
 
 def _finish(spec: TrialSpec, store: ExperimentStore, control: Any, solver: Solver | None, state: TrialState,
-            reason: str, worker_name: str, seconds: float, sanity: list[dict[str, Any]] | None) -> dict[str, Any]:
-    """Write result.json (best = the best checkpoint on disk, so its name, history and result agree), the trial
-    still being ours."""
+            reason: str, worker_name: str, seconds: float, sanity: list[dict[str, Any]] | None) -> TrialResult:
+    """Record the trial's outcome (best = the best checkpoint on disk, so its name, history and result agree),
+    the trial still being ours."""
     control.confirm()
     best = next(iter(store.checkpoints(spec.trial_id)), None)
-    result = {
-        "trial_id": spec.trial_id,
-        "state": state.value,
-        "reason": reason,
-        "best_val_acc": best.val_acc if best else 0.0,
-        "best_epoch": best.epoch if best else 0,
-        "epochs_done": solver.epoch if solver is not None else 0,
-        "worker": worker_name,
-        "seconds": round(seconds, 6),
-        "finished_at": time.time(),
-        "checkpoint": best.path.name if best else None,
-    }
-    if sanity is not None:
-        result["sanity"] = sanity
-    store.write_result(spec.trial_id, result)
-    control.report({"state": state.value, "reason": reason, "best_val_acc": result["best_val_acc"],
-                    "epoch": result["epochs_done"]})
+    result = store.transition(
+        spec.trial_id, state, reason, "finished", worker=worker_name,
+        best_val_acc=best.val_acc if best else 0.0, best_epoch=best.epoch if best else 0,
+        epochs_done=solver.epoch if solver is not None else 0, seconds=round(seconds, 6),
+        checkpoint=best.path.name if best else None, sanity=sanity)
+    control.report({"state": state.value, "reason": reason, "best_val_acc": result.best_val_acc,
+                    "epoch": result.epochs_done})
     log.info("trial %s: %s (%s) best val %.4f at epoch %d in %.2fs", spec.trial_id, state.value, reason,
-             result["best_val_acc"], result["best_epoch"], seconds)
+             result.best_val_acc, result.best_epoch, seconds)
     return result
