@@ -20,7 +20,7 @@ from threadpoolctl import threadpool_limits
 
 from master.ensemble import build_ensemble
 from master.sampler import sample_trials
-from master.space import StageConfig, load_config
+from master.config import StageConfig, load_config
 from worker.control import NullControl
 from worker.store import ExperimentStore
 from worker.trainer import run_trial

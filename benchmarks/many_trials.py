@@ -125,11 +125,11 @@ def main() -> None:
                 done = used_memory(conn)
                 store = ExperimentStore(storage, EXPERIMENT)
                 results = [store.read_result(tid) for tid in store.trial_ids()]
-                states = {r["state"] for r in results if r}
+                states = {r.state.value for r in results if r}
                 if len(results) != args.trials or states != {"COMPLETED"}:
                     raise RuntimeError(f"{len(results)} results, states {states}")
-                first = min(r["finished_at"] - r["seconds"] for r in results)
-                span = max(r["finished_at"] for r in results) - first
+                first = min(r.finished_at - r.seconds for r in results)
+                span = max(r.finished_at for r in results) - first
                 status = [master("status", "--experiment", EXPERIMENT, **where)[0] for _ in range(args.rounds)]
                 report = [master("report", "--experiment", EXPERIMENT, **{**where, "url": None})[0]
                           for _ in range(args.rounds)]

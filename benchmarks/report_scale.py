@@ -20,6 +20,8 @@ from unittest import mock
 
 import numpy as np
 
+from worker.records import ExperimentRecord, StageRecord
+from worker.states import StageStatus, TrialState
 from worker.store import ExperimentStore
 
 EXPERIMENT = "scale"
@@ -36,14 +38,14 @@ def generate(root: Path, trials: int, seed: int = 0) -> ExperimentStore:
     rng = np.random.default_rng(seed)
     store = ExperimentStore(root, EXPERIMENT).ensure()
     with mock.patch("os.fsync"):
-        store.write_experiment({"name": EXPERIMENT, "config": {
+        store.write_experiment(ExperimentRecord(EXPERIMENT, {
             "stages": {name: {"epochs": hi, "trials": round(share * trials)} for name, share, (_, hi) in STAGES},
-            "space": SPACE}})
+            "space": SPACE}, "", 0, "2026-01-01T00:00:00"))
         for name, share, (lo, hi) in STAGES:
             ranges = {f"{s}.{k}": d for s, entries in SPACE.items() for k, d in entries.items()}
-            store.write_stage(name, {"stage": name, "ranges": ranges, "flags": [
-                {"name": "solver.lr", "side": "upper", "best": 0.09, "low": 1e-4, "high": 0.1,
-                 "new_low": 1e-3, "new_high": 0.4}] if name == "coarse" else []})
+            flags = ({"name": "solver.lr", "side": "upper", "best": 0.09, "low": 1e-4, "high": 0.1,
+                      "new_low": 1e-3, "new_high": 0.4},) if name == "coarse" else ()
+            store.write_stage(StageRecord(name, "random", hi, 0, (), StageStatus.COMPLETED, ranges=ranges, flags=flags))
             for i in range(round(share * trials)):
                 _trial(store, f"{name}-{i:05d}", name, int(rng.integers(lo, hi + 1)), rng)
     return store
@@ -64,13 +66,13 @@ def _trial(store: ExperimentStore, tid: str, stage: str, epochs: int, rng: np.ra
                 "seconds": 0.2, "samples_per_sec": 6000.0, "time": 0.0} for e in range(1, epochs + 1)]
     store.write_history(tid, history)
     best = max(history, key=lambda r: r["val_acc"])
+    store.transition(tid, TrialState.RUNNING, "synthetic", "started")
     if state == "RUNNING":
         store.write_checkpoint(tid, best["epoch"], best["val_acc"], {"w": np.zeros(4, np.float32)}, keep=1)
         return
-    store.write_result(tid, {"trial_id": tid, "state": state, "reason": state.lower(),
-                             "best_val_acc": round(best["val_acc"], 4), "best_epoch": best["epoch"],
-                             "epochs_done": epochs, "worker": f"w{rng.integers(8)}", "seconds": 0.2 * epochs,
-                             "finished_at": 0.0, "checkpoint": None})
+    store.transition(tid, TrialState(state), state.lower(), "finished", best_val_acc=round(best["val_acc"], 4),
+                     best_epoch=best["epoch"], epochs_done=epochs, worker=f"w{rng.integers(8)}", seconds=0.2 * epochs,
+                     finished_at=0.0, checkpoint=None)
 
 
 def run_report(root: Path) -> tuple[float, float]:

@@ -11,7 +11,7 @@ small built-ins spiral (90 validation samples) and waves (conv1d, 300), also sel
 (30 epochs). --space wide (the default) samples lr in [1e-6, 1] and L2 in [1e-6, 10], log-uniformly, the
 way cs231n starts a coarse search; --space default uses the product's default ranges (lr [1e-4, 1e-1],
 L2 [1e-6, 1e-1]), already close to the good region. Both also sample dropout and hidden sizes.
-Staged search, --plan default (the product's default plan, master.space.DEFAULT_STAGES at n = 32):
+Staged search, --plan default (the product's default plan, master.config.DEFAULT_STAGES at n = 32):
 coarse (N x 1 epoch), medium (N/2 x 5 epochs in ranges narrowed around the best coarse trials, ASHA rungs
 at 1 and 3), fine (the best 4 medium trials continued to 30 epochs, ASHA rungs at 9 and 27); --plan
 halving: 3N/8 random trials x 3 epochs, then the best 3 continued to 30. Both run one trial at a time in
@@ -48,10 +48,11 @@ from threadpoolctl import threadpool_info, threadpool_limits
 from master.monitor import close_stage
 from nncore.data import make_spiral
 from master.pruning import Rule, TrialView, should_kill
-from master.space import ExperimentConfig, parse_config
+from master.config import ExperimentConfig, parse_config
 from master.stages import plan_stage, previous_stage
-from worker.control import DIVERGED_PREFIX, NullControl
-from worker.spec import TrialState
+from worker.control import stop_request
+from worker.records import StageRecord
+from worker.states import StageStatus
 from worker.store import ExperimentStore
 from worker.trainer import run_trial
 
@@ -102,7 +103,7 @@ def halving_stages(n: int) -> str:
 
 
 def default_stages(n: int) -> str:
-    """The product's default plan (master.space.DEFAULT_STAGES at n = 32): n x 1 epoch, n/2 x 5 epochs
+    """The product's default plan (master.config.DEFAULT_STAGES at n = 32): n x 1 epoch, n/2 x 5 epochs
     narrowed, the best 4 continued to the full budget."""
     medium = max(n // 2, 1)
     return (f'[stages.coarse]\nepochs = 1\ntrials = {n}\n'
@@ -113,7 +114,7 @@ def default_stages(n: int) -> str:
 PLANS = {"halving": halving_stages, "default": default_stages}
 
 
-class RuleControl(NullControl):
+class RuleControl:
     """The monitor's stopping rule applied in-process at the end of every epoch (peers: earlier trials)."""
 
     def __init__(self, store: ExperimentStore, trial_id: str, peers: list[str], rule: Rule):
@@ -122,6 +123,9 @@ class RuleControl(NullControl):
 
     def should_stop(self) -> str | None:
         return self.reason
+
+    def confirm(self) -> None:
+        """In-process: the trial is always ours."""
 
     def report(self, fields: dict) -> None:
         if self.reason is not None or "last_loss" not in fields:
@@ -132,8 +136,7 @@ class RuleControl(NullControl):
         peers = [TrialView.from_history(p, self.store.read_history(p)) for p in self.peers]
         verdict = should_kill(trial, peers, self.rule, now)
         if verdict is not None:
-            prefix = DIVERGED_PREFIX if verdict.state is TrialState.DIVERGED else ""
-            self.reason = prefix + verdict.reason
+            self.reason = stop_request(verdict.reason, verdict.state)
 
 
 def run_search(config: ExperimentConfig, root: Path) -> tuple[list[list[float]], dict[str, int]]:
@@ -145,14 +148,15 @@ def run_search(config: ExperimentConfig, root: Path) -> tuple[list[list[float]],
     for stage in config.stages:
         plan = plan_stage(store, config, stage.name)
         ids = [s.trial_id for s in plan.specs]
-        store.write_stage(stage.name, {"trial_ids": ids, "ranges": {d.name: d.to_dict() for d in plan.space}})
+        store.write_stage(StageRecord(stage.name, stage.method, stage.epochs, 0, tuple(ids), StageStatus.LAUNCHED,
+                                      ranges={d.name: d.to_dict() for d in plan.space}))
         before = previous_stage(config, stage.name)
         start = before.epochs if stage.method == "promote" and before else 0
         rule = Rule.of(stage, config.watch, start)
         for i, spec in enumerate(plan.specs):
             store.write_spec(spec.to_dict())
             result = run_trial(spec, store, RuleControl(store, spec.trial_id, ids[:i], rule))
-            states[result["state"]] = states.get(result["state"], 0) + 1
+            states[result.state.value] = states.get(result.state.value, 0) + 1
             trials.append([r["val_acc"] for r in store.read_history(spec.trial_id) if r["epoch"] > start])
         for event in close_stage(store, config, stage.name, "")[1:]:
             print(f"    {stage.name} flag: {event.message}", file=sys.stderr)

@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from master.space import Distribution
+from master.config import Distribution
 
 EDGE = 0.1  # the outer fraction of a range, in the sampled scale, that counts as its border
 WIDEN = 0.2  # a flagged side moves out by this fraction of the range

@@ -1,9 +1,9 @@
-"""Dispatch trials to workers through RQ (the only master module that talks to RQ): JSON jobs, one per trial."""
+"""The master's gateway to Redis and RQ (the only master module that speaks either; it touches no files): JSON
+jobs, one per trial, typed views of jobs and workers, stop requests, commands, the quarantine record."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import redis
 from rq.command import send_shutdown_command, send_stop_job_command
@@ -14,11 +14,11 @@ from rq.serializers import JSONSerializer
 from rq.utils import utcparse
 from rq.worker import Worker
 
-from worker.control import (DEFAULT_QUEUE, DEFAULT_REDIS_URL, KEY_TTL_SECONDS, ControlError, mask_url, open_redis,
-                            read_progress, redis_url, reset_trial, stop_key)
+from worker.control import (DEFAULT_QUEUE, DEFAULT_REDIS_URL, KEY_TTL_SECONDS, ControlError, job_key, job_owner,
+                            mask_url, open_redis, read_job_owner, read_progress, redis_url, reset_trial, stop_key)
 from worker.control import request_stop as _request_stop
-from worker.spec import TrialSpec, TrialState, check_name
-from worker.store import ExperimentStore
+from worker.spec import TrialSpec, check_name
+from worker.states import TrialState
 
 __all__ = ["DispatchError", "Dispatcher", "connect", "job_id", "mask_url", "redis_url", "trial_of"]
 
@@ -32,7 +32,11 @@ FAILURE_TTL_SECONDS = 365 * 24 * 3600
 # shared storage is the record, so the master never needs it later (a relaunch reads result.json).
 RESULT_TTL_SECONDS = KEY_TTL_SECONDS
 ACTIVE_STATUSES = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
+WAITING_STATUSES = {JobStatus.QUEUED.value, JobStatus.DEFERRED.value, JobStatus.SCHEDULED.value}
 _WATCH_RETRIES = 20
+
+
+RedisError = redis.RedisError  # raised when Redis goes away: callers catch it; only this module speaks Redis
 
 
 class DispatchError(RuntimeError):
@@ -72,39 +76,58 @@ def trial_of(rq_job_id: str) -> tuple[str, str] | None:
     return experiment, trial
 
 
+class JobView(NamedTuple):
+    """A trial's RQ job as the master sees it: its status (None when Redis has no job) and its worker."""
+
+    status: str | None
+    worker: str | None
+
+    @property
+    def missing(self) -> bool:
+        return self.status is None
+
+    @property
+    def waiting(self) -> bool:
+        """Queued (or deferred, scheduled): no worker has it yet."""
+        return self.status in WAITING_STATUSES
+
+    @property
+    def running(self) -> bool:
+        """Taken by ``worker`` (which may have died since: the heartbeat tells)."""
+        return self.status == JobStatus.STARTED.value
+
+
+def quarantine_key(experiment: str) -> str:
+    """Redis hash: worker -> the time of the failure it was quarantined (shut down) for."""
+    return f"hs:{experiment}:quarantined"
+
+
 class Dispatcher:
     """Enqueues trials (idempotently, by deterministic job id) and reads the queue's and workers' state."""
 
-    def __init__(self, conn: redis.Redis, queue: str = DEFAULT_QUEUE, *, storage: str | Path | None = None,
+    def __init__(self, conn: redis.Redis, queue: str = DEFAULT_QUEUE, *,
                  seconds_per_epoch: int = TIMEOUT_PER_EPOCH_SECONDS):
         self.conn = conn
         self.queue = Queue(queue, connection=conn, serializer=JSONSerializer)
-        self.storage = Path(storage) if storage is not None else None
         self.seconds_per_epoch = seconds_per_epoch
 
     def job_timeout(self, spec: TrialSpec) -> int:
         """Seconds a trial's job may run before RQ fails it: a fixed allowance plus one per epoch."""
         return TIMEOUT_BASE_SECONDS + self.seconds_per_epoch * spec.epochs
 
-    def enqueue(self, specs: Iterable[TrialSpec], force: bool = False) -> list[str]:
-        """Enqueue the trials that have no job yet (and, with storage, no terminal result.json); return
-        their ids. ``force`` re-runs finished, failed and stopped ones too (resuming from checkpoints);
-        a trial whose job is queued or running is never enqueued twice."""
+    def enqueue(self, specs: Iterable[TrialSpec], force: bool = False,
+                on_enqueue: Callable[[list[TrialSpec]], None] | None = None) -> list[str]:
+        """Enqueue the trials that have no job yet and return their ids; ``force`` first deletes the jobs
+        that ended (finished, failed, stopped), so those trials run again. A trial whose job is queued or running
+        is never enqueued twice. ``on_enqueue(specs)`` runs just before the jobs are created (the master records
+        the trials QUEUED there)."""
         specs = list(specs)
         wanted = {job_id(s.experiment, s.trial_id): s for s in specs}
         if force:
             self._drop_inactive_jobs(list(wanted))
-        else:
-            wanted = {jid: s for jid, s in wanted.items() if not self._has_terminal_result(s)}
-        enqueued = self._enqueue_missing(wanted, clear_results=force)
+        enqueued = self._enqueue_missing(wanted, on_enqueue)
         log.info("enqueued %d of %d trials on queue %s", len(enqueued), len(specs), self.queue.name)
         return enqueued
-
-    def _has_terminal_result(self, spec: TrialSpec) -> bool:
-        if self.storage is None:
-            return False
-        result = ExperimentStore(self.storage, spec.experiment).read_result(spec.trial_id)
-        return isinstance(result, dict) and result.get("state") in {s.value for s in TrialState if s.terminal}
 
     def _drop_inactive_jobs(self, ids: list[str]) -> None:
         """Delete the jobs (finished, failed, stopped, canceled) among ``ids`` so they can be enqueued afresh."""
@@ -122,7 +145,8 @@ class Dispatcher:
                 pipe.exists(Job.key_for(jid))
             return [jid for jid, found in zip(ids, pipe.execute()) if not found]
 
-    def _enqueue_missing(self, wanted: dict[str, TrialSpec], clear_results: bool) -> list[str]:
+    def _enqueue_missing(self, wanted: dict[str, TrialSpec],
+                         on_enqueue: Callable[[list[TrialSpec]], None] | None) -> list[str]:
         """Enqueue the specs whose job key does not exist, in one transaction watching those keys."""
         with self.conn.pipeline() as pipe:
             for _ in range(_WATCH_RETRIES):
@@ -135,9 +159,8 @@ class Dispatcher:
                         pipe.reset()
                         continue
                     specs = [wanted[jid] for jid in missing]
-                    if clear_results and self.storage is not None:
-                        for s in specs:
-                            ExperimentStore(self.storage, s.experiment).clear_result(s.trial_id)
+                    if on_enqueue is not None:
+                        on_enqueue(specs)
                     pipe.multi()
                     for s in specs:
                         reset_trial(pipe, s.experiment, s.trial_id, s.epochs)
@@ -178,13 +201,23 @@ class Dispatcher:
         """RQ's shutdown command: the worker finishes (or, idle, abandons) its current wait and exits."""
         send_shutdown_command(self.conn, name)
 
-    def jobs(self, experiment: str, trial_ids: list[str]) -> dict[str, tuple[str | None, str | None]]:
-        """{trial id: (its job's RQ status, or None when Redis has no job for it; the worker that took it)}."""
+    def jobs(self, experiment: str, trial_ids: list[str]) -> dict[str, JobView]:
+        """{trial id: a view of its job (status None when Redis has no job for it, or a record it cannot read)}."""
         with self.conn.pipeline(transaction=False) as pipe:
             for tid in trial_ids:
-                pipe.hmget(Job.key_for(job_id(experiment, tid)), "status", "worker_name")
+                read_job_owner(pipe, job_key(job_id(experiment, tid)))
             rows = pipe.execute()
-        return {tid: tuple((v.decode() or None) if v else None for v in row) for tid, row in zip(trial_ids, rows)}
+        return {tid: JobView(*job_owner(row)) for tid, row in zip(trial_ids, rows)}
+
+    def quarantined_at(self, experiment: str, worker: str) -> str | None:
+        """The failure time ``worker`` was last quarantined for (as ``mark_quarantined`` wrote it), else None."""
+        value = self.conn.hget(quarantine_key(experiment), worker)
+        return value.decode() if value is not None else None
+
+    def mark_quarantined(self, experiment: str, worker: str, at: str) -> None:
+        """Remember that ``worker`` was quarantined for its failure at ``at`` (so a restarted master does not shut
+        down a worker restarted since under the same name)."""
+        self.conn.hset(quarantine_key(experiment), worker, at)
 
     def heartbeats(self, names: list[str]) -> dict[str, float | None]:
         """{worker name: its last RQ heartbeat (unix time, the worker's clock), None when its key is gone}."""
@@ -196,15 +229,12 @@ class Dispatcher:
 
     def requeue(self, specs: list[TrialSpec]) -> list[str]:
         """Put trials back in the queue whatever their jobs' state (a dead worker's job stays STARTED): in one
-        transaction, delete the jobs and enqueue them afresh (clearing stale results; they resume from their
-        checkpoints), so a worker still running one never sees its job missing, only queued again.
-        A pending stop request survives, so a trial being stopped still ends with its reason."""
+        transaction, delete the jobs and enqueue them afresh (they resume from their checkpoints), so a worker
+        still running one never sees its job missing, only queued again. A pending stop request survives, so a
+        trial being stopped still ends with its reason."""
         ids = [job_id(s.experiment, s.trial_id) for s in specs]
         stops = {s.trial_id: self.conn.get(stop_key(s.experiment, s.trial_id)) for s in specs}
         old_jobs = Job.fetch_many(ids, connection=self.conn, serializer=JSONSerializer)
-        if self.storage is not None:
-            for s in specs:
-                ExperimentStore(self.storage, s.experiment).clear_result(s.trial_id)
         with self.conn.pipeline() as pipe:
             for job in old_jobs:
                 if job is not None:

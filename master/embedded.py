@@ -224,10 +224,6 @@ class LocalWorkers:
         log.info("started %d local workers: %s", self.count, [p.pid for p in self.procs])
         return self
 
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.procs]
-
     def alive(self) -> int:
         """How many of the workers are still running."""
         return sum(p.poll() is None for p in self.procs)

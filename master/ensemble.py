@@ -1,7 +1,6 @@
 """Ensembles of the best trials' checkpoints (softmax averaging, greedy selection) and prediction on new data."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -19,8 +18,7 @@ from nncore.losses import softmax
 from nncore.model import build_model
 from nncore.solver import Solver
 from worker.spec import SpecError, TrialSpec, check_name
-from worker.store import (Checkpoint, ExperimentStore, StorageError, atomic_write_json, atomic_write_npz, load_npz,
-                          read_json)
+from worker.store import (Checkpoint, ExperimentStore, StorageError, atomic_write_npz)
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +52,10 @@ class Member:
 def load_member(store: ExperimentStore, trial: str, checkpoint: Checkpoint, ema: bool) -> Member:
     """The model stored in ``checkpoint`` (parameters restored through the Solver's own state-array naming,
     on the trial's own data split); StorageError / EnsembleError naming the file when it is unusable."""
-    arrays = load_npz(checkpoint.path)
-    raw = arrays.pop("__spec__", None)
+    arrays, carried = store.read_checkpoint(checkpoint)
     try:
-        spec = TrialSpec.from_dict(json.loads(raw.item()) if raw is not None else store.read_spec(trial))
-    except (SpecError, ValueError, TypeError) as exc:
+        spec = TrialSpec.from_dict(carried if carried is not None else store.read_spec(trial))
+    except (SpecError, TypeError) as exc:
         raise EnsembleError(f"{checkpoint.path}: no usable trial spec ({exc})") from None
     data = load_dataset_cached(spec.dataset, **spec.data)
     model = build_model(spec.model, data.input_shape, data.num_classes, seed=spec.seed)
@@ -176,8 +173,7 @@ def build_ensemble(store: ExperimentStore, top: int, method: str = "average", em
         "samples": {"val": len(data.y_val), "test": len(data.y_test)},
         "members": single, "scores": scores,
     }
-    store.ensembles_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(store.ensembles_dir / f"{name}.json", record)
+    store.write_ensemble(record)
     return record
 
 
@@ -200,35 +196,30 @@ def render_ensemble(record: dict[str, Any]) -> Table:
     return table
 
 
-def ensemble_names(store: ExperimentStore) -> list[str]:
-    """Names of the experiment's recorded ensembles."""
-    return sorted(p.stem for p in store.ensembles_dir.glob("*.json")) if store.ensembles_dir.is_dir() else []
-
-
-def read_record(path: Path) -> dict[str, Any] | None:
-    """The ensemble record in ``path``; None, with a warning naming the file, when it is corrupt or foreign."""
-    record = read_json(path)
+def read_record(store: ExperimentStore, name: str) -> dict[str, Any] | None:
+    """The recorded ensemble ``name``; None, with a warning naming the file, when it is corrupt or foreign."""
+    record = store.read_ensemble(name)
     if isinstance(record, dict) and isinstance(record.get("members"), list) \
             and isinstance(record.get("scores"), dict):
         return record
     if record is not None:
-        log.warning("skipping %s: not an ensemble record", path)
+        log.warning("skipping %s: not an ensemble record", store.ensemble_path(name))
     return None
 
 
 def read_ensembles(store: ExperimentStore) -> list[dict[str, Any]]:
     """Every readable ensemble record of the experiment, by name."""
-    found = (read_record(store.ensembles_dir / f"{name}.json") for name in ensemble_names(store))
+    found = (read_record(store, name) for name in store.ensemble_names())
     return [record for record in found if record is not None]
 
 
 def _ensemble_members(store: ExperimentStore, name: str) -> list[tuple[Member, float]]:
     """(member, weight) of every member of the recorded ensemble ``name`` with a positive weight."""
-    path = store.ensembles_dir / f"{check_name(name, 'ensemble name')}.json"
-    record = read_record(path)
+    path = store.ensemble_path(name)
+    record = read_record(store, name)
     if record is None:
         raise EnsembleError(f"ensemble {name}: no readable {path} "
-                            f"(ensembles: {', '.join(ensemble_names(store)) or 'none'})")
+                            f"(ensembles: {', '.join(store.ensemble_names()) or 'none'})")
     members = []
     for entry in record["members"]:
         try:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from typing import Any
 
 import pandas as pd
@@ -10,7 +11,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from worker.spec import TrialState
+from worker.states import TrialState
 from worker.store import ExperimentStore
 
 BASE_COLUMNS = ["trial", "stage", "state", "reason", "val_acc", "best_epoch", "train_acc", "epochs",
@@ -43,19 +44,19 @@ def trial_row(store: ExperimentStore, trial_id: str, spec: dict[str, Any],
     result = store.read_result(trial_id)
     history = store.read_history(trial_id)
     live = live or {}
-    if isinstance(result, dict) and result.get("state"):
-        state, reason = result["state"], result.get("reason") or ""
-        val_acc, best_epoch = _number(result.get("best_val_acc")), result.get("best_epoch")
-        epochs, seconds = result.get("epochs_done"), _number(result.get("seconds"))
-        worker = result.get("worker") or ""
-    else:
-        started = bool(history) or bool(store.checkpoints(trial_id))
-        inferred = TrialState.RUNNING if started else TrialState.QUEUED
-        state, reason = live.get("state") or inferred.value, live.get("reason") or ""
+    if result is not None and result.terminal:
+        state, reason = result.state.value, result.reason
+        val_acc, best_epoch = result.best_val_acc, result.best_epoch
+        epochs, seconds, worker = result.epochs_done, result.seconds, result.worker
+    else:  # queued or running: the epochs recorded so far (Redis's live state is fresher than the record; with no
+        # readable record, a trial with epochs on disk has run)
+        recorded = result.state if result is not None else TrialState.RUNNING if history else TrialState.QUEUED
+        state = live.get("state") or recorded.value
+        reason = live.get("reason") or ""
         val_acc, best_epoch = _best_of(history)
         epochs = max((r["epoch"] for r in history), default=0)
         seconds = sum(_number(r.get("seconds")) for r in history if math.isfinite(_number(r.get("seconds"))))
-        worker = live.get("worker") or ""
+        worker = live.get("worker") or (result.worker if result is not None else "")
     at_best = next((r for r in history if r["epoch"] == best_epoch), {})
     return {"trial": trial_id, "stage": spec.get("stage", ""), "state": str(state), "reason": reason,
             "val_acc": val_acc, "best_epoch": best_epoch, "train_acc": _number(at_best.get("train_acc")),
@@ -123,4 +124,41 @@ def render_table(df: pd.DataFrame, top: int = 10, title: str | None = None) -> T
             values["trial"], Text(values["state"], style=style), _cell(values["val_acc"], "{:.4f}"),
             _cell(values["train_acc"], "{:.4f}"), f"{_cell(values['best_epoch'])}/{_cell(values['epochs'])}",
             _cell(values["seconds"], "{:.1f}"), details, _cell(values["worker"]))
+    return table
+
+
+def funnel(df: pd.DataFrame, stages: list[str]) -> pd.DataFrame:
+    """Trials per stage (rows, in stage order) and state (columns, in life-cycle order)."""
+    counts = pd.crosstab(df["stage"], df["state"])
+    order = [s.value for s in (TrialState.COMPLETED, TrialState.KILLED, TrialState.DIVERGED, TrialState.FAILED,
+                               TrialState.RUNNING, TrialState.QUEUED)]
+    columns = [s for s in order if s in counts.columns] + sorted(set(counts.columns) - set(order))
+    return counts.reindex(index=[s for s in stages if s in counts.index], columns=columns, fill_value=0)
+
+
+def state_counts(df: pd.DataFrame, store: Any) -> Table:
+    """Trials per stage (rows) and state (columns), with each stage's recorded status."""
+    table = Table(title="trials by state", title_justify="left")
+    stages = list(dict.fromkeys(df["stage"]))
+    counts = funnel(df, stages)
+    for name in ("stage", "status", *counts.columns, "total"):
+        table.add_column(name, justify="left" if name in ("stage", "status") else "right")
+    for stage, row in counts.iterrows():
+        record = store.read_stage(stage)
+        table.add_row(stage, record.status.value if record else "-", *map(str, row), str(row.sum()))
+    return table
+
+
+def running_table(df: pd.DataFrame, live: dict[str, dict[str, Any]], workers: list[dict[str, Any]]) -> Table:
+    """Live progress of the running trials, from Redis."""
+    table = Table(title=f"running now ({len(workers)} workers on the queue)", title_justify="left")
+    for name in ("trial", "epoch", "val acc", "best", "samples/s", "worker", "updated"):
+        table.add_column(name, justify="left" if name in ("trial", "worker") else "right")
+    now = time.time()
+    for tid in df.loc[df["state"] == TrialState.RUNNING.value, "trial"]:
+        p = live.get(tid, {})
+        fmt = lambda key, spec: format(p[key], spec) if isinstance(p.get(key), (int, float)) else "-"  # noqa: E731
+        table.add_row(tid, f"{p.get('epoch', '-')}/{p.get('epochs', '-')}", fmt("val_acc", ".4f"),
+                      fmt("best_val_acc", ".4f"), fmt("samples_per_sec", ".0f"), str(p.get("worker", "-")),
+                      f"{now - p['updated']:.0f}s ago" if isinstance(p.get("updated"), (int, float)) else "-")
     return table

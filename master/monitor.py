@@ -4,24 +4,22 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any, Callable
 
-import redis
 
-from master.dispatch import Dispatcher
+from master.config import ExperimentConfig
+from master.dispatch import Dispatcher, JobView, RedisError
 from master.pruning import Rule, TrialView, should_kill
-from master.space import ExperimentConfig
-from master.stages import border_flags, flag_messages, previous_stage, retries, stage_space, stage_status
-from worker.spec import TERMINAL_STATES, TrialSpec, TrialState
+from master.stages import (border_flags, flag_messages, launched_stages, previous_stage, retries, stage_space,
+                           stage_status)
+from worker.records import StageRecord, TrialResult
+from worker.spec import TrialSpec
+from worker.states import StageStatus, TrialState
 from worker.store import ExperimentStore
 
 log = logging.getLogger(__name__)
 
-TERMINAL = {s.value for s in TERMINAL_STATES}
-WAITING_JOBS = {"queued", "deferred", "scheduled"}
 SANITY_PREFIX = "sanity check"  # a trial that fails its sanity checks is the config's fault, not the worker's
-STAGE_DONE = "completed"
 WATCH_DUTY = 0.2  # the watch loop looks at most this share of the time (a tick reads every trial's files)
 
 
@@ -34,29 +32,40 @@ class Event:
     trial_id: str | None = None
 
 
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+def enqueue(store: ExperimentStore, dispatcher: Dispatcher, specs: list[TrialSpec], force: bool = False) -> list[str]:
+    """Queue the trials that have no job and no outcome yet (``force``: those with an outcome too; they resume
+    from their checkpoints), recording each QUEUED; returns the ids enqueued. Never enqueues a trial twice."""
+    if not force:
+        specs = [s for s in specs if not ((r := store.read_result(s.trial_id)) and r.terminal)]
+
+    def record(chosen: list[TrialSpec]) -> None:
+        for spec in chosen:
+            store.transition(spec.trial_id, TrialState.QUEUED, "re-run (--force)" if force else "launched", "queued")
+
+    return dispatcher.enqueue(specs, force=force, on_enqueue=record)
 
 
-def move(store: ExperimentStore, dispatcher: Dispatcher, spec: TrialSpec, to: TrialState, reason: str,
-         event: str, **details: Any) -> None:
-    """The one place the master moves a trial: back to QUEUED (requeue, retry), or to KILLED / DIVERGED
-    (a stop request the worker honours between batches, keeping its checkpoints). The why goes to events.jsonl."""
-    store.append_event(spec.trial_id, {"time": time.time(), "event": event, "state": to.value, "reason": reason,
-                                       **details})
-    if to is TrialState.QUEUED:
-        dispatcher.requeue([spec])
-    elif to in (TrialState.KILLED, TrialState.DIVERGED):
-        dispatcher.request_stop(spec.experiment, spec.trial_id, reason, to)
-    else:
-        raise ValueError(f"the master does not move trials to {to.value}")
-    log.info("trial %s -> %s: %s", spec.trial_id, to.value, reason)
+def requeue(store: ExperimentStore, dispatcher: Dispatcher, spec: TrialSpec, reason: str, event: str,
+            **details: Any) -> None:
+    """Put a trial back in the queue (its worker died, Redis lost its job, a retry): record it QUEUED with the
+    reason, then requeue its job; it resumes from its last checkpoint."""
+    store.transition(spec.trial_id, TrialState.QUEUED, reason, event, details)
+    dispatcher.requeue([spec])
+    log.info("trial %s -> QUEUED: %s", spec.trial_id, reason)
 
 
-def is_error(result: dict[str, Any]) -> bool:
+def request_stop(store: ExperimentStore, dispatcher: Dispatcher, spec: TrialSpec, state: TrialState,
+                 reason: str) -> None:
+    """Ask for a trial to end ``state`` (KILLED or DIVERGED): the worker honours it between two batches, keeps
+    its checkpoints and records the outcome; the request is kept in events.jsonl."""
+    store.append_event(spec.trial_id, {"time": time.time(), "event": "stop", "state": state.value, "reason": reason})
+    dispatcher.request_stop(spec.experiment, spec.trial_id, reason, state)
+    log.info("trial %s: stop requested (%s): %s", spec.trial_id, state.value, reason)
+
+
+def is_error(result: TrialResult) -> bool:
     """A FAILED result caused by an error (not by the trial's own failed sanity checks)."""
-    reason = str(result.get("reason", ""))
-    return result.get("state") == TrialState.FAILED.value and not reason.startswith(SANITY_PREFIX)
+    return result.state is TrialState.FAILED and not result.reason.startswith(SANITY_PREFIX)
 
 
 def worker_outcomes(store: ExperimentStore, trial_ids: list[str]) -> list[tuple[float, str, bool, str]]:
@@ -64,10 +73,9 @@ def worker_outcomes(store: ExperimentStore, trial_ids: list[str]) -> list[tuple[
     failures that retries replaced (kept in events.jsonl)."""
     out = []
     for tid in trial_ids:
-        result = store.read_result(tid) or {}
-        if result.get("state") in TERMINAL and result.get("worker"):
-            out.append((float(result.get("finished_at") or 0), result["worker"], is_error(result),
-                        str(result.get("reason", ""))))
+        result = store.read_result(tid)
+        if result is not None and result.terminal and result.worker:
+            out.append((float(result.finished_at or 0), result.worker, is_error(result), result.reason))
         out += [(float(e.get("failed_at") or 0), e["worker"], True, str(e.get("reason", "")))
                 for e in store.read_events(tid) if e.get("event") == "retry" and e.get("worker")]
     return out
@@ -86,21 +94,6 @@ def failing_workers(outcomes: list[tuple[float, str, bool, str]], streak: int) -
     return bad
 
 
-def quarantine_key(experiment: str) -> str:
-    """Redis hash: worker -> the time of the failure it was quarantined (shut down) for."""
-    return f"hs:{experiment}:quarantined"
-
-
-def launched_stages(store: ExperimentStore, config: ExperimentConfig) -> list[tuple[str, dict[str, Any]]]:
-    """(stage, record) of the config's stages that have been launched, in order."""
-    out = []
-    for stage in config.stages:
-        record = store.read_stage(stage.name)
-        if isinstance(record, dict) and record.get("trial_ids"):
-            out.append((stage.name, record))
-    return out
-
-
 class Monitor:
     """Follows one experiment through Redis and shared storage; ``tick()`` looks once and acts."""
 
@@ -117,13 +110,14 @@ class Monitor:
         """Look once: quarantine, retry, requeue, stop, fall back to RQ's stop-job, close finished stages."""
         now = self.clock()
         stages = launched_stages(self.store, self.config)
-        ids = [tid for _, record in stages for tid in record["trial_ids"]]
+        ids = [tid for record in stages for tid in record.trial_ids]
         exp = self.store.experiment
         jobs = self.dispatcher.jobs(exp, ids)  # read before the results: a job that ends in between is seen done
         progress = self.dispatcher.progress(exp)
-        results = {tid: self.store.read_result(tid) or {} for tid in ids}
-        runners = {w for s, w in jobs.values() if s == "started" and w}
-        runners |= {p["worker"] for p in progress.values() if p.get("state") == "RUNNING" and p.get("worker")}
+        results = {tid: self.store.read_result(tid) for tid in ids}
+        runners = {job.worker for job in jobs.values() if job.running and job.worker}
+        runners |= {p["worker"] for p in progress.values()
+                    if p.get("state") == TrialState.RUNNING.value and p.get("worker")}
         beats = self.dispatcher.heartbeats(sorted(runners))
         events = self._quarantine(ids)
         running: set[str] = set()
@@ -131,15 +125,15 @@ class Monitor:
             spec = self._spec(tid)
             if spec is None:
                 continue
-            if results[tid].get("state") in TERMINAL:
+            job, result = jobs.get(tid, JobView(None, None)), results[tid]
+            if result is not None and result.terminal:
                 self.stops.pop(tid, None)
-                if jobs.get(tid, (None,))[0] != "started":  # else RQ is still recording the job's end
-                    events += self._retry(spec, results[tid])
+                if not job.running:  # else RQ is still recording the job's end
+                    events += self._retry(spec, result)
             else:
-                events += self._reconcile(spec, jobs.get(tid, (None, None)), progress.get(tid, {}), beats, now,
-                                          running)
-        for stage, record in stages:
-            events += self._police(stage, [t for t in record["trial_ids"] if t in running], progress, now)
+                events += self._reconcile(spec, job, progress.get(tid, {}), beats, now, running)
+        for record in stages:
+            events += self._police(record, [t for t in record.trial_ids if t in running], progress, now)
         events += self._fallback(jobs, now)
         events += self._close(stages)
         for e in events:
@@ -148,8 +142,8 @@ class Monitor:
 
     def done(self) -> bool:
         """Whether every launched stage has all its trials finished (failed ones out of retries)."""
-        return all(stage_status(self.store, r["trial_ids"], self.watch.max_retries).finished
-                   for _, r in launched_stages(self.store, self.config))
+        return all(stage_status(self.store, r.trial_ids, self.watch.max_retries).finished
+                   for r in launched_stages(self.store, self.config))
 
     def _spec(self, tid: str) -> TrialSpec | None:
         if tid not in self.specs:
@@ -176,59 +170,56 @@ class Monitor:
         """Shut down each worker whose last ``fail_streak`` jobs failed, once per streak (remembered in Redis,
         so a restarted master does not shut down a worker restarted since under the same name)."""
         events = []
-        key = quarantine_key(self.store.experiment)
+        exp = self.store.experiment
         for worker, (at, reason) in failing_workers(worker_outcomes(self.store, ids), self.watch.fail_streak).items():
-            if self.dispatcher.conn.hget(key, worker) == repr(at).encode():
+            if self.dispatcher.quarantined_at(exp, worker) == repr(at):
                 continue
-            self.dispatcher.conn.hset(key, worker, repr(at))
+            self.dispatcher.mark_quarantined(exp, worker, repr(at))
             self.dispatcher.shutdown_worker(worker)
             events.append(Event("quarantine", f"worker {worker} quarantined: its last {self.watch.fail_streak} jobs "
                                               f"failed (last: {reason}); sent RQ's shutdown command"))
         return events
 
     # trials -----------------------------------------------------------------------------------
-    def _retry(self, spec: TrialSpec, result: dict[str, Any]) -> list[Event]:
+    def _retry(self, spec: TrialSpec, result: TrialResult) -> list[Event]:
         if not is_error(result) or retries(self.store, spec.trial_id) >= self.watch.max_retries:
             return []
         n = retries(self.store, spec.trial_id) + 1
-        reason = (f"retry {n} of {self.watch.max_retries} after failing on {result.get('worker')}: "
-                  f"{result.get('reason')}")
-        move(self.store, self.dispatcher, spec, TrialState.QUEUED, reason, "retry", worker=result.get("worker"),
-             failed_at=result.get("finished_at"))
+        reason = f"retry {n} of {self.watch.max_retries} after failing on {result.worker}: {result.reason}"
+        requeue(self.store, self.dispatcher, spec, reason, "retry", worker=result.worker, failed_at=result.finished_at)
         return [Event("retry", f"{spec.trial_id}: {reason}", spec.trial_id)]
 
-    def _reconcile(self, spec: TrialSpec, job: tuple[str | None, str | None], live: dict[str, Any],
-                   beats: dict[str, float | None], now: float, running: set[str]) -> list[Event]:
+    def _reconcile(self, spec: TrialSpec, job: JobView, live: dict[str, Any], beats: dict[str, float | None],
+                   now: float, running: set[str]) -> list[Event]:
         """An unfinished trial: leave it waiting or running, or put it back in the queue when nothing runs it
         (its worker died, or Redis lost its job); it resumes from its last checkpoint."""
-        status, worker = job
-        if status in WAITING_JOBS:
+        if job.waiting:
             return []
-        runner = worker if status == "started" else live.get("worker") if live.get("state") == "RUNNING" else None
+        live_runner = live.get("worker") if live.get("state") == TrialState.RUNNING.value else None
+        runner = job.worker if job.running else live_runner
         if runner and self.alive(runner, beats.get(runner), now):
             running.add(spec.trial_id)
             return []
-        if status == "started":
-            reason = f"worker {worker} lost heartbeat"
-        elif status is None:
+        if job.running:
+            reason = f"worker {job.worker} lost heartbeat"
+        elif job.missing:
             reason = "no job in Redis (Redis restarted empty, or the trial was never enqueued)"
         else:
-            reason = f"job {status} without a result"
-        move(self.store, self.dispatcher, spec, TrialState.QUEUED, reason, "requeue", worker=runner)
+            reason = f"job {job.status} without a result"
+        requeue(self.store, self.dispatcher, spec, reason, "requeue", worker=runner)
         return [Event("requeue", f"{spec.trial_id}: {reason}; requeued, resumes from its last checkpoint",
                       spec.trial_id)]
 
-    def _police(self, stage: str, running: list[str], progress: dict[str, dict[str, Any]],
+    def _police(self, record: StageRecord, running: list[str], progress: dict[str, dict[str, Any]],
                 now: float) -> list[Event]:
         """Apply the stage's stopping rule to its running trials (peers: every trial of the stage)."""
         if not running:
             return []
-        cfg = self.config.stage(stage)
-        before = previous_stage(self.config, stage)
+        cfg = self.config.stage(record.stage)
+        before = previous_stage(self.config, record.stage)
         rule = Rule.of(cfg, self.watch, before.epochs if cfg.method == "promote" and before else 0)
-        record = self.store.read_stage(stage) or {}
         views = {tid: TrialView.from_history(tid, self.store.read_history(tid), progress.get(tid))
-                 for tid in record.get("trial_ids", [])}
+                 for tid in record.trial_ids}
         events = []
         for tid in running:
             if tid in self.stops:
@@ -236,17 +227,16 @@ class Monitor:
             verdict = should_kill(views[tid], [v for t, v in views.items() if t != tid], rule, now)
             if verdict is None:
                 continue
-            spec = self._spec(tid)
-            move(self.store, self.dispatcher, spec, verdict.state, verdict.reason, "stop")
+            request_stop(self.store, self.dispatcher, self._spec(tid), verdict.state, verdict.reason)
             self.stops[tid] = (now, False)
             events.append(Event("stop", f"{tid}: stopping ({verdict.state.value}): {verdict.reason}", tid))
         return events
 
-    def _fallback(self, jobs: dict[str, tuple[str | None, str | None]], now: float) -> list[Event]:
+    def _fallback(self, jobs: dict[str, JobView], now: float) -> list[Event]:
         """RQ's stop-job command for trials still running ``stop_grace`` seconds after a cooperative request."""
         events = []
         for tid, (at, sent) in list(self.stops.items()):
-            if sent or now - at < self.watch.stop_grace or jobs.get(tid, (None,))[0] != "started":
+            if sent or now - at < self.watch.stop_grace or not jobs.get(tid, JobView(None, None)).running:
                 continue
             self.stops[tid] = (at, True)
             if self.dispatcher.stop_job(self.store.experiment, tid):
@@ -254,16 +244,16 @@ class Monitor:
                                                 "sent RQ's stop-job command", tid))
         return events
 
-    def _close(self, stages: list[tuple[str, dict[str, Any]]]) -> list[Event]:
+    def _close(self, stages: list[StageRecord]) -> list[Event]:
         """Mark stages whose trials have all finished as completed, with their border flags."""
         events = []
-        for stage, record in stages:
-            if record.get("status") == STAGE_DONE and "flags" in record:
+        for record in stages:
+            if record.closed:
                 continue
-            status = stage_status(self.store, record["trial_ids"], self.watch.max_retries)
+            status = stage_status(self.store, record.trial_ids, self.watch.max_retries)
             if not status.finished:
                 continue
-            events += close_stage(self.store, self.config, stage, status.describe())
+            events += close_stage(self.store, self.config, record.stage, status.describe())
         return events
 
 
@@ -271,9 +261,8 @@ def close_stage(store: ExperimentStore, config: ExperimentConfig, stage: str, su
     """Record a finished stage (status, counts) and its border flags in stages/<stage>.json."""
     flags = border_flags(store, config, stage)
     messages = flag_messages(flags, stage_space(store, config, stage))
-    record = store.read_stage(stage) or {}
-    store.write_stage(stage, {**record, "status": STAGE_DONE, "summary": summary, "updated_at": now_iso(),
-                              "flags": [f.to_dict() for f in flags], "flag_messages": messages})
+    store.set_stage_status(stage, StageStatus.COMPLETED, summary=summary, flags=tuple(f.to_dict() for f in flags),
+                           flag_messages=tuple(messages))
     return [Event("stage", f"stage {stage} completed: {summary}")] + [Event("flag", m) for m in messages]
 
 
@@ -284,16 +273,28 @@ def next_look(poll_seconds: float, tick_seconds: float) -> float:
 
 
 def watch(monitor: Monitor, *, until_done: bool = True, on_event: Callable[[Event], None] = lambda e: None,
+          look: Callable[[], bool] | None = None, look_seconds: float = 0.3,
           sleep: Callable[[float], None] = time.sleep) -> None:
-    """Tick every ``poll_seconds`` (see next_look) until every launched stage is done (or forever); Redis
-    hiccups only warn."""
+    """The watch loop: tick every ``poll_seconds`` (see next_look) until every launched stage is done (or for
+    ever); with ``look``, also call it every ``look_seconds`` between ticks (a progress display) and return once
+    it answers True. Redis hiccups only warn."""
+    next_tick, wait = 0.0, 0.0
     while True:
         started = time.monotonic()
-        try:
-            for event in monitor.tick():
-                on_event(event)
-        except redis.RedisError as exc:
-            log.warning("cannot reach Redis this time: %s", exc)
-        if until_done and monitor.done():
+        if started >= next_tick:
+            try:
+                for event in monitor.tick():
+                    on_event(event)
+            except RedisError as exc:
+                log.warning("cannot reach Redis this time: %s", exc)
+            wait = next_look(monitor.watch.poll_seconds, time.monotonic() - started)
+            next_tick = time.monotonic() + wait
+        if look is None:
+            if until_done and monitor.done():
+                return
+            sleep(wait)
+            continue
+        looked = time.monotonic()
+        if look():
             return
-        sleep(next_look(monitor.watch.poll_seconds, time.monotonic() - started))
+        sleep(max(0.0, min(next_tick - time.monotonic(), next_look(look_seconds, time.monotonic() - looked))))

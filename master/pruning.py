@@ -7,8 +7,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from master.space import StageConfig, WatchConfig
-from worker.spec import TrialState
+from master.config import StageConfig, WatchConfig
+from nncore.solver import divergence
+from worker.states import TrialState
 
 MEDIAN_MIN_PEERS = 3  # the median rule needs this many other trials at an epoch before it judges
 
@@ -90,12 +91,9 @@ class Verdict:
 
 def should_kill(trial: TrialView, peers: Sequence[TrialView], rule: Rule, now: float) -> Verdict | None:
     """Whether a running ``trial`` must stop, judged against the other trials of its stage (``peers``)."""
-    if trial.last_loss is not None and not math.isfinite(trial.last_loss):
-        return Verdict(TrialState.DIVERGED, f"non-finite loss at epoch {trial.epoch}")
-    if trial.last_loss is not None and trial.initial_loss is not None and math.isfinite(trial.initial_loss) \
-            and trial.last_loss > rule.explode_factor * trial.initial_loss:
-        return Verdict(TrialState.DIVERGED, f"loss {trial.last_loss:.3g} above {rule.explode_factor:g}x the "
-                                            f"initial loss {trial.initial_loss:.3g} at epoch {trial.epoch}")
+    if trial.last_loss is not None and (why := divergence(trial.last_loss, trial.initial_loss, rule.explode_factor,
+                                                          trial.epoch)) is not None:
+        return Verdict(TrialState.DIVERGED, why)
     if trial.updated is not None and now - trial.updated > rule.stall_seconds:
         return Verdict(TrialState.KILLED, f"stalled: no progress for {now - trial.updated:.0f} s "
                                           f"(limit {rule.stall_seconds:g} s) at epoch {trial.epoch}")

@@ -19,16 +19,15 @@ from matplotlib.ticker import MaxNLocator
 
 from master.borders import BorderFlag
 from master.ensemble import read_ensembles
-from master.leaderboard import build_leaderboard, param_columns
-from worker.spec import TrialState
-from worker.store import ExperimentStore, atomic_write_bytes, read_json
+from master.leaderboard import build_leaderboard, funnel, param_columns
+from worker.states import TrialState
+from worker.store import ExperimentStore, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
 HTML_ROWS = 100  # leaderboard rows on the page; the files hold every trial
 LOG_DISTS = ("loguniform", "logint")
 RATIO_GUIDE = 1e-3  # cs231n: updates about a thousandth of the weights
-FLAGS_KEY = "flags"  # stages/<stage>.json: [BorderFlag.to_dict(), ...], explained in "flag_messages"
 STAGE_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
 FLAG_COLOR = "#d62728"
 STATE_COLORS = {TrialState.COMPLETED.value: "#2ca02c", TrialState.KILLED.value: "#ff9f1c",
@@ -62,7 +61,7 @@ def _table(value: Any) -> dict[str, Any]:
 def _border_flags(path: Path, entries: Any) -> list[BorderFlag]:
     """The border flags recorded in a stage file; malformed entries are skipped with a warning naming it."""
     flags = []
-    for entry in entries if isinstance(entries, list) else [entries]:
+    for entry in entries:
         try:
             flags.append(BorderFlag(**entry))
         except TypeError:
@@ -74,24 +73,21 @@ def read_context(store: ExperimentStore, df: pd.DataFrame) -> Context:
     """Search space from experiment.json, per-stage ranges and border flags from stages/*.json, and the stage
     order: by launch time (the stage record's created_at), then epoch budget, then name (experiment.json is
     written with sorted keys, so the config's own stage order is not on disk)."""
-    config = _table(_table(store.read_experiment()).get("config"))
+    experiment = store.read_experiment()
+    config = experiment.config if experiment is not None else {}
     budgets = {name: _table(stage).get("epochs") for name, stage in _table(config.get("stages")).items()}
     dists = {f"{section}.{key}": spec for section, entries in _table(config.get("space")).items()
              for key, spec in _table(entries).items()}
     ctx = Context([], dists)
     launched = {}
-    for path in sorted(store.stages_dir.glob("*.json")) if store.stages_dir.is_dir() else ():
-        record = read_json(path)
-        if not isinstance(record, dict):
-            if record is not None:
-                log.warning("skipping %s: not a stage record", path)
+    for stage in store.stage_names():
+        record = store.read_stage(stage)  # None (with a warning naming the file) when unreadable
+        if record is None:
             continue
-        stage = path.stem
-        launched[stage] = str(record.get("created_at") or "~")
-        ctx.ranges[stage] = _table(record.get("ranges"))
-        ctx.flags[stage] = _border_flags(path, record.get(FLAGS_KEY) or [])
-        messages = record.get("flag_messages")
-        ctx.flag_messages += [f"{stage}: {m}" for m in messages] if isinstance(messages, list) else []
+        launched[stage] = record.created_at or "~"
+        ctx.ranges[stage] = {k: v for k, v in record.ranges.items() if isinstance(v, dict)}
+        ctx.flags[stage] = _border_flags(store.stage_path(stage), record.flags or ())
+        ctx.flag_messages += [f"{stage}: {m}" for m in record.flag_messages]
     names = set(budgets) | set(launched) | set(df["stage"])
     epochs = {n: budgets[n] if isinstance(budgets.get(n), (int, float)) else math.inf for n in names}
     ctx.stages = sorted(names, key=lambda n: (launched.get(n, "~"), epochs[n], n))
@@ -236,15 +232,6 @@ def ratio_figure(histories: dict[str, list[dict[str, Any]]]) -> Figure | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return fig
-
-
-def funnel(df: pd.DataFrame, stages: list[str]) -> pd.DataFrame:
-    """Trials per stage (rows, in stage order) and state (columns, in life-cycle order)."""
-    counts = pd.crosstab(df["stage"], df["state"])
-    order = [s.value for s in (TrialState.COMPLETED, TrialState.KILLED, TrialState.DIVERGED, TrialState.FAILED,
-                               TrialState.RUNNING, TrialState.QUEUED)]
-    columns = [s for s in order if s in counts.columns] + sorted(set(counts.columns) - set(order))
-    return counts.reindex(index=[s for s in stages if s in counts.index], columns=columns, fill_value=0)
 
 
 def funnel_figure(counts: pd.DataFrame) -> Figure:

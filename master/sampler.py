@@ -5,7 +5,7 @@ import zlib
 
 import numpy as np
 
-from master.space import ExperimentConfig, SpaceError
+from master.config import ConfigError, ExperimentConfig
 from worker.spec import SpecError, TrialSpec, trial_id
 
 SEED_BOUND = 2**31  # training seeds are drawn from [0, SEED_BOUND)
@@ -26,10 +26,10 @@ def sample_trials(config: ExperimentConfig, stage: str, n: int, seed: int | None
     """
     for name, value in (("n", n), ("start_index", start_index)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise SpaceError(f"{name}: expected an integer >= 0, got {value!r}")
+            raise ConfigError(f"{name}: expected an integer >= 0, got {value!r}")
     seed = config.seed if seed is None else seed
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise SpaceError(f"seed: expected an integer >= 0, got {seed!r}")
+        raise ConfigError(f"seed: expected an integer >= 0, got {seed!r}")
     config.stage(stage)
     specs = []
     for index in range(start_index, start_index + n):
@@ -39,5 +39,5 @@ def sample_trials(config: ExperimentConfig, stage: str, n: int, seed: int | None
         try:
             specs.append(config.trial_spec(stage, index, train_seed, params))
         except SpecError as exc:
-            raise SpaceError(f"{trial_id(stage, index)}: sampled values {params} are rejected: {exc}") from None
+            raise ConfigError(f"{trial_id(stage, index)}: sampled values {params} are rejected: {exc}") from None
     return specs

@@ -3,28 +3,33 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from master.borders import BorderFlag, analyse, top_trials
 from master.sampler import sample_trials
-from master.space import DEFAULT_QUANTILE, Distribution, ExperimentConfig, SpaceError, StageConfig
-from worker.spec import TERMINAL_STATES, SpecError, TrialSpec, TrialState
+from master.config import DEFAULT_QUANTILE, ConfigError, Distribution, ExperimentConfig, StageConfig
+from worker.records import StageRecord, TrialResult
+from worker.spec import SpecError, TrialSpec
+from worker.states import TrialState
 from worker.store import ExperimentStore
 
-TERMINAL = {s.value for s in TERMINAL_STATES}
-RANKED_STATES = {TrialState.COMPLETED.value, TrialState.KILLED.value, TrialState.DIVERGED.value}
 DEFAULT_PAD = StageConfig.__dataclass_fields__["pad"].default
 
 
 @dataclass(frozen=True)
 class Ranked:
-    """A finished trial of a stage, as narrowing and promotion see it."""
+    """A finished trial of a stage, as narrowing and promotion see it: its spec and its outcome."""
 
-    trial_id: str
     spec: dict[str, Any]
-    state: str
-    val_acc: float
-    epochs_done: int
+    result: TrialResult
+
+    @property
+    def trial_id(self) -> str:
+        return self.result.trial_id
+
+    @property
+    def val_acc(self) -> float:
+        return self.result.best_val_acc
 
 
 @dataclass(frozen=True)
@@ -53,11 +58,23 @@ def next_stage(config: ExperimentConfig, name: str) -> StageConfig | None:
     return config.stages[i + 1] if i + 1 < len(names) else None
 
 
+def launched_stages(store: ExperimentStore, config: ExperimentConfig) -> list[StageRecord]:
+    """The records of the config's stages that have been launched, in the config's order."""
+    records = (store.read_stage(stage.name) for stage in config.stages)
+    return [r for r in records if r is not None and r.trial_ids]
+
+
+def stage_trials(store: ExperimentStore, name: str) -> tuple[str, ...]:
+    """The trial ids recorded for stage ``name`` (empty when it was never launched)."""
+    record = store.read_stage(name)
+    return record.trial_ids if record is not None else ()
+
+
 def stage_space(store: ExperimentStore, config: ExperimentConfig, name: str) -> tuple[Distribution, ...]:
     """The ranges stage ``name`` sampled: those recorded in stages/<name>.json, else the config's space."""
-    record = store.read_stage(name) or {}
-    ranges = record.get("ranges")
-    if not isinstance(ranges, dict) or not ranges:
+    record = store.read_stage(name)
+    ranges = record.ranges if record is not None else None
+    if not ranges:
         return config.space
     return tuple(Distribution(d.name, r["dist"], r.get("low"), r.get("high"), tuple(r.get("values", ())))
                  if isinstance(r := ranges.get(d.name), dict) else d for d in config.space)
@@ -69,10 +86,9 @@ def ranked(store: ExperimentStore, stage: str) -> list[Ranked]:
     for tid, spec in store.iter_trials():
         if spec.get("stage") != stage:
             continue
-        result = store.read_result(tid) or {}
-        if result.get("state") in RANKED_STATES:
-            out.append(Ranked(tid, spec, result["state"], float(result.get("best_val_acc") or 0.0),
-                              int(result.get("epochs_done") or 0)))
+        result = store.read_result(tid)
+        if result is not None and result.state.ranked:
+            out.append(Ranked(spec, result))
     return sorted(out, key=lambda r: (-r.val_acc, r.trial_id))
 
 
@@ -121,11 +137,11 @@ def plan_stage(store: ExperimentStore, config: ExperimentConfig, name: str, seed
     before = previous_stage(config, name)
     if stage.method == "random" or before is None:
         return StagePlan(stage, tuple(sample_trials(config, name, trials or stage.trials, seed)), config.space)
-    if (store.read_stage(name) or {}).get("trial_ids"):
+    if stage_trials(store, name):
         return _resume(store, config, stage, before, seed, trials)
     done = ranked(store, before.name)
     if not done:
-        raise SpaceError(f"stage {name}: stage {before.name} has no finished trial to {stage.method} from")
+        raise ConfigError(f"stage {name}: stage {before.name} has no finished trial to {stage.method} from")
     if stage.method == "promote":
         return _promote(config, stage, before, done, trials, stage_space(store, config, before.name))
     return _narrow(store, config, stage, before, done, seed, trials)
@@ -139,8 +155,8 @@ def _narrow(store: ExperimentStore, config: ExperimentConfig, stage: StageConfig
     new, flags = analyse(best, everyone, old, stage.pad, validator(config, stage.name))
     try:
         narrowed = dataclasses.replace(config, space=new)
-    except SpaceError as exc:
-        raise SpaceError(f"stage {stage.name}: the narrowed ranges are rejected: {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"stage {stage.name}: the narrowed ranges are rejected: {exc}") from None
     specs = sample_trials(narrowed, stage.name, trials or stage.trials, seed)
     note = f"ranges from the best {len(best)} of {len(done)} finished trials of stage {before.name}:"
     return StagePlan(stage, tuple(specs), new, before.name, tuple(zip(old, new)), tuple(flags), note)
@@ -155,14 +171,13 @@ def _resume(store: ExperimentStore, config: ExperimentConfig, stage: StageConfig
     if stage.method == "narrow":
         specs = sample_trials(dataclasses.replace(config, space=space), stage.name, trials or stage.trials, seed)
         return StagePlan(stage, tuple(specs), space, before.name, note=note + " (its recorded ranges)")
-    ids = (store.read_stage(stage.name) or {})["trial_ids"]
-    specs = tuple(TrialSpec.from_dict(store.read_spec(tid)) for tid in ids)
+    specs = tuple(TrialSpec.from_dict(store.read_spec(tid)) for tid in stage_trials(store, stage.name))
     return StagePlan(stage, specs, space, before.name, note=note)
 
 
 def _promote(config: ExperimentConfig, stage: StageConfig, before: StageConfig, done: list[Ranked],
              trials: int | None, space: tuple[Distribution, ...]) -> StagePlan:
-    completed = [r for r in done if r.state == TrialState.COMPLETED.value]
+    completed = [r for r in done if r.result.state is TrialState.COMPLETED]
     chosen = completed[:trials or stage.top]
     specs = tuple(config.trial_spec(stage.name, i, r.spec["seed"], r.spec.get("params", {}), parent=r.trial_id)
                   for i, r in enumerate(chosen))
@@ -172,7 +187,7 @@ def _promote(config: ExperimentConfig, stage: StageConfig, before: StageConfig, 
 
 
 @dataclass(frozen=True)
-class StageStatus:
+class StageProgress:
     """How far a stage's trials are: counts per state, trials still to run, failed trials still to retry."""
 
     counts: dict[str, int]
@@ -195,16 +210,24 @@ def retries(store: ExperimentStore, trial_id: str) -> int:
     return sum(e.get("event") == "retry" for e in store.read_events(trial_id))
 
 
-def stage_status(store: ExperimentStore, trial_ids: list[str], max_retries: int) -> StageStatus:
+def stage_status(store: ExperimentStore, trial_ids: Sequence[str], max_retries: int) -> StageProgress:
     """Where the stage's trials stand, from shared storage alone."""
     counts: dict[str, int] = {}
     unfinished, retryable = [], []
     for tid in trial_ids:
-        state = (store.read_result(tid) or {}).get("state")
-        if state not in TERMINAL:
+        result = store.read_result(tid)
+        if result is None or not result.terminal:
             state = "unfinished"
             unfinished.append(tid)
-        elif state == TrialState.FAILED.value and retries(store, tid) < max_retries:
-            retryable.append(tid)
+        else:
+            state = result.state.value
+            if result.state is TrialState.FAILED and retries(store, tid) < max_retries:
+                retryable.append(tid)
         counts[state] = counts.get(state, 0) + 1
-    return StageStatus(counts, tuple(unfinished), tuple(retryable))
+    return StageProgress(counts, tuple(unfinished), tuple(retryable))
+
+
+def stage_completed(store: ExperimentStore, name: str, max_retries: int) -> bool:
+    """Whether stage ``name`` has been launched and all its trials have finished (failed ones out of retries)."""
+    ids = stage_trials(store, name)
+    return bool(ids) and stage_status(store, ids, max_retries).finished

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from nncore.data import DATASETS
+from nncore.errors import ConfigError
 from nncore.model import MODEL_DEFAULTS
 from nncore.solver import SOLVER_DEFAULTS
 from worker.spec import NAME_RE, SpecError, TrialSpec, check_name, trial_id
@@ -37,27 +38,23 @@ _TOML_POSITION = re.compile(r"^(?P<msg>.*) \(at (?:line (?P<line>\d+), column (?
                             re.DOTALL)
 
 
-class SpaceError(ValueError):
-    """An experiment config or search space is invalid; the message names the key and the problem."""
-
-
 def _name(value: Any, what: str) -> str:
-    """``worker.spec.check_name`` raising SpaceError."""
+    """``worker.spec.check_name`` raising ConfigError."""
     try:
         return check_name(value, what)
     except SpecError as exc:
-        raise SpaceError(str(exc)) from None
+        raise ConfigError(str(exc)) from None
 
 
 def _int(value: Any, where: str, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise SpaceError(f"{where}: expected an integer >= {low}, got {value!r}")
+        raise ConfigError(f"{where}: expected an integer >= {low}, got {value!r}")
     return value
 
 
 def _number(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise SpaceError(f"{where}: expected a finite number, got {value!r}")
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
     return value
 
 
@@ -87,7 +84,7 @@ class Distribution:
     def __post_init__(self) -> None:
         where = f"space.{self.name}"
         if self.dist not in DISTRIBUTIONS:
-            raise SpaceError(f"{where}.dist: unknown distribution {self.dist!r} (known: {', '.join(DISTRIBUTIONS)})")
+            raise ConfigError(f"{where}.dist: unknown distribution {self.dist!r} (known: {', '.join(DISTRIBUTIONS)})")
         if self.dist == "choice":
             self._check_choice(where)
         else:
@@ -96,28 +93,28 @@ class Distribution:
     def _check_choice(self, where: str) -> None:
         for key in ("low", "high"):
             if getattr(self, key) is not None:
-                raise SpaceError(f"{where}.{key}: not used by choice (give values = [...])")
+                raise ConfigError(f"{where}.{key}: not used by choice (give values = [...])")
         if not isinstance(self.values, (list, tuple)) or not self.values:
-            raise SpaceError(f"{where}.values: expected a non-empty list, got {self.values!r}")
+            raise ConfigError(f"{where}.values: expected a non-empty list, got {self.values!r}")
         for i, value in enumerate(self.values):
             if not _is_json_value(value):
-                raise SpaceError(f"{where}.values[{i}]: {value!r} is not a JSON value (string, number, bool, list)")
+                raise ConfigError(f"{where}.values[{i}]: {value!r} is not a JSON value (string, number, bool, list)")
         object.__setattr__(self, "values", tuple(self.values))
 
     def _check_range(self, where: str) -> None:
         if self.values:
-            raise SpaceError(f"{where}.values: only used by choice (give low and high)")
+            raise ConfigError(f"{where}.values: only used by choice (give low and high)")
         for key in ("low", "high"):
             value = getattr(self, key)
             if value is None:
-                raise SpaceError(f"{where}.{key}: missing")
+                raise ConfigError(f"{where}.{key}: missing")
             if self.integer and (isinstance(value, bool) or not isinstance(value, int)):
-                raise SpaceError(f"{where}.{key}: {self.dist} needs an integer, got {value!r}")
+                raise ConfigError(f"{where}.{key}: {self.dist} needs an integer, got {value!r}")
             _number(value, f"{where}.{key}")
         if self.low >= self.high:
-            raise SpaceError(f"{where}: low must be below high, got low={self.low!r}, high={self.high!r}")
+            raise ConfigError(f"{where}: low must be below high, got low={self.low!r}, high={self.high!r}")
         if self.log and self.low <= 0:
-            raise SpaceError(f"{where}.low: {self.dist} needs low > 0, got {self.low!r}")
+            raise ConfigError(f"{where}.low: {self.dist} needs low > 0, got {self.low!r}")
 
     @property
     def log(self) -> bool:
@@ -146,10 +143,10 @@ class Distribution:
         return min(max(value, float(self.low)), float(self.high))
 
     def to_unit(self, value: Any) -> float:
-        """Position of ``value`` in [0, 1] in the sampled scale (SpaceError for a choice value not listed)."""
+        """Position of ``value`` in [0, 1] in the sampled scale (ConfigError for a choice value not listed)."""
         if self.dist == "choice":
             if value not in self.values:
-                raise SpaceError(f"space.{self.name}: {value!r} is not one of the choices")
+                raise ConfigError(f"space.{self.name}: {value!r} is not one of the choices")
             return self.values.index(value) / (len(self.values) - 1) if len(self.values) > 1 else 0.5
         low, high = self._scale(self.low), self._scale(self.high)
         return (self._scale(value) - low) / (high - low)
@@ -201,17 +198,17 @@ class StageConfig:
         _int(self.trials, f"{where}.trials", 1)
         last = trial_id(self.name, self.trials - 1)
         if not NAME_RE.match(last):
-            raise SpaceError(f"{where}: trial ids like {last!r} would exceed 64 characters; shorten the stage name")
+            raise ConfigError(f"{where}: trial ids like {last!r} would exceed 64 characters; shorten the stage name")
         if self.method not in METHODS:
-            raise SpaceError(f"{where}.method: expected one of {', '.join(METHODS)}, got {self.method!r}")
+            raise ConfigError(f"{where}.method: expected one of {', '.join(METHODS)}, got {self.method!r}")
         if self.top is not None:
             _int(self.top, f"{where}.top", 1)
         if self.quantile is not None and not 0 < _number(self.quantile, f"{where}.quantile") <= 1:
-            raise SpaceError(f"{where}.quantile: expected a fraction in (0, 1], got {self.quantile!r}")
+            raise ConfigError(f"{where}.quantile: expected a fraction in (0, 1], got {self.quantile!r}")
         if not 0 <= _number(self.pad, f"{where}.pad") < 1:
-            raise SpaceError(f"{where}.pad: expected a fraction in [0, 1), got {self.pad!r}")
+            raise ConfigError(f"{where}.pad: expected a fraction in [0, 1), got {self.pad!r}")
         if self.prune not in PRUNERS:
-            raise SpaceError(f"{where}.prune: expected one of {', '.join(PRUNERS)}, got {self.prune!r}")
+            raise ConfigError(f"{where}.prune: expected one of {', '.join(PRUNERS)}, got {self.prune!r}")
         _int(self.rung, f"{where}.rung", 1)
         _int(self.eta, f"{where}.eta", 2)
         getattr(self, f"_check_{self.method}")(where)
@@ -219,21 +216,21 @@ class StageConfig:
     def _check_random(self, where: str) -> None:
         for key in ("top", "quantile"):
             if getattr(self, key) is not None:
-                raise SpaceError(f"{where}.{key}: only narrow and promote stages use it")
+                raise ConfigError(f"{where}.{key}: only narrow and promote stages use it")
 
     def _check_narrow(self, where: str) -> None:
         if self.top is not None and self.quantile is not None:
-            raise SpaceError(f"{where}: give top or quantile, not both")
+            raise ConfigError(f"{where}: give top or quantile, not both")
         if self.top is None and self.quantile is None:
             object.__setattr__(self, "quantile", DEFAULT_QUANTILE)
 
     def _check_promote(self, where: str) -> None:
         if self.quantile is not None:
-            raise SpaceError(f"{where}.quantile: a promote stage continues its top trials; give top, not quantile")
+            raise ConfigError(f"{where}.quantile: a promote stage continues its top trials; give top, not quantile")
         if self.top is None:
             object.__setattr__(self, "top", self.trials)
         if self.top != self.trials:
-            raise SpaceError(f"{where}.top: a promote stage continues its top trials, so trials must equal top "
+            raise ConfigError(f"{where}.top: a promote stage continues its top trials, so trials must equal top "
                              f"(got trials={self.trials}, top={self.top})")
 
     def to_dict(self) -> dict[str, Any]:
@@ -261,7 +258,7 @@ class WatchConfig:
             if f.type == "int":
                 _int(value, where, 1 if f.name == "fail_streak" else 0)
             elif _number(value, where) <= (1 if f.name == "explode_factor" else 0):
-                raise SpaceError(f"{where}: expected a number above {1 if f.name == 'explode_factor' else 0}, "
+                raise ConfigError(f"{where}: expected a number above {1 if f.name == 'explode_factor' else 0}, "
                                  f"got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -283,7 +280,7 @@ def check_dataset_name(name: Any) -> str:
         kind, colon, arg = name.partition(":")
         if (kind in _BUILTIN_DATASETS and not colon) or (kind in _FILE_DATASETS and arg):
             return name
-    raise SpaceError(f"experiment.dataset: {name!r} is not a dataset name (known: {', '.join(DATASETS)})")
+    raise ConfigError(f"experiment.dataset: {name!r} is not a dataset name (known: {', '.join(DATASETS)})")
 
 
 @dataclass(frozen=True)
@@ -312,54 +309,54 @@ class ExperimentConfig:
         _int(self.seed, "experiment.seed", 0)
         _int(self.keep, "experiment.keep", 1)
         if not isinstance(self.sanity, bool):
-            raise SpaceError(f"experiment.sanity: expected true or false, got {self.sanity!r}")
+            raise ConfigError(f"experiment.sanity: expected true or false, got {self.sanity!r}")
         for key in ("data", "model", "solver"):
             if not isinstance(getattr(self, key), dict):
-                raise SpaceError(f"{key}: expected a table, got {getattr(self, key)!r}")
+                raise ConfigError(f"{key}: expected a table, got {getattr(self, key)!r}")
         if "epochs" in self.solver:
-            raise SpaceError("solver.epochs: set per stage ([stages.<name>] epochs), not in [solver]")
+            raise ConfigError("solver.epochs: set per stage ([stages.<name>] epochs), not in [solver]")
         object.__setattr__(self, "stages", tuple(self.stages))
         object.__setattr__(self, "space", tuple(self.space))
         if not isinstance(self.watch, WatchConfig):
-            raise SpaceError(f"watch: expected a WatchConfig, got {self.watch!r}")
+            raise ConfigError(f"watch: expected a WatchConfig, got {self.watch!r}")
         self._check_stages()
         self._check_space()
         self._check_specs()
 
     def _check_stages(self) -> None:
         if not self.stages or not all(isinstance(s, StageConfig) for s in self.stages):
-            raise SpaceError(f"stages: expected at least one stage, got {self.stages!r}")
+            raise ConfigError(f"stages: expected at least one stage, got {self.stages!r}")
         names = [s.name for s in self.stages]
         for i, (prev, stage) in enumerate(zip((None, *self.stages), self.stages)):
             where = f"stages.{stage.name}"
             if stage.name in names[:i]:
-                raise SpaceError(f"{where}: defined twice")
+                raise ConfigError(f"{where}: defined twice")
             if prev is None:
                 if stage.method != "random":
-                    raise SpaceError(f"{where}.method: the first stage samples at random; "
+                    raise ConfigError(f"{where}.method: the first stage samples at random; "
                                      f"{stage.method} needs a previous stage")
                 continue
             if stage.top is not None and stage.top > prev.trials:
-                raise SpaceError(f"{where}.top: {stage.top} exceeds the {prev.trials} trials of stage {prev.name}")
+                raise ConfigError(f"{where}.top: {stage.top} exceeds the {prev.trials} trials of stage {prev.name}")
             if stage.method == "promote" and stage.epochs <= prev.epochs:
-                raise SpaceError(f"{where}.epochs: a promote stage continues stage {prev.name} (epochs = "
+                raise ConfigError(f"{where}.epochs: a promote stage continues stage {prev.name} (epochs = "
                                  f"{prev.epochs}), so it needs more epochs, got {stage.epochs}")
 
     def _check_space(self) -> None:
         seen = set()
         for dist in self.space:
             if not isinstance(dist, Distribution):
-                raise SpaceError(f"space: expected Distribution objects, got {dist!r}")
+                raise ConfigError(f"space: expected Distribution objects, got {dist!r}")
             section, _, key = dist.name.partition(".")
             if section not in SAMPLED_FIELDS:
-                raise SpaceError(f"space.{section}: unknown section (known: {', '.join(SAMPLED_FIELDS)})")
+                raise ConfigError(f"space.{section}: unknown section (known: {', '.join(SAMPLED_FIELDS)})")
             if key == "epochs" and section == "solver":
-                raise SpaceError("space.solver.epochs: epochs come from the stage ([stages.<name>] epochs)")
+                raise ConfigError("space.solver.epochs: epochs come from the stage ([stages.<name>] epochs)")
             if key not in SAMPLED_FIELDS[section]:
-                raise SpaceError(f"space.{dist.name}: unknown {section} field "
+                raise ConfigError(f"space.{dist.name}: unknown {section} field "
                                  f"(known: {', '.join(SAMPLED_FIELDS[section])})")
             if dist.name in seen:
-                raise SpaceError(f"space.{dist.name}: sampled twice")
+                raise ConfigError(f"space.{dist.name}: sampled twice")
             seen.add(dist.name)
 
     def _check_specs(self) -> None:
@@ -368,21 +365,21 @@ class ExperimentConfig:
         try:
             self.trial_spec(first, 0, 0, {})
         except SpecError as exc:
-            raise SpaceError(str(exc)) from None
+            raise ConfigError(str(exc)) from None
         for dist in self.space:
             probes = dist.values if dist.dist == "choice" else tuple(dist.from_unit(u) for u in _PROBE_UNITS)
             for value in probes:
                 try:
                     self.trial_spec(first, 0, 0, {dist.name: value})
                 except SpecError as exc:
-                    raise SpaceError(f"space.{dist.name}: {value!r} is rejected: {exc}") from None
+                    raise ConfigError(f"space.{dist.name}: {value!r} is rejected: {exc}") from None
 
     def stage(self, name: str) -> StageConfig:
-        """The stage called ``name``; SpaceError naming the known stages when there is none."""
+        """The stage called ``name``; ConfigError naming the known stages when there is none."""
         for stage in self.stages:
             if stage.name == name:
                 return stage
-        raise SpaceError(f"stage {name!r}: not in experiment {self.name} "
+        raise ConfigError(f"stage {name!r}: not in experiment {self.name} "
                          f"(stages: {', '.join(s.name for s in self.stages)})")
 
     def trial_spec(self, stage: str, index: int, seed: int, params: dict[str, Any],
@@ -418,26 +415,26 @@ class ExperimentConfig:
 def _table(doc: dict[str, Any], key: str, where: str) -> dict[str, Any]:
     value = doc.get(key, {})
     if not isinstance(value, dict):
-        raise SpaceError(f"{where}: expected a table, got {value!r}")
+        raise ConfigError(f"{where}: expected a table, got {value!r}")
     return value
 
 
 def _check_keys(table: dict[str, Any], known: tuple[str, ...], where: str, what: str = "key") -> None:
     for key in table:
         if key not in known:
-            raise SpaceError(f"{where}{key}: unknown {what} (known: {', '.join(known)})")
+            raise ConfigError(f"{where}{key}: unknown {what} (known: {', '.join(known)})")
 
 
 def _stage(name: str, table: Any, first: bool) -> StageConfig:
     where = f"stages.{name}"
     if not isinstance(table, dict):
-        raise SpaceError(f"{where}: expected a table, got {table!r}")
+        raise ConfigError(f"{where}: expected a table, got {table!r}")
     _check_keys(table, STAGE_KEYS, f"{where}.")
     method = table.get("method", "random" if first else "narrow")
     trials = table.get("trials", table.get("top") if method == "promote" else None)
     for key, value in (("epochs", table.get("epochs")), ("trials", trials)):
         if value is None:
-            raise SpaceError(f"{where}.{key}: missing")
+            raise ConfigError(f"{where}.{key}: missing")
     return StageConfig(name, **{**table, "method": method, "trials": trials})
 
 
@@ -445,17 +442,17 @@ def _space(table: dict[str, Any]) -> tuple[Distribution, ...]:
     dists = []
     for section, entries in table.items():
         if section not in SAMPLED_FIELDS:
-            raise SpaceError(f"space.{section}: unknown section (known: {', '.join(SAMPLED_FIELDS)})")
+            raise ConfigError(f"space.{section}: unknown section (known: {', '.join(SAMPLED_FIELDS)})")
         if not isinstance(entries, dict):
-            raise SpaceError(f"space.{section}: expected a table, got {entries!r}")
+            raise ConfigError(f"space.{section}: expected a table, got {entries!r}")
         for key, spec in entries.items():
             where = f"space.{section}.{key}"
             if not isinstance(spec, dict):
-                raise SpaceError(f'{where}: expected a table like {{ dist = "uniform", low = 0.0, high = 1.0 }}, '
+                raise ConfigError(f'{where}: expected a table like {{ dist = "uniform", low = 0.0, high = 1.0 }}, '
                                  f"got {spec!r}")
             _check_keys(spec, DISTRIBUTION_KEYS, f"{where}.")
             if "dist" not in spec:
-                raise SpaceError(f"{where}.dist: missing (one of {', '.join(DISTRIBUTIONS)})")
+                raise ConfigError(f"{where}.dist: missing (one of {', '.join(DISTRIBUTIONS)})")
             dists.append(Distribution(f"{section}.{key}", spec["dist"], spec.get("low"), spec.get("high"),
                                       spec.get("values", ())))
     return tuple(dists)
@@ -469,14 +466,14 @@ def _watch(table: dict[str, Any]) -> WatchConfig:
 def config_from_dict(doc: dict[str, Any]) -> ExperimentConfig:
     """Validate a parsed config document (the TOML's tables, or ``ExperimentConfig.to_dict()``)."""
     if not isinstance(doc, dict):
-        raise SpaceError(f"config: expected a table, got {doc!r}")
+        raise ConfigError(f"config: expected a table, got {doc!r}")
     _check_keys(doc, SECTIONS, "", "section")
     if "experiment" not in doc:
-        raise SpaceError("experiment: missing table [experiment] (with at least name = ...)")
+        raise ConfigError("experiment: missing table [experiment] (with at least name = ...)")
     experiment = _table(doc, "experiment", "experiment")
     _check_keys(experiment, EXPERIMENT_KEYS, "experiment.")
     if "name" not in experiment:
-        raise SpaceError("experiment.name: missing (every experiment needs a name)")
+        raise ConfigError("experiment.name: missing (every experiment needs a name)")
     stages = _table(doc, "stages", "stages")
     return ExperimentConfig(
         **experiment,
@@ -496,10 +493,10 @@ def parse_config(text: str, source: str = "<config>") -> ExperimentConfig:
     except tomllib.TOMLDecodeError as exc:
         match = _TOML_POSITION.match(str(exc))
         if match is None:
-            raise SpaceError(f"{source}: invalid TOML: {exc}") from None
+            raise ConfigError(f"{source}: invalid TOML: {exc}") from None
         line = match["line"] or str(text.rstrip("\n").count("\n") + 1)
         column = f" (column {match['column']})" if match["column"] else " (at end of file)"
-        raise SpaceError(f"{source}: invalid TOML at line {line}: {match['msg']}{column}") from None
+        raise ConfigError(f"{source}: invalid TOML at line {line}: {match['msg']}{column}") from None
     return config_from_dict(doc)
 
 
@@ -511,9 +508,9 @@ def load_config(path: str | PathLike[str] | None = None) -> ExperimentConfig:
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
-        raise SpaceError(f"{path}: cannot read config ({exc.strerror or exc})") from None
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror or exc})") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise SpaceError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     return parse_config(text, str(path))
