@@ -166,3 +166,62 @@ def wait_gone(pid: int, timeout: float = 10.0) -> bool:
 def gone():
     """The ``wait_gone(pid, timeout=10.0) -> bool`` helper."""
     return wait_gone
+
+
+class NullControl:
+    """No control plane (tests that run a trial in-process): never asked to stop, reports go nowhere."""
+
+    def should_stop(self):
+        return None
+
+    def confirm(self):
+        pass
+
+    def report(self, fields):
+        pass
+
+
+def record_result(store, trial_id, result):
+    """Fixture: move a trial along a legal path of its life cycle to the state of ``result`` (a dict shaped like
+    result.json), through the store's one transition function."""
+    from worker.states import TrialState
+
+    state = TrialState(result["state"])
+    fields = {k: v for k, v in result.items() if k not in ("state", "reason", "trial_id")}
+    current = store.read_result(trial_id)
+    if current is not None and current.terminal:
+        store.transition(trial_id, TrialState.QUEUED, "fixture", "queued")
+    if state is TrialState.QUEUED:
+        return store.transition(trial_id, state, result.get("reason", ""), "queued", **fields)
+    store.transition(trial_id, TrialState.RUNNING, "fixture", "started")
+    if state is TrialState.RUNNING:
+        return store.read_result(trial_id)
+    return store.transition(trial_id, state, result.get("reason", ""), "finished", **fields)
+
+
+def record_stage(store, stage, trial_ids, status="launched", **fields):
+    """Fixture: a stage record (stages/<stage>.json) launched with ``trial_ids``."""
+    from worker.records import StageRecord
+    from worker.states import StageStatus
+
+    defaults = {"method": "random", "epochs": 1, "seed": 0}
+    store.write_stage(StageRecord(stage=stage, trial_ids=tuple(trial_ids), status=StageStatus(status),
+                                  **{**defaults, **fields}))
+
+
+def record_experiment(store, config=None, config_text="", seed=0):
+    """Fixture: experiment.json of ``store``'s experiment (its config dict and TOML text)."""
+    from worker.records import ExperimentRecord
+
+    store.write_experiment(ExperimentRecord(store.experiment, config or {}, config_text, seed, "2026-01-01T00:00:00"))
+
+
+def outcome(store, trial_id):
+    """The trial's record once it has an outcome (COMPLETED, KILLED, DIVERGED, FAILED), else None."""
+    result = store.read_result(trial_id)
+    return result if result is not None and result.terminal else None
+
+
+def ever_started(store, trial_id):
+    """Whether a worker ever started the trial (its events say so)."""
+    return any(e.get("event") == "started" for e in store.read_events(trial_id))

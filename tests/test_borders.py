@@ -5,7 +5,7 @@ import pytest
 
 from master.borders import (ALPHA, BorderFlag, analyse, border_side, chance_of_spread, core, derive_range,
                             narrow_choice, range_text, top_trials, weak_evidence)
-from master.space import Distribution
+from master.config import Distribution
 
 LR = Distribution("solver.lr", "loguniform", 1e-6, 1e-1)
 DROPOUT = Distribution("model.dropout", "uniform", 0.0, 0.5)

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from master.cli import main
 from worker.store import ExperimentStore
+from conftest import record_result
 
 
 @pytest.fixture()
@@ -145,13 +146,12 @@ def test_launch_with_url_records_and_enqueues_once(run, storage, write_config, r
 
     store = ExperimentStore(storage, name)
     experiment = store.read_experiment()
-    assert experiment["name"] == name and experiment["config"]["experiment"]["name"] == name
-    assert experiment["code_version"] and experiment["created_at"] and experiment["seed"] == 0
+    assert experiment.name == name and experiment.config["experiment"]["name"] == name
+    assert experiment.code_version and experiment.created_at and experiment.seed == 0
     stage = store.read_stage("coarse")
-    assert stage["trial_ids"] == [f"coarse-{i:04d}" for i in range(4)]
-    assert stage["status"] == "launched" and stage["seed"] == 0 and set(stage["ranges"]) == {"solver.lr",
-                                                                                             "model.hidden"}
-    assert store.trial_ids() == stage["trial_ids"]
+    assert list(stage.trial_ids) == [f"coarse-{i:04d}" for i in range(4)]
+    assert stage.status == "launched" and stage.seed == 0 and set(stage.ranges) == {"solver.lr", "model.hidden"}
+    assert store.trial_ids() == list(stage.trial_ids)
     assert not (store.dir / "local").exists()  # no embedded Redis with a URL
 
     client = redis.Redis.from_url(url)
@@ -173,7 +173,7 @@ def test_status_without_redis_reads_storage(run, storage, write_config, real_red
     name = f"st-{token}"
     run("launch", "--config", write_config(name), "--storage", storage, "--url", url, "--queue", f"q-{token}")
     store = ExperimentStore(storage, name)
-    store.write_result("coarse-0001", {"state": "COMPLETED", "reason": "trained 1 epochs", "best_val_acc": 0.91,
+    record_result(store, "coarse-0001", {"state": "COMPLETED", "reason": "trained 1 epochs", "best_val_acc": 0.91,
                                        "best_epoch": 1, "epochs_done": 1, "worker": "w", "seconds": 0.2})
     result = run("status", "--storage", storage)
     assert result.exit_code == 0, result.output

@@ -16,7 +16,7 @@ from master.embedded import free_port, redis_server_binary
 from master.leaderboard import build_leaderboard
 from worker.store import Checkpoint, ExperimentStore, load_npz
 
-from conftest import wait_for
+from conftest import outcome, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns, pytest.mark.timeout(300)]
 
@@ -206,7 +206,7 @@ def test_a_stage_survives_a_killed_worker_a_partition_and_a_redis_restart(cluste
     store = ExperimentStore(cluster.root, "faults")
     for name, side in (("a1", "a"), ("a2", "a"), ("b1", "b"), ("b2", "b")):
         cluster.worker(name, side)
-    watcher = Dispatcher(redis.Redis.from_url(cluster.url()), storage=cluster.root)
+    watcher = Dispatcher(redis.Redis.from_url(cluster.url()))
     wait_for(lambda: len(watcher.workers()) == 4, 30, "four workers registered")
     started = time.monotonic()
     master = cluster.spawn("master", [sys.executable, "-m", "master.cli", "launch", "--config", str(config), "--url",
@@ -224,7 +224,7 @@ def test_a_stage_survives_a_killed_worker_a_partition_and_a_redis_restart(cluste
     cluster.hosts.link("b", "down")
     cut = time.monotonic()
     time.sleep(PARTITION_SECONDS / 4)
-    unfinished = {tid for tid in store.trial_ids() if store.read_result(tid) is None} - set(partitioned.values())
+    unfinished = {tid for tid in store.trial_ids() if outcome(store, tid) is None} - set(partitioned.values())
     assert unfinished, "the stage ended before Redis could be restarted in the middle of it"
     cluster.restart_redis()
     time.sleep(max(0.0, cut + PARTITION_SECONDS - time.monotonic()))
@@ -242,17 +242,17 @@ def test_a_stage_survives_a_killed_worker_a_partition_and_a_redis_restart(cluste
         finishes = re.findall(rf"trial {tid}: (COMPLETED|KILLED|DIVERGED|FAILED) ", worker_logs)
         assert finishes == ["COMPLETED"], (tid, finishes)
         result = store.read_result(tid)
-        assert (result["state"], result["epochs_done"]) == ("COMPLETED", EPOCHS), result
+        assert (result.state, result.epochs_done) == ("COMPLETED", EPOCHS), result
         # history and checkpoints intact: every epoch once, each checkpoint loads and its name matches history
         history = store.read_history(tid)
         assert [r["epoch"] for r in history] == list(range(1, EPOCHS + 1)), tid
         accs = {r["epoch"]: r["val_acc"] for r in history}
         ckpts = store.checkpoints(tid)
-        assert ckpts and ckpts[0].path.name == result["checkpoint"]
+        assert ckpts and ckpts[0].path.name == result.checkpoint
         for c in ckpts:
             assert c.path.name == Checkpoint.filename(accs[c.epoch], c.epoch)
             assert int(load_npz(c.path)["epoch"]) == c.epoch
-        assert result["best_val_acc"] == ckpts[0].val_acc == float(f"{max(accs.values()):.4f}")
+        assert result.best_val_acc == ckpts[0].val_acc == float(f"{max(accs.values()):.4f}")
     assert not list(cluster.root.rglob("*.tmp"))
 
     # the faults were noticed and repaired by the master, with their reasons

@@ -11,7 +11,6 @@ from redis.retry import Retry
 from worker.control import (
     ControlError,
     JobInterrupt,
-    NullControl,
     RedisControl,
     StopJob,
     TrialLost,
@@ -175,12 +174,6 @@ def test_redis_errors_in_the_control_plane_only_warn(caplog):
     control.report({"state": "RUNNING"})
     assert control.should_stop() is None
     assert "cannot publish progress" in caplog.text and "cannot read the stop request" in caplog.text
-
-
-def test_null_control():
-    control = NullControl()
-    control.report({"state": "RUNNING"})
-    assert control.should_stop() is None
 
 
 def test_interrupt_reason_is_seen_without_redis(conn):

@@ -10,10 +10,12 @@ from rq.queue import Queue
 from rq.serializers import JSONSerializer
 
 from master.dispatch import RESULT_TTL_SECONDS, DispatchError, Dispatcher, connect, job_id, mask_url, trial_of
+from master.monitor import enqueue
 from worker.control import progress_key, request_stop, stop_key
 from worker.jobs import TrialWorker
 from worker.spec import SpecError, TrialSpec
 from worker.store import ExperimentStore
+from conftest import record_result
 
 QUEUE = "hs-test"
 
@@ -83,30 +85,30 @@ def test_timeouts_grow_with_the_epoch_budget(conn):
 
 
 def test_force_reruns_finished_trials_but_never_duplicates_queued_ones(conn, storage):
-    d = Dispatcher(conn, QUEUE, storage=storage)
-    d.enqueue(specs(2))
-    assert d.enqueue(specs(2), force=True) == []  # still queued: not twice in the queue
+    d = Dispatcher(conn, QUEUE)
+    store = ExperimentStore(storage, "exp")
+    enqueue(store, d, specs(2))
+    assert enqueue(store, d, specs(2), force=True) == []  # still queued: not twice in the queue
     assert Queue(QUEUE, connection=conn).count == 2
     work(conn)
-    store = ExperimentStore(storage, "exp")
-    assert store.read_result("coarse-0000")["state"] == "COMPLETED"
-    assert d.enqueue(specs(2)) == []
-    assert d.enqueue(specs(2), force=True) == ["coarse-0000", "coarse-0001"]
-    assert store.read_result("coarse-0000") is None  # re-running: not terminal any more
+    assert store.read_result("coarse-0000").state == "COMPLETED"
+    assert enqueue(store, d, specs(2)) == []
+    assert enqueue(store, d, specs(2), force=True) == ["coarse-0000", "coarse-0001"]
+    assert store.read_result("coarse-0000").state == "QUEUED"  # re-running: not terminal any more
     assert d.counts("exp") == {"queued": 2, "started": 0, "finished": 0, "failed": 0, "stopped": 0}
     job = Job.fetch(job_id("exp", "coarse-0000"), connection=conn, serializer=JSONSerializer)
     assert job.get_status() == JobStatus.QUEUED and job.worker_name is None
     work(conn)
-    assert store.read_result("coarse-0000")["state"] == "COMPLETED"
+    assert store.read_result("coarse-0000").state == "COMPLETED"
 
 
 def test_a_terminal_result_on_storage_is_not_enqueued_again_even_without_its_job(conn, storage):
     store = ExperimentStore(storage, "exp").ensure()
     store.write_spec(make_spec().to_dict())
-    store.write_result("coarse-0001", {"state": "KILLED", "reason": "stopped by user"})
-    d = Dispatcher(conn, QUEUE, storage=storage)
-    assert d.enqueue([make_spec()]) == []
-    assert d.enqueue([make_spec()], force=True) == ["coarse-0001"]
+    record_result(store, "coarse-0001", {"state": "KILLED", "reason": "stopped by user"})
+    d = Dispatcher(conn, QUEUE)
+    assert enqueue(store, d, [make_spec()]) == []
+    assert enqueue(store, d, [make_spec()], force=True) == ["coarse-0001"]
 
 
 def test_enqueue_marks_trials_queued_and_drops_old_stop_requests(conn):
@@ -125,7 +127,7 @@ def test_request_stop_reaches_the_trial(conn, storage):
     assert conn.get(stop_key("exp", "coarse-0001")) == b"stopped by user"
     work(conn)
     result = ExperimentStore(storage, "exp").read_result("coarse-0001")
-    assert result["state"] == "KILLED" and result["reason"] == "stopped by user"
+    assert result.state == "KILLED" and result.reason == "stopped by user"
     assert d.progress("exp")["coarse-0001"]["state"] == "KILLED"
 
 

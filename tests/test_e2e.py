@@ -15,7 +15,7 @@ import pytest
 
 from worker.store import ExperimentStore
 
-from conftest import wait_for
+from conftest import ever_started, outcome, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -93,24 +93,24 @@ def test_readme_first_command_runs_a_stage_and_leaves_nothing_behind(tmp_path):
 
     store = ExperimentStore(storage, "digits-mlp")
     experiment = store.read_experiment()
-    assert experiment["name"] == "digits-mlp" and experiment["seed"] == 0
-    assert experiment["config"]["experiment"]["dataset"] == "digits" and experiment["code_version"]
+    assert experiment.name == "digits-mlp" and experiment.seed == 0
+    assert experiment.config["experiment"]["dataset"] == "digits" and experiment.code_version
     stage = store.read_stage("coarse")
     ids = [f"coarse-{i:04d}" for i in range(4)]
-    assert stage["trial_ids"] == ids and stage["status"] == "completed"
+    assert list(stage.trial_ids) == ids and stage.status == "completed"
     assert store.trial_ids() == ids
     for tid in ids:
         files = {p.name for p in store.trial_dir(tid).iterdir()}
         assert {"spec.json", "history.jsonl", "result.json"} <= files
         assert len(store.checkpoints(tid)) == 1
-        assert store.read_result(tid)["state"] == "COMPLETED"
+        assert store.read_result(tid).state == "COMPLETED"
         assert len(store.read_history(tid)) == 1
     assert not (store.dir / "local" / "server.json").exists()
 
     assert "digits-mlp / coarse: top 4 of 4 trials" in out
     rows = [line.split() for line in out.splitlines() if line.strip().startswith("coarse-")]
-    assert [r[0] for r in rows] == sorted(ids, key=lambda t: -store.read_result(t)["best_val_acc"])
-    best = max(store.read_result(t)["best_val_acc"] for t in ids)
+    assert [r[0] for r in rows] == sorted(ids, key=lambda t: -store.read_result(t).best_val_acc)
+    best = max(store.read_result(t).best_val_acc for t in ids)
     assert rows[0][1] == "COMPLETED" and rows[0][2] == f"{best:.4f}"
     assert "stage coarse completed" in out
 
@@ -130,22 +130,22 @@ def test_ctrl_c_stops_trials_workers_and_redis_and_the_same_command_resumes(tmp_
     assert time.monotonic() - started < 20
     assert launch.survivors() == []
     assert "interrupted" in out and "the same command resumes the interrupted trials" in out
-    assert store.read_stage("coarse")["status"] == "interrupted"
-    stopped = {t: store.read_result(t) for t in store.trial_ids() if store.read_result(t)}
-    assert stopped and all(r["state"] == "QUEUED" and r["reason"] == "interrupted by user (Ctrl-C)"
+    assert store.read_stage("coarse").status == "interrupted"
+    stopped = {t: store.read_result(t) for t in store.trial_ids() if ever_started(store, t)}
+    assert stopped and all(r.state == "QUEUED" and r.reason == "interrupted by user (Ctrl-C)"
                            for r in stopped.values())  # unfinished, not killed
     assert all(store.read_events(t)[-1]["event"] == "interrupted" for t in stopped)
-    assert any(r["epochs_done"] >= 1 for r in stopped.values())  # one had finished an epoch (waited for above)
+    assert any(r.epochs_done >= 1 for r in stopped.values())  # one had finished an epoch (waited for above)
 
     relaunched = time.time()
     rc, out, err = Launch(args, cwd=tmp_path).wait(timeout=180)
     assert rc == 0, err
     for tid in store.trial_ids():
-        assert store.read_result(tid)["state"] == "COMPLETED"
+        assert store.read_result(tid).state == "COMPLETED"
         history = store.read_history(tid)
         assert [r["epoch"] for r in history] == list(range(1, 401))
         if tid in stopped:  # resumed: the epochs done before Ctrl-C (none if stopped in its first) not trained again
-            assert all(r["time"] < relaunched for r in history[:stopped[tid]["epochs_done"]])
+            assert all(r["time"] < relaunched for r in history[:stopped[tid].epochs_done])
 
 
 def test_sigkilled_master_leaves_nothing_and_a_relaunch_resumes(tmp_path, write_config):
@@ -161,14 +161,14 @@ def test_sigkilled_master_leaves_nothing_and_a_relaunch_resumes(tmp_path, write_
     launch.wait(timeout=10)
     assert launch.survivors() == [], "redis-server or a worker outlived a SIGKILLed master"
 
-    unfinished = [t for t in store.trial_ids() if not store.read_result(t)]
+    unfinished = [t for t in store.trial_ids() if not outcome(store, t)]
     assert unfinished, "the stage finished before the kill; make the trials longer"
     relaunch = Launch(args, cwd=tmp_path)
     rc, out, err = relaunch.wait(timeout=180)
     assert rc == 0, err
     assert relaunch.survivors() == []
     for tid in store.trial_ids():
-        assert store.read_result(tid)["state"] == "COMPLETED"
+        assert store.read_result(tid).state == "COMPLETED"
         assert [r["epoch"] for r in store.read_history(tid)] == list(range(1, 31))
 
 
@@ -196,8 +196,8 @@ def test_url_launch_served_by_real_workers_then_enqueues_nothing_new(tmp_path, w
 
     store = ExperimentStore(storage, name)
     results = {t: store.read_result(t) for t in store.trial_ids()}
-    assert len(results) == 4 and all(r["state"] == "COMPLETED" for r in results.values())
-    assert {r["worker"] for r in results.values()} <= {f"{token}-w0", f"{token}-w1"}
+    assert len(results) == 4 and all(r.state == "COMPLETED" for r in results.values())
+    assert {r.worker for r in results.values()} <= {f"{token}-w0", f"{token}-w1"}
 
     rc, out, err = Launch(args, cwd=tmp_path).wait(timeout=60)
     assert rc == 0 and "enqueued 0 of 4 trials" in out  # finished in storage
@@ -217,8 +217,8 @@ def test_next_stage_narrows_around_the_best_of_the_first(tmp_path, write_config)
     assert "ranges from the best" in out
     store = ExperimentStore(storage, "stages")
     medium = store.read_stage("medium")
-    assert medium["from_stage"] == "coarse" and medium["status"] == "completed"
-    assert medium["trial_ids"] == ["medium-0000", "medium-0001"]
-    assert set(medium["ranges"]) == set(store.read_stage("coarse")["ranges"]) == {"solver.lr", "model.hidden"}
-    for tid in medium["trial_ids"]:
-        assert store.read_result(tid)["state"] == "COMPLETED" and store.read_result(tid)["epochs_done"] == 3
+    assert medium.from_stage == "coarse" and medium.status == "completed"
+    assert list(medium.trial_ids) == ["medium-0000", "medium-0001"]
+    assert set(medium.ranges) == set(store.read_stage("coarse").ranges) == {"solver.lr", "model.hidden"}
+    for tid in medium.trial_ids:
+        assert store.read_result(tid).state == "COMPLETED" and store.read_result(tid).epochs_done == 3

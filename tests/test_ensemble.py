@@ -8,7 +8,7 @@ from master.ensemble import EnsembleError, build_ensemble, greedy_selection, pre
 from nncore.data import load_dataset
 from nncore.losses import softmax
 from nncore.model import Model
-from worker.control import NullControl
+from conftest import NullControl, record_experiment
 from worker.spec import TrialSpec
 from worker.store import ExperimentStore, load_npz
 from worker.trainer import run_trial
@@ -156,7 +156,7 @@ def test_members_trained_on_different_data_are_refused(store):
 @pytest.mark.slow
 def test_top5_ensemble_of_a_real_digits_search_is_at_least_the_best_single_model_on_test(tmp_path):
     from master.sampler import sample_trials
-    from master.space import parse_config
+    from master.config import parse_config
 
     config = parse_config("""
         [experiment]
@@ -188,7 +188,7 @@ def test_cli_ensemble_and_predict(store, tmp_path):
 
     from master.cli import main
 
-    store.write_experiment({"name": "exp"})
+    record_experiment(store)
     base = ["--storage", str(store.root), "--experiment", "exp"]
     runner = CliRunner()
     done = runner.invoke(main, ["ensemble", *base, "--top", "2", "--method", "greedy", "--name", "g2"])

@@ -17,6 +17,7 @@ from rq.queue import Queue
 from rq.serializers import JSONSerializer
 
 from master.dispatch import Dispatcher, job_id
+from master.monitor import requeue
 from worker.control import read_progress, request_stop
 from worker.jobs import INTERRUPT, STOP_COMMAND_REASON, TrialWorker, refusal, train_trial
 from worker.spec import TrialSpec
@@ -88,7 +89,7 @@ def test_trials_run_in_process_and_return_their_result(conn, storage):
     for spec in specs:
         job = fetch(conn, job_id("exp", spec.trial_id))
         assert job.get_status() == JobStatus.FINISHED
-        assert job.return_value() == store.read_result(spec.trial_id)
+        assert job.return_value() == store.read_result(spec.trial_id).to_dict()
         assert job.return_value()["state"] == "COMPLETED" and job.return_value()["worker"] == "w1"
     assert {t: p["state"] for t, p in read_progress(conn, "exp").items()} == {s.trial_id: "COMPLETED" for s in specs}
 
@@ -110,7 +111,7 @@ def test_redis_lost_while_rq_records_a_jobs_end_does_not_end_the_worker(conn, st
     assert ended[-1] == job_id("exp", specs[1].trial_id)  # the worker went on to the second trial
     assert "could not record its end in Redis" in caplog.text
     store = ExperimentStore(storage, "exp")
-    assert [store.read_result(s.trial_id)["state"] for s in specs] == ["COMPLETED", "COMPLETED"]
+    assert [store.read_result(s.trial_id).state for s in specs] == ["COMPLETED", "COMPLETED"]
     assert worker.successful_job_count == 1
 
 
@@ -215,9 +216,9 @@ def test_a_stop_key_is_honoured_within_a_second(conn, storage):
     in_background(stop_after_first_epoch)
     run_worker(conn)
     result = store.read_result(spec.trial_id)
-    assert result["state"] == "KILLED" and result["reason"] == "stopped by user"
-    assert result["finished_at"] - asked["at"] < 1.0
-    assert 1 <= result["epochs_done"] < spec.epochs
+    assert result.state == "KILLED" and result.reason == "stopped by user"
+    assert result.finished_at - asked["at"] < 1.0
+    assert 1 <= result.epochs_done < spec.epochs
     assert fetch(conn, job_id("exp", spec.trial_id)).get_status() == JobStatus.FINISHED
 
 
@@ -234,8 +235,8 @@ def test_rq_stop_job_command_stops_an_in_process_trial(conn, storage):
     in_background(send_stop)
     run_worker(conn)
     result = store.read_result(spec.trial_id)
-    assert result["state"] == "KILLED" and result["reason"] == STOP_COMMAND_REASON
-    assert result["finished_at"] - asked["at"] < 1.0
+    assert result.state == "KILLED" and result.reason == STOP_COMMAND_REASON
+    assert result.finished_at - asked["at"] < 1.0
     job = fetch(conn, jid)
     assert job.get_status() == JobStatus.STOPPED  # as with RQ's forking worker
     assert jid in Queue(QUEUE, connection=conn).failed_job_registry.get_job_ids()
@@ -268,7 +269,7 @@ def test_a_trial_requeued_while_it_runs_ends_without_a_result_and_leaves_the_job
 
     def requeue_after_first_epoch():  # what the master does when it stops hearing from the worker
         wait_for(lambda: read_progress(conn, "exp").get(spec.trial_id, {}).get("epoch", 0) >= 1, interval=0.005)
-        Dispatcher(conn, QUEUE).requeue([spec])
+        requeue(store, Dispatcher(conn, QUEUE), spec, "worker w1 lost heartbeat", "requeue")
         seen["epoch"] = store.latest_checkpoint(spec.trial_id).epoch
 
     in_background(requeue_after_first_epoch)
@@ -276,7 +277,7 @@ def test_a_trial_requeued_while_it_runs_ends_without_a_result_and_leaves_the_job
     worker.work(burst=True, max_jobs=1)
     worker.refresh()
     assert f"trial {spec.trial_id}: no longer this worker's (its job is now queued" in caplog.text
-    assert store.read_result(spec.trial_id) is None  # the new run writes it
+    assert store.read_result(spec.trial_id).state == "QUEUED"  # the new run writes the outcome
     assert store.latest_checkpoint(spec.trial_id).epoch <= seen["epoch"] + 1  # at most the epoch being confirmed
     assert fetch(conn, jid).get_status() == JobStatus.QUEUED and jid in Queue(QUEUE, connection=conn).job_ids
     assert worker.successful_job_count == worker.failed_job_count == 0
@@ -300,7 +301,7 @@ def test_a_trial_past_its_timeout_is_recorded_failed(conn, storage):
     dispatcher.enqueue([spec])
     run_worker(conn)
     result = ExperimentStore(storage, "exp").read_result(spec.trial_id)
-    assert result["state"] == "FAILED" and "JobTimeoutException" in result["reason"]
+    assert result.state == "FAILED" and "JobTimeoutException" in result.reason
     assert fetch(conn, job_id("exp", spec.trial_id)).get_status() == JobStatus.FAILED
 
 

@@ -7,6 +7,7 @@ from rich.console import Console
 
 from master.leaderboard import BASE_COLUMNS, build_leaderboard, param_columns, render_table
 from worker.store import ExperimentStore
+from conftest import record_experiment, record_result
 
 
 def _trial(store, tid, stage, params, history=(), result=None, checkpoint=None):
@@ -14,7 +15,7 @@ def _trial(store, tid, stage, params, history=(), result=None, checkpoint=None):
     for rec in history:
         store.append_history(tid, rec)
     if result is not None:
-        store.write_result(tid, result)
+        record_result(store, tid, result)
     if checkpoint is not None:
         store.write_checkpoint(tid, checkpoint[0], checkpoint[1], {"w": np.zeros(2, np.float32)}, keep=3)
 
@@ -27,7 +28,7 @@ def _result(state, best, epoch, epochs, reason="", worker="w1", seconds=1.5):
 @pytest.fixture()
 def store(tmp_path):
     s = ExperimentStore(tmp_path, "exp").ensure()
-    s.write_experiment({"name": "exp"})
+    record_experiment(s)
     hist = lambda accs: [{"epoch": e, "train_acc": 0.5 + e / 10, "val_acc": a, "seconds": 1.0}  # noqa: E731
                          for e, a in enumerate(accs, 1)]
     _trial(s, "coarse-0000", "coarse", {"solver.lr": 0.01, "model.hidden": [64]},
@@ -37,7 +38,7 @@ def store(tmp_path):
     _trial(s, "coarse-0002", "coarse", {"solver.lr": 3.0, "model.hidden": [32]},
            [], _result("DIVERGED", None, None, 1, reason="nan loss at epoch 1"))
     _trial(s, "coarse-0003", "coarse", {"solver.lr": 0.02, "model.hidden": [16]},
-           hist([0.70]), checkpoint=(1, 0.70))
+           hist([0.70]), {"state": "RUNNING"}, checkpoint=(1, 0.70))
     _trial(s, "coarse-0004", "coarse", {"solver.lr": 0.05, "model.hidden": [8]})
     _trial(s, "fine-0000", "fine", {"solver.lr": 0.004, "solver.reg": 1e-4}, hist([0.97]),
            _result("KILLED", 0.97, 1, 1, reason="stopped by user"))

@@ -6,7 +6,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from nncore.errors import ConfigError, DataError
+from nncore.errors import ConfigError
 from nncore.model import MODEL_DEFAULTS, Model, build_model, layer_of, validate_model_config
 
 MLP = {"hidden": [6, 5]}
@@ -343,64 +343,3 @@ def test_astype_copies():
     wide.buffers["bn1_var"][...] = 5
     assert model.params["W1"].any() and model.buffers["bn1_var"][0] == 1
     assert wide.config == model.config and wide.input_shape == model.input_shape
-
-
-# --- checkpoints --------------------------------------------------------------------------------------
-
-def test_save_and_load_round_trip(tmp_path):
-    model = build_model({**CONV, "batchnorm": True}, (2, 9), 3, seed=0)
-    x, y = _data((2, 9))
-    model.loss(x, y)  # move the running stats away from their initial values
-    path = tmp_path / "ckpt.npz"
-    model.save(path, extra={"ema.W1": model.params["W1"] * 2, "epoch": np.array(4)})
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.npz"]
-    loaded, extra = Model.load(path, return_extra=True)
-    assert loaded.config == model.config and loaded.input_shape == (2, 9) and loaded.num_classes == 3
-    for k in model.params:
-        np.testing.assert_array_equal(loaded.params[k], model.params[k])
-        assert loaded.params[k].dtype == np.float32
-    for k in model.buffers:
-        np.testing.assert_array_equal(loaded.buffers[k], model.buffers[k])
-    assert sorted(extra) == ["ema.W1", "epoch"] and int(extra["epoch"]) == 4
-    np.testing.assert_array_equal(Model.load(path).scores(x), model.scores(x))
-
-
-def test_checkpoint_is_plain_npz_with_a_json_config(tmp_path):
-    model = build_model(MLP, (4,), 3, seed=0)
-    model.save(tmp_path / "m.npz")
-    with np.load(tmp_path / "m.npz", allow_pickle=False) as archive:
-        config = archive["__config__"]
-        assert config.shape == () and config.dtype.kind == "U"
-        assert json.loads(config.item()) == model.config
-        assert archive["__input_shape__"].tolist() == [4] and int(archive["__num_classes__"]) == 3
-
-
-def test_save_replaces_atomically_and_refuses_colliding_or_pickled_extras(tmp_path):
-    path = tmp_path / "m.npz"
-    model = build_model(MLP, (4,), 3, seed=0)
-    model.save(path)
-    before = path.read_bytes()
-    with pytest.raises(ValueError, match="collides"):
-        model.save(path, extra={"W1": np.zeros(1)})
-    with pytest.raises(ValueError):
-        model.save(path, extra={"meta": np.array([{"a": 1}], dtype=object)})
-    assert path.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["m.npz"]
-    build_model(MLP, (4,), 3, seed=1).save(path)
-    assert path.read_bytes() != before
-
-
-def test_loading_a_bad_checkpoint_raises_data_error_naming_it(tmp_path):
-    model = build_model(MLP, (4,), 3, seed=0)
-    arrays = {**model.params, "__config__": np.array(json.dumps(model.config)),
-              "__input_shape__": np.array([4]), "__num_classes__": np.array(3)}
-    del arrays["W2"]
-    np.savez(tmp_path / "missing.npz", **arrays)
-    with pytest.raises(DataError, match=r"missing\.npz: params: expected arrays"):
-        Model.load(tmp_path / "missing.npz")
-    (tmp_path / "garbage.npz").write_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.raises(DataError, match="garbage.npz"):
-        Model.load(tmp_path / "garbage.npz")
-    np.savez(tmp_path / "noconfig.npz", **model.params)
-    with pytest.raises(DataError, match="noconfig.npz"):
-        Model.load(tmp_path / "noconfig.npz")

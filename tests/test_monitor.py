@@ -6,11 +6,12 @@ import pytest
 from rq.job import Job
 
 from master.dispatch import Dispatcher, job_id
-from master.monitor import WATCH_DUTY, Monitor, failing_workers, move, next_look, watch, worker_outcomes
-from master.space import parse_config
+from master.monitor import WATCH_DUTY, Monitor, failing_workers, next_look, request_stop, watch, worker_outcomes
+from master.config import parse_config
 from master.stages import plan_stage
-from worker.control import NullControl, read_progress, stop_key
-from worker.spec import TrialState
+from worker.control import read_progress, stop_key, stopped_as
+from conftest import NullControl, record_result, record_stage
+from worker.states import TrialState
 from worker.store import ExperimentStore
 from worker.trainer import run_trial
 
@@ -51,9 +52,9 @@ def setup(tmp_path):
     plan = plan_stage(store, config, "coarse")
     for spec in plan.specs:
         store.write_spec(spec.to_dict())
-    store.write_stage("coarse", {"trial_ids": [s.trial_id for s in plan.specs], "status": "launched"})
+    record_stage(store, "coarse", [s.trial_id for s in plan.specs])
     conn = fakeredis.FakeRedis()
-    dispatcher = Dispatcher(conn, "q", storage=tmp_path)
+    dispatcher = Dispatcher(conn, "q")
     clock = Clock()
     return config, store, plan.specs, dispatcher, Monitor(store, config, dispatcher, clock), clock
 
@@ -106,15 +107,15 @@ def test_failed_trials_are_retried_up_to_the_limit_and_a_failing_worker_is_quara
     shut = []
     monkeypatch.setattr(dispatcher, "shutdown_worker", shut.append)
     for i, spec in enumerate(specs[:2]):
-        store.write_result(spec.trial_id, {"state": "FAILED", "reason": "DataError: broken", "worker": "bad",
+        record_result(store, spec.trial_id, {"state": "FAILED", "reason": "DataError: broken", "worker": "bad",
                                            "finished_at": 10.0 + i})
     events = monitor.tick()
     assert [e.kind for e in events] == ["quarantine", "retry", "retry"]
     assert shut == ["bad"] and "its last 2 jobs failed (last: DataError: broken)" in events[0].message
-    assert store.read_result(specs[0].trial_id) is None  # cleared: queued again
+    assert store.read_result(specs[0].trial_id).state == "QUEUED"  # queued again
     assert Monitor(store, config, dispatcher, clock).tick() == []  # a restarted master: same streak, no new shutdown
     assert {o[1:3] for o in worker_outcomes(store, [s.trial_id for s in specs])} == {("bad", True)}
-    store.write_result(specs[0].trial_id, {"state": "FAILED", "reason": "DataError: broken", "worker": "bad",
+    record_result(store, specs[0].trial_id, {"state": "FAILED", "reason": "DataError: broken", "worker": "bad",
                                            "finished_at": 20.0})
     assert [e.kind for e in monitor.tick()] == ["quarantine"]  # a new streak; no retry left for coarse-0000
     assert shut == ["bad", "bad"]
@@ -124,25 +125,25 @@ def test_sanity_failures_are_neither_retried_nor_blamed_on_the_worker(setup):
     config, store, specs, dispatcher, monitor, clock = setup
     dispatcher.enqueue(specs)
     for i, spec in enumerate(specs[:2]):
-        store.write_result(spec.trial_id, {"state": "FAILED", "reason": "sanity check overfit failed", "worker": "w",
+        record_result(store, spec.trial_id, {"state": "FAILED", "reason": "sanity check overfit failed", "worker": "w",
                                            "finished_at": float(i)})
     assert monitor.tick() == []
 
 
 def test_move_to_diverged_requests_a_stop_that_ends_the_trial_diverged(setup):
     config, store, specs, dispatcher, monitor, clock = setup
-    move(store, dispatcher, specs[0], TrialState.DIVERGED, "loss 7 above 3x the initial loss 2 at epoch 1", "stop")
-    assert dispatcher.conn.get(stop_key("mon", specs[0].trial_id)) == b"DIVERGED: loss 7 above 3x the initial " \
-                                                                      b"loss 2 at epoch 1"
+    request_stop(store, dispatcher, specs[0], TrialState.DIVERGED, "loss 7 above 3x the initial loss 2 at epoch 1")
+    assert stopped_as(dispatcher.conn.get(stop_key("mon", specs[0].trial_id)).decode()) == \
+        (TrialState.DIVERGED, "loss 7 above 3x the initial loss 2 at epoch 1")
 
     class Control(NullControl):
         def should_stop(self):
             return dispatcher.conn.get(stop_key("mon", specs[0].trial_id)).decode()
 
     result = run_trial(specs[0], store, Control())
-    assert (result["state"], result["reason"]) == ("DIVERGED", "loss 7 above 3x the initial loss 2 at epoch 1")
-    with pytest.raises(ValueError, match="does not move trials to COMPLETED"):
-        move(store, dispatcher, specs[0], TrialState.COMPLETED, "", "x")
+    assert (result.state, result.reason) == ("DIVERGED", "loss 7 above 3x the initial loss 2 at epoch 1")
+    with pytest.raises(ValueError, match="ends a trial KILLED or DIVERGED, not COMPLETED"):
+        request_stop(store, dispatcher, specs[1], TrialState.COMPLETED, "")
 
 
 def test_requeue_keeps_a_pending_stop_request(setup):
@@ -157,13 +158,13 @@ def test_requeue_keeps_a_pending_stop_request(setup):
 def test_a_finished_stage_is_closed_with_its_flags(setup):
     config, store, specs, dispatcher, monitor, clock = setup
     for i, spec in enumerate(specs):
-        store.write_result(spec.trial_id, {"state": "COMPLETED", "best_val_acc": 0.5 + i / 10, "worker": "w",
+        record_result(store, spec.trial_id, {"state": "COMPLETED", "best_val_acc": 0.5 + i / 10, "worker": "w",
                                            "finished_at": float(i)})
     dispatcher.enqueue(specs)  # jobs exist (queued): results are what count
     events = monitor.tick()
     assert events[0].kind == "stage" and events[0].message == "stage coarse completed: 3 COMPLETED"
     record = store.read_stage("coarse")
-    assert record["status"] == "completed" and "flags" in record and "flag_messages" in record
+    assert record.status == "completed" and record.flags is not None and record.closed
     assert monitor.done() and monitor.tick() == []
 
 

@@ -4,8 +4,8 @@ import math
 import pytest
 
 from master.pruning import Rule, TrialView, asha_cut, median_cut, should_kill
-from master.space import StageConfig, WatchConfig
-from worker.spec import TrialState
+from master.config import StageConfig, WatchConfig
+from worker.states import TrialState
 
 NOW = 1000.0
 
@@ -36,7 +36,7 @@ def test_divergence_non_finite_and_exploded_loss():
     assert v.state is TrialState.DIVERGED and v.reason == "non-finite loss at epoch 1"
     v = should_kill(view("a", [0.5, 0.5], last_loss=7.0, initial_loss=2.0), [], rule, NOW)
     assert v.state is TrialState.DIVERGED
-    assert v.reason == "loss 7 above 3x the initial loss 2 at epoch 2"
+    assert v.reason == "loss 7 exceeded 3x initial loss 2 at epoch 2"
     assert should_kill(view("a", [0.5], last_loss=6.0, initial_loss=2.0), [], rule, NOW) is None  # exactly 3x
 
 

@@ -13,6 +13,7 @@ import pytest
 from master.leaderboard import BASE_COLUMNS
 from master.report import build_report, numeric_params, read_context, scatter_figure
 from worker.store import ExperimentStore
+from conftest import record_experiment, record_result, record_stage
 
 CHROMIUM = "/usr/bin/chromium"
 SPACE = {"solver": {"lr": {"dist": "loguniform", "low": 1e-4, "high": 1e-1}},
@@ -39,7 +40,7 @@ def _trial(store, tid, params, epochs=4, peak=0.9, state="COMPLETED", reason="tr
         best = max(records, key=lambda r: r["val_acc"])
         store.write_checkpoint(tid, best["epoch"], best["val_acc"], {"w": np.zeros(2, np.float32)}, keep=2)
     if state is not None:
-        store.write_result(tid, {"trial_id": tid, "state": state, "reason": reason,
+        record_result(store, tid, {"trial_id": tid, "state": state, "reason": reason,
                                  "best_val_acc": round(best["val_acc"], 4) if records else 0.0,
                                  "best_epoch": best["epoch"] if records else 0, "epochs_done": len(records),
                                  "worker": "w1", "seconds": 2.0, "finished_at": 0.0, "checkpoint": None})
@@ -58,18 +59,16 @@ class _Collect(logging.Handler):
 def store(tmp_path_factory):
     """Two stages, every trial state, a border flag, an ensemble, and corrupt / partial / foreign files."""
     s = ExperimentStore(tmp_path_factory.mktemp("report") / "storage", "exp").ensure()
-    s.write_experiment({"name": "exp", "config": {"stages": {"coarse": {"epochs": 4, "trials": 8},
-                                                             "medium": {"epochs": 6, "trials": 3}},
-                                                  "space": SPACE}})
-    s.write_stage("coarse", {"stage": "coarse", "ranges": {"solver.lr": SPACE["solver"]["lr"],
-                                                           "model.dropout": SPACE["model"]["dropout"]},
-                             "flags": [{"name": "solver.lr", "side": "upper", "best": 0.09, "low": 1e-4,
-                                        "high": 0.1, "new_low": 1e-3, "new_high": 0.4}],
-                             "flag_messages": ["solver.lr: best 9.0e-02 at the upper border of [1e-04, 1e-01] -> "
-                                               "widen to [1e-03, 4e-01]"]})
-    s.write_stage("medium", {"stage": "medium", "ranges": {"solver.lr": {"dist": "loguniform", "low": 1e-3,
-                                                                         "high": 0.4}},
-                             "flags": [{"parameter": "solver.lr"}]})  # foreign: skipped with a warning
+    record_experiment(s, {"stages": {"coarse": {"epochs": 4, "trials": 8}, "medium": {"epochs": 6, "trials": 3}},
+                          "space": SPACE})
+    record_stage(s, "coarse", [], ranges={"solver.lr": SPACE["solver"]["lr"],
+                                          "model.dropout": SPACE["model"]["dropout"]},
+                 flags=({"name": "solver.lr", "side": "upper", "best": 0.09, "low": 1e-4, "high": 0.1,
+                         "new_low": 1e-3, "new_high": 0.4},),
+                 flag_messages=("solver.lr: best 9.0e-02 at the upper border of [1e-04, 1e-01] -> "
+                                "widen to [1e-03, 4e-01]",))
+    record_stage(s, "medium", [], ranges={"solver.lr": {"dist": "loguniform", "low": 1e-3, "high": 0.4}},
+                 flags=({"parameter": "solver.lr"},))  # foreign: skipped with a warning
     rng = np.random.default_rng(0)
     for i in range(6):
         lr = float(10 ** rng.uniform(-4, -1))
@@ -82,9 +81,9 @@ def store(tmp_path_factory):
     _trial(s, "medium-0000", {"solver.lr": 0.05, "model.dropout": 0.2, "model.hidden": [64]}, epochs=6, peak=0.97)
     _trial(s, "medium-0001", {"solver.lr": 0.2, "model.dropout": 0.3, "model.hidden": [64]}, epochs=2, peak=0.5,
            state="KILLED", reason="below rung median at epoch 2")
-    _trial(s, "medium-0002", {"solver.lr": 0.02, "model.dropout": 0.3, "model.hidden": [32]}, state=None)  # running
+    _trial(s, "medium-0002", {"solver.lr": 0.02, "model.dropout": 0.3, "model.hidden": [32]}, state="RUNNING")
     _trial(s, "medium-0003", {"solver.lr": 0.03, "model.dropout": 0.3, "model.hidden": [32]}, history=False,
-           state=None)  # queued
+           state="QUEUED")
     # corrupt, partial and foreign files
     (s.trial_dir("coarse-0005") / "val0.9990_ep009.npz").write_bytes(b"\x00garbage")
     (s.trial_dir("coarse-0004") / "val0.5000_ep002.npz.tmp").write_bytes(b"PK\x03")

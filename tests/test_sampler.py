@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from master.sampler import sample_trials, trial_rng
-from master.space import Distribution, SpaceError, load_config, parse_config
+from master.config import ConfigError, Distribution, load_config, parse_config
 from nncore.data import load_dataset
 from nncore.model import build_model
 from worker.spec import TrialSpec
@@ -123,13 +123,13 @@ def test_sampled_values_are_json_safe_python_types(config):
 
 
 def test_sampling_errors_are_space_errors(config):
-    with pytest.raises(SpaceError, match=r"^stage 'nope': not in experiment digits-mlp"):
+    with pytest.raises(ConfigError, match=r"^stage 'nope': not in experiment digits-mlp"):
         sample_trials(config, "nope", 3)
-    with pytest.raises(SpaceError, match=r"^n: expected an integer >= 0, got -1"):
+    with pytest.raises(ConfigError, match=r"^n: expected an integer >= 0, got -1"):
         sample_trials(config, "coarse", -1)
-    with pytest.raises(SpaceError, match=r"^seed: expected an integer >= 0, got -2"):
+    with pytest.raises(ConfigError, match=r"^seed: expected an integer >= 0, got -2"):
         sample_trials(config, "coarse", 1, seed=-2)
-    with pytest.raises(SpaceError, match=r"^start_index: expected an integer >= 0"):
+    with pytest.raises(ConfigError, match=r"^start_index: expected an integer >= 0"):
         sample_trials(config, "coarse", 1, start_index=1.5)
 
 
@@ -138,7 +138,7 @@ def test_a_combination_nncore_refuses_names_the_trial():
     cfg = parse_config('[experiment]\nname = "t"\n[model]\nmaxout_pieces = 4\n[space.model]\n'
                        'hidden = { dist = "choice", values = [[4096, 4096]] }\n'
                        'activation = { dist = "choice", values = ["maxout"] }\n')
-    with pytest.raises(SpaceError, match=r"^coarse-0000: sampled values .* are rejected: model.hidden: "):
+    with pytest.raises(ConfigError, match=r"^coarse-0000: sampled values .* are rejected: model.hidden: "):
         sample_trials(cfg, "coarse", 1)
 
 

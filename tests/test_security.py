@@ -17,9 +17,9 @@ from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
 
-from conftest import self_signed_certificate
+from conftest import record_experiment, self_signed_certificate
 from master.cli import main
-from worker.control import NullControl
+from conftest import NullControl
 from worker.spec import TrialSpec
 from worker.store import ExperimentStore
 from worker.trainer import run_trial
@@ -124,10 +124,10 @@ def test_a_worker_refuses_hostile_jobs_and_keeps_working(rq_queue, real_redis, t
     assert ("SpecError: model.hidden: expected a list of 0 to 64 ints in [1, 65536], got [1000000000]"
             in failure("huge"))
     result = store.read_result("coarse-0005")
-    assert result["state"] == "FAILED" and "unreadable checkpoint" in result["reason"]
-    assert "Object arrays cannot be loaded when allow_pickle=False" in result["reason"]
+    assert result.state == "FAILED" and "unreadable checkpoint" in result.reason
+    assert "Object arrays cannot be loaded when allow_pickle=False" in result.reason
     assert Job.fetch(jobs["fine"].id, connection=conn, serializer=JSONSerializer).get_status() == JobStatus.FINISHED
-    assert store.read_result("coarse-0002")["state"] == "COMPLETED"  # the same worker process, still sound
+    assert store.read_result("coarse-0002").state == "COMPLETED"  # the same worker process, still sound
 
     assert not marker.exists()
     assert [p for p in files_under(tmp_path) if storage not in p.parents] == [log]
@@ -138,7 +138,7 @@ def test_a_worker_refuses_hostile_jobs_and_keeps_working(rq_queue, real_redis, t
 def experiment_store(tmp_path):
     """A storage root with a finished two-trial experiment ``exp`` (spiral, tiny MLPs)."""
     store = ExperimentStore(tmp_path / "storage", "exp").ensure()
-    store.write_experiment({"name": "exp"})
+    record_experiment(store)
     for i in range(2):
         run_trial(TrialSpec.from_dict(spec_dict("exp", i, seed=i)), store, NullControl())
     return store
@@ -255,7 +255,7 @@ def test_a_rediss_url_verifying_the_server_works_from_launch_to_worker(tls_redis
         worker = subprocess.run([sys.executable, "-m", "worker.cli", "start", "--url", url, "--storage",
                                  str(storage), "--burst"], stdout=out, stderr=subprocess.STDOUT, timeout=120)
     assert worker.returncode == 0, log.read_text()
-    assert ExperimentStore(storage, "tls").read_result("coarse-0000")["state"] == "COMPLETED"
+    assert ExperimentStore(storage, "tls").read_result("coarse-0000").state == "COMPLETED"
     status = cli("status", "--url", url, "--storage", str(storage))
     assert status.returncode == 0 and "COMPLETED" in status.stdout
 

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from worker.spec import TERMINAL_STATES, SpecError, TrialSpec, TrialState, trial_id
+from worker.spec import SpecError, TrialSpec, trial_id
+from worker.states import TERMINAL_STATES, TrialState
 
 
 def make(**over):

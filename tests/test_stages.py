@@ -4,9 +4,9 @@ import math
 import numpy as np
 import pytest
 
-from master.space import SpaceError, parse_config
+from master.config import ConfigError, parse_config
 from master.stages import border_flags, plan_stage, previous_stage, ranked, stage_space, stage_status
-from worker.control import NullControl
+from conftest import NullControl, record_result, record_stage
 from worker.spec import TrialSpec
 from worker.store import ExperimentStore, load_npz
 from worker.trainer import run_trial
@@ -68,7 +68,7 @@ def write_trials(store, config, stage, accs, params_of, state="COMPLETED"):
     for i, acc in enumerate(accs):
         spec = config.trial_spec(stage, i, 100 + i, params_of(i))
         store.write_spec(spec.to_dict())
-        store.write_result(spec.trial_id, {"state": state, "reason": "", "best_val_acc": acc,
+        record_result(store, spec.trial_id, {"state": state, "reason": "", "best_val_acc": acc,
                                            "epochs_done": config.stage(stage).epochs})
 
 
@@ -94,9 +94,8 @@ def test_narrow_derives_the_expected_ranges_from_a_synthetic_leaderboard(store, 
         assert lr.low <= spec.params["solver.lr"] <= lr.high and spec.params["model.hidden"] == [64]
         assert spec.epochs == 2 and spec.parent is None
     assert plan_stage(store, config, "medium").specs == plan.specs  # deterministic: launching again is idempotent
-    store.write_stage("medium", {"trial_ids": [s.trial_id for s in plan.specs],
-                                 "ranges": {d.name: d.to_dict() for d in plan.space}})
-    store.write_result("coarse-0000", {"state": "COMPLETED", "best_val_acc": 1.0})  # the previous stage changed
+    record_stage(store, "medium", [s.trial_id for s in plan.specs], ranges={d.name: d.to_dict() for d in plan.space})
+    record_result(store, "coarse-0000", {"state": "COMPLETED", "best_val_acc": 1.0})  # the previous stage changed
     again = plan_stage(store, config, "medium")
     assert again.specs == plan.specs and again.note.startswith("resuming stage medium")  # recorded ranges win
 
@@ -114,7 +113,7 @@ def test_flags_at_the_upper_border_widen_that_side(store, config):
 def test_flags_at_the_lower_border_and_a_narrowed_stage_is_judged_in_its_own_ranges(store, config):
     write_trials(store, config, "coarse", [1 - u for u in UNITS], coarse_params)
     assert [(f.name, f.side) for f in border_flags(store, config, "coarse")] == [("solver.lr", "lower")]
-    store.write_stage("medium", {"ranges": {"solver.lr": {"dist": "loguniform", "low": 1e-3, "high": 1e-2}}})
+    record_stage(store, "medium", [], ranges={"solver.lr": {"dist": "loguniform", "low": 1e-3, "high": 1e-2}})
     assert stage_space(store, config, "medium")[0].low == 1e-3
     assert stage_space(store, config, "medium")[1] == config.space[1]
 
@@ -123,7 +122,7 @@ def test_promote_continues_the_best_completed_trials(store, config):
     write_trials(store, config, "medium", [0.7, 0.9, 0.8], lambda i: {"solver.lr": 1e-3 * (i + 1)})
     killed = config.trial_spec("medium", 3, 7, {"solver.lr": 0.05})
     store.write_spec(killed.to_dict())
-    store.write_result(killed.trial_id, {"state": "KILLED", "best_val_acc": 0.99, "epochs_done": 1})
+    record_result(store, killed.trial_id, {"state": "KILLED", "best_val_acc": 0.99, "epochs_done": 1})
     plan = plan_stage(store, config, "fine")
     assert [(s.trial_id, s.parent, s.seed, s.epochs) for s in plan.specs] == [
         ("fine-0000", "medium-0001", 101, 4), ("fine-0001", "medium-0002", 102, 4)]
@@ -131,13 +130,13 @@ def test_promote_continues_the_best_completed_trials(store, config):
     assert "from epoch 2 to 4" in plan.note
     for spec in plan.specs:
         store.write_spec(spec.to_dict())
-    store.write_stage("fine", {"trial_ids": [s.trial_id for s in plan.specs]})
-    store.write_result("medium-0000", {"state": "COMPLETED", "best_val_acc": 1.0})
+    record_stage(store, "fine", [s.trial_id for s in plan.specs])
+    record_result(store, "medium-0000", {"state": "COMPLETED", "best_val_acc": 1.0})
     assert plan_stage(store, config, "fine").specs == plan.specs  # resumed as launched, not re-ranked
 
 
 def test_a_stage_needs_finished_trials_before_it(store, config):
-    with pytest.raises(SpaceError, match="^stage medium: stage coarse has no finished trial to narrow from"):
+    with pytest.raises(ConfigError, match="^stage medium: stage coarse has no finished trial to narrow from"):
         plan_stage(store, config, "medium")
     assert previous_stage(config, "coarse") is None and previous_stage(config, "fine").name == "medium"
 
@@ -153,7 +152,7 @@ def test_promote_resumes_epochs_exactly(tmp_path):
     history = store.read_history(child.trial_id)
     assert [r["epoch"] for r in history] == [1, 2, 3, 4]  # no epoch repeated, none missing
     assert history[:2] == store.read_history(parent.trial_id)  # the parent's epochs, not retrained
-    assert result["epochs_done"] == 4 and result["state"] == "COMPLETED"
+    assert result.epochs_done == 4 and result.state == "COMPLETED"
     straight = TrialSpec.from_dict({**child.to_dict(), "trial_id": "straight", "parent": None})
     run_trial(straight, store, NullControl())
     again = store.read_history("straight")
@@ -166,7 +165,7 @@ def test_promote_resumes_epochs_exactly(tmp_path):
 
 def test_stage_status_counts_unfinished_and_retryable(store, config):
     write_trials(store, config, "coarse", [0.5, 0.6], coarse_params)
-    store.write_result("coarse-0001", {"state": "FAILED", "reason": "DataError"})
+    record_result(store, "coarse-0001", {"state": "FAILED", "reason": "DataError"})
     spec = config.trial_spec("coarse", 2, 0, coarse_params(2))
     store.write_spec(spec.to_dict())
     ids = ["coarse-0000", "coarse-0001", "coarse-0002"]
@@ -174,6 +173,6 @@ def test_stage_status_counts_unfinished_and_retryable(store, config):
     assert status.unfinished == ("coarse-0002",) and status.retryable == ("coarse-0001",)
     assert not status.finished and status.counts == {"COMPLETED": 1, "FAILED": 1, "unfinished": 1}
     store.append_event("coarse-0001", {"event": "retry"})
-    store.write_result("coarse-0002", {"state": "KILLED"})
+    record_result(store, "coarse-0002", {"state": "KILLED"})
     status = stage_status(store, ids, max_retries=1)
     assert status.finished and status.describe() == "1 COMPLETED, 1 FAILED, 1 KILLED"

@@ -10,10 +10,10 @@ from click.testing import CliRunner
 
 from master.embedded import terminate_trees
 from master.cli import main
-from master.space import parse_config
+from master.config import parse_config
 from worker.store import ExperimentStore
 
-from conftest import REAL_REDIS_URL as URL
+from conftest import REAL_REDIS_URL as URL, outcome, record_result, record_stage
 CONFIG = """
 [experiment]
 name = "{name}"
@@ -88,10 +88,9 @@ def synthetic_coarse(root, path, unfinished=0):
         store.write_spec(spec.to_dict())
         ids.append(spec.trial_id)
         if i >= unfinished:
-            store.write_result(spec.trial_id, {"state": "COMPLETED", "reason": "", "best_val_acc": 0.5 + i / 50,
+            record_result(store, spec.trial_id, {"state": "COMPLETED", "reason": "", "best_val_acc": 0.5 + i / 50,
                                                "epochs_done": 1, "worker": "w", "finished_at": float(i)})
-    store.write_stage("coarse", {"trial_ids": ids, "status": "launched",
-                                 "ranges": {d.name: d.to_dict() for d in config.space}})
+    record_stage(store, "coarse", ids, ranges={d.name: d.to_dict() for d in config.space})
     return store
 
 
@@ -130,13 +129,13 @@ def test_a_narrowed_stage_prints_flags_and_ranges_and_launching_again_adds_nothi
             "model.dropout: [0, 0.5] (kept: the evidence is weak)") in out
     assert "enqueued 6 of 6 trials of stage medium" in out
     record = store.read_stage("medium")
-    assert record["ranges"]["solver.lr"]["high"] == pytest.approx(1.0) and len(record["trial_ids"]) == 6
+    assert record.ranges["solver.lr"]["high"] == pytest.approx(1.0) and len(record.trial_ids) == 6
 
-    store.write_result("coarse-0000", {"state": "COMPLETED", "best_val_acc": 0.99})  # coarse changes afterwards
+    record_result(store, "coarse-0000", {"state": "COMPLETED", "best_val_acc": 0.99})  # coarse changes afterwards
     again = run(*args)
     out = " ".join(again.stdout.split())
     assert again.exit_code == 0 and "resuming stage medium as first launched" in out
-    assert "enqueued 0 of 6 trials" in out and len(store.read_stage("medium")["trial_ids"]) == 6
+    assert "enqueued 0 of 6 trials" in out and len(store.read_stage("medium").trial_ids) == 6
 
 
 @pytest.mark.slow
@@ -148,13 +147,13 @@ def test_launch_all_runs_every_stage_in_order(run, tmp_path):
     store = ExperimentStore(tmp_path / "s", "all")
     for stage, n in (("coarse", 4), ("medium", 2), ("fine", 1)):
         record = store.read_stage(stage)
-        assert record["status"] == "completed" and len(record["trial_ids"]) == n and "flags" in record
+        assert record.status == "completed" and len(record.trial_ids) == n and record.flags is not None
     fine = store.read_spec("fine-0000")
-    assert fine["parent"] in store.read_stage("medium")["trial_ids"]
+    assert fine["parent"] in store.read_stage("medium").trial_ids
     history = store.read_history("fine-0000")
     assert [r["epoch"] for r in history] == [1, 2, 3, 4]
     assert history[:2] == store.read_history(fine["parent"])  # promoted: the parent's epochs are not retrained
-    assert store.read_result("fine-0000")["state"] == "COMPLETED"
+    assert store.read_result("fine-0000").state == "COMPLETED"
     again = run("launch", "--config", path, "--storage", tmp_path / "s", "--all")
     assert again.exit_code == 0 and again.stdout.count("already completed") == 3
 
@@ -194,7 +193,7 @@ def test_kill_by_hand_keeps_checkpoints_and_the_reason_shows_in_status(run, tmp_
     result = run("kill", "coarse-0000", "--reason", "enough of this", "--experiment", f"kill-{tag}", *common)
     assert result.exit_code == 0, result.output
     assert "coarse-0000: KILLED (enough of this)" in result.stdout and "kept" in result.stdout
-    assert store.read_result("coarse-0000")["reason"] == "enough of this" and store.checkpoints("coarse-0000")
+    assert store.read_result("coarse-0000").reason == "enough of this" and store.checkpoints("coarse-0000")
     status = run("status", "--experiment", f"kill-{tag}", *common)
     assert "KILLED" in status.stdout and "enough of this" in status.stdout
     refused = run("kill", "coarse-0000", "--experiment", f"kill-{tag}", *common)
@@ -216,12 +215,12 @@ def test_a_master_killed_mid_stage_is_launched_again_and_finishes_the_stage(tmp_
     worker(procs, tmp_path, root, queue, f"w-{tag}")
     store = ExperimentStore(root, name)
     deadline = time.monotonic() + 90
-    while store.read_result("coarse-0000") is None:
+    while outcome(store, "coarse-0000") is None:
         assert time.monotonic() < deadline, "no trial finished within 90 s"
         time.sleep(0.05)
     master.send_signal(signal.SIGKILL)
     master.wait()
-    unfinished = [t for t in store.trial_ids() if store.read_result(t) is None]
+    unfinished = [t for t in store.trial_ids() if outcome(store, t) is None]
     assert unfinished  # killed mid-stage
 
     again = subprocess.run(command, capture_output=True, text=True, timeout=180)
@@ -229,6 +228,6 @@ def test_a_master_killed_mid_stage_is_launched_again_and_finishes_the_stage(tmp_
     assert "enqueued 0 of 4 trials" in again.stdout and "stage coarse completed" in again.stdout
     assert store.trial_ids() == [f"coarse-{i:04d}" for i in range(4)]  # no trial duplicated
     for tid in store.trial_ids():
-        assert store.read_result(tid)["state"] == "COMPLETED"
+        assert store.read_result(tid).state == "COMPLETED"
         assert [r["epoch"] for r in store.read_history(tid)] == list(range(1, 13))  # none lost, none repeated
     assert json.loads((store.stages_dir / "coarse.json").read_text())["status"] == "completed"

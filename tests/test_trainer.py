@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from nncore.errors import DataError
-from worker.control import NullControl, StopJob
+from worker.control import StopJob
+from conftest import NullControl, record_result
 from worker.spec import TrialSpec
 from worker.store import ExperimentStore
 from worker.trainer import run_trial
@@ -49,17 +50,17 @@ def assert_consistent(store, tid, result):
     for ckpt in store.checkpoints(tid):
         assert ckpt.val_acc == round(history[ckpt.epoch]["val_acc"], 4)
     best = store.checkpoints(tid)[0]
-    assert result["checkpoint"] == best.path.name
-    assert result["best_val_acc"] == best.val_acc and result["best_epoch"] == best.epoch
+    assert result.checkpoint == best.path.name
+    assert result.best_val_acc == best.val_acc and result.best_epoch == best.epoch
     assert store.read_result(tid) == result
-    assert json.loads(json.dumps(result)) == result
+    assert json.loads(json.dumps(result.to_dict())) == result.to_dict()
 
 
 def test_completed_trial_writes_history_checkpoints_and_result(store):
     control = StopAfter()
     result = run_trial(make_spec(), store, control, worker_name="w1")
-    assert result["state"] == "COMPLETED" and result["epochs_done"] == 4 and result["worker"] == "w1"
-    assert result["seconds"] > 0 and result["finished_at"] > 0 and result["reason"]
+    assert result.state == "COMPLETED" and result.epochs_done == 4 and result.worker == "w1"
+    assert result.seconds > 0 and result.finished_at > 0 and result.reason
     history = store.read_history("coarse-0001")
     assert [r["epoch"] for r in history] == [1, 2, 3, 4]
     assert {"train_loss", "val_acc", "ema_val_acc", "lr", "samples_per_sec", "time"} <= set(history[0])
@@ -83,11 +84,11 @@ def test_resume_after_a_stop_gives_the_same_parameters_as_an_uninterrupted_run(t
 
     resumed = ExperimentStore(tmp_path / "b", "exp").ensure()
     first = run_trial(make_spec(), resumed, StopAfter(epochs=2))
-    assert first["state"] == "KILLED" and first["reason"] == "stopped by user" and first["epochs_done"] == 2
+    assert first.state == "KILLED" and first.reason == "stopped by user" and first.epochs_done == 2
     assert_consistent(resumed, "coarse-0001", first)
     control = StopAfter()
     second = run_trial(make_spec(), resumed, control)
-    assert second["state"] == "COMPLETED" and second["epochs_done"] == 4
+    assert second.state == "COMPLETED" and second.epochs_done == 4
     assert [r["epoch"] for r in control.reports if "val_acc" in r] == [3, 4]  # epochs 1-2 were not re-run
 
     a = params_of(straight.latest_checkpoint("coarse-0001").path)
@@ -105,7 +106,7 @@ def test_history_past_the_latest_checkpoint_is_dropped_on_resume(store):
     store.write_history("coarse-0001", records + [{**records[-1], "epoch": 3}])  # died after history, before ckpt
     spec = make_spec(epochs=4)
     result = run_trial(spec, store, StopAfter(epochs=2))  # stopped again before finishing epoch 3
-    assert result["state"] == "KILLED" and result["epochs_done"] == 2
+    assert result.state == "KILLED" and result.epochs_done == 2
     assert [r["epoch"] for r in store.read_history("coarse-0001")] == [1, 2]
     assert_consistent(store, "coarse-0001", result)
 
@@ -119,7 +120,7 @@ def test_promotion_starts_from_the_parent_and_matches_a_straight_run(tmp_path):
     child = make_spec(trial_id="fine-0001", stage="fine", parent="coarse-0001")
     control = StopAfter()
     result = run_trial(child, store, control)
-    assert result["state"] == "COMPLETED" and result["epochs_done"] == 4
+    assert result.state == "COMPLETED" and result.epochs_done == 4
     assert [r["epoch"] for r in control.reports if "val_acc" in r] == [3, 4]
     assert [r["epoch"] for r in store.read_history("fine-0001")] == [1, 2, 3, 4]
     assert store.read_history("fine-0001")[:2] == store.read_history("coarse-0001")
@@ -134,24 +135,24 @@ def test_promotion_with_no_further_epochs_still_has_its_own_checkpoint(store):
     run_trial(make_spec(epochs=2), store, NullControl())
     result = run_trial(make_spec(trial_id="fine-0001", stage="fine", parent="coarse-0001", epochs=2), store,
                        NullControl())
-    assert result["state"] == "COMPLETED" and result["epochs_done"] == 2
-    assert result["checkpoint"] in {c.path.name for c in store.checkpoints("fine-0001")}
+    assert result.state == "COMPLETED" and result.epochs_done == 2
+    assert result.checkpoint in {c.path.name for c in store.checkpoints("fine-0001")}
     assert_consistent(store, "fine-0001", result)
 
 
 def test_a_parent_without_checkpoints_means_training_from_scratch(store, caplog):
     result = run_trial(make_spec(trial_id="fine-0001", stage="fine", parent="coarse-0009", epochs=1), store,
                        NullControl())
-    assert result["state"] == "COMPLETED" and result["epochs_done"] == 1
+    assert result.state == "COMPLETED" and result.epochs_done == 1
     assert "has no checkpoint" in caplog.text
 
 
 def test_divergence_is_recorded(store):
     spec = make_spec(solver={"update": "sgd", "lr": 1e4, "batch_size": 64})
     result = run_trial(spec, store, NullControl())
-    assert result["state"] == "DIVERGED"
-    assert "loss" in result["reason"] and "epoch 1" in result["reason"]
-    assert store.read_result("coarse-0001")["state"] == "DIVERGED"
+    assert result.state == "DIVERGED"
+    assert "loss" in result.reason and "epoch 1" in result.reason
+    assert store.read_result("coarse-0001").state == "DIVERGED"
 
 
 def test_an_exception_is_recorded_as_failed_and_reraised(store, tmp_path):
@@ -160,8 +161,8 @@ def test_an_exception_is_recorded_as_failed_and_reraised(store, tmp_path):
     with pytest.raises(DataError):
         run_trial(spec, store, control)
     result = store.read_result("coarse-0001")
-    assert result["state"] == "FAILED" and result["reason"].startswith("DataError: ")
-    assert result["checkpoint"] is None and result["epochs_done"] == 0
+    assert result.state == "FAILED" and result.reason.startswith("DataError: ")
+    assert result.checkpoint is None and result.epochs_done == 0
     assert control.reports[-1]["state"] == "FAILED"
 
 
@@ -180,26 +181,26 @@ def test_stopjob_is_recorded_as_killed_and_reraised(store):
     with pytest.raises(StopJob):
         run_trial(make_spec(), store, Interrupting())
     result = store.read_result("coarse-0001")
-    assert result["state"] == "KILLED" and result["epochs_done"] == 1
-    assert result["reason"] == "stopped by user (RQ stop-job command)"
+    assert result.state == "KILLED" and result.epochs_done == 1
+    assert result.reason == "stopped by user (RQ stop-job command)"
 
 
 def test_a_failed_sanity_check_fails_the_trial_before_training(store):
     spec = make_spec(solver={"update": "sgd", "lr": 1e-9, "batch_size": 64}, sanity=True)
     result = run_trial(spec, store, NullControl())
-    assert result["state"] == "FAILED" and result["reason"].startswith("sanity check overfit failed")
-    assert [s["name"] for s in result["sanity"]] == ["initial_loss", "regularization", "overfit"]
+    assert result.state == "FAILED" and result.reason.startswith("sanity check overfit failed")
+    assert [s["name"] for s in result.sanity] == ["initial_loss", "regularization", "overfit"]
     assert store.checkpoints("coarse-0001") == []
 
 
 def test_passing_sanity_checks_are_recorded(store):
     result = run_trial(make_spec(epochs=1, sanity=True), store, NullControl())
-    assert result["state"] == "COMPLETED" and all(s["ok"] for s in result["sanity"])
+    assert result.state == "COMPLETED" and all(s["ok"] for s in result.sanity)
 
 
 def test_a_stale_result_is_cleared_while_the_trial_runs(store):
     store.write_spec(make_spec().to_dict())
-    store.write_result("coarse-0001", {"state": "KILLED"})
+    record_result(store, "coarse-0001", {"state": "KILLED"})
     seen = []
 
     class Peek(StopAfter):
@@ -207,4 +208,4 @@ def test_a_stale_result_is_cleared_while_the_trial_runs(store):
             seen.append(store.read_result("coarse-0001"))
 
     run_trial(make_spec(epochs=1), store, Peek())
-    assert seen[0] is None and store.read_result("coarse-0001")["state"] == "COMPLETED"
+    assert seen[0].state == "RUNNING" and store.read_result("coarse-0001").state == "COMPLETED"

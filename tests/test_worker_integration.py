@@ -17,7 +17,8 @@ from threadpoolctl import threadpool_limits
 
 from master.embedded import terminate_trees
 from master.dispatch import RESULT_TTL_SECONDS, Dispatcher, connect, job_id
-from worker.control import NullControl
+from master.monitor import enqueue
+from conftest import NullControl, outcome
 from worker.spec import TrialSpec
 from worker.store import ExperimentStore, load_npz
 from worker.trainer import run_trial
@@ -78,7 +79,7 @@ def test_two_workers_complete_eight_trials_with_consistent_records(rq_redis, wor
     url, conn, tag = rq_redis
     experiment, queue, storage = f"it-{tag}", f"hs-it-{tag}", tmp_path / "storage"
     specs = [make_spec(experiment, i) for i in range(8)]
-    dispatcher = Dispatcher(conn, queue, storage=storage)
+    dispatcher = Dispatcher(conn, queue)
     assert len(dispatcher.enqueue(specs)) == 8
     procs = [workers.start(worker_command(url, storage, queue, f"it-{tag}-{n}", "--burst")) for n in (1, 2)]
     for p in procs:
@@ -87,21 +88,21 @@ def test_two_workers_complete_eight_trials_with_consistent_records(rq_redis, wor
     store = ExperimentStore(storage, experiment)
     for spec in specs:
         result = store.read_result(spec.trial_id)
-        assert result["state"] == "COMPLETED", result
-        assert result["worker"] in {f"it-{tag}-1", f"it-{tag}-2"}
+        assert result.state == "COMPLETED", result
+        assert result.worker in {f"it-{tag}-1", f"it-{tag}-2"}
         history = store.read_history(spec.trial_id)
         assert [r["epoch"] for r in history] == [1]
         (ckpt,) = store.checkpoints(spec.trial_id)
-        assert ckpt.path.name == result["checkpoint"]
-        assert ckpt.val_acc == round(history[0]["val_acc"], 4) == result["best_val_acc"]
+        assert ckpt.path.name == result.checkpoint
+        assert ckpt.val_acc == round(history[0]["val_acc"], 4) == result.best_val_acc
         job = Job.fetch(job_id(experiment, spec.trial_id), connection=conn, serializer=JSONSerializer)
-        assert job.get_status() == JobStatus.FINISHED and job.return_value() == result
+        assert job.get_status() == JobStatus.FINISHED and job.return_value() == result.to_dict()
         assert 0 < conn.ttl(job.key) <= RESULT_TTL_SECONDS  # Redis does not keep finished jobs for ever
     assert dispatcher.counts(experiment)["finished"] == 8
-    assert dispatcher.enqueue(specs) == []  # launching again enqueues nothing
+    assert enqueue(store, dispatcher, specs) == []  # launching again enqueues nothing
     assert Dispatcher(conn, queue).enqueue(specs) == []  # not even without storage, while the jobs live
     conn.delete(*[Job.key_for(job_id(experiment, s.trial_id)) for s in specs])  # as when their TTL ran out
-    assert dispatcher.enqueue(specs) == []  # storage is the record
+    assert enqueue(store, dispatcher, specs) == []  # storage is the record
 
 
 @pytest.mark.slow
@@ -122,10 +123,10 @@ def test_stops_reach_trials_in_other_processes(rq_redis, workers, tmp_path):
     wait_for(running(by_key), 60, "the first trial to run")
     asked = time.time()
     dispatcher.request_stop(experiment, by_key.trial_id, "stopped by user")
-    wait_for(lambda: store.read_result(by_key.trial_id) is not None, 10, "the first trial to stop")
+    wait_for(lambda: outcome(store, by_key.trial_id) is not None, 10, "the first trial to stop")
     result = store.read_result(by_key.trial_id)
-    assert result["state"] == "KILLED" and result["reason"] == "stopped by user"
-    assert result["finished_at"] - asked < 1.0
+    assert result.state == "KILLED" and result.reason == "stopped by user"
+    assert result.finished_at - asked < 1.0
 
     wait_for(running(by_command), 60, "the second trial to run")
     assert [w["trial_id"] for w in dispatcher.workers() if w["name"] == name] == [by_command.trial_id]
@@ -133,7 +134,7 @@ def test_stops_reach_trials_in_other_processes(rq_redis, workers, tmp_path):
     send_stop_job_command(conn, job_id(experiment, by_command.trial_id), serializer=JSONSerializer)
     assert proc.wait(30) == 0, workers.logs()
     result = store.read_result(by_command.trial_id)
-    assert result["state"] == "KILLED" and result["finished_at"] - asked < 1.0
+    assert result.state == "KILLED" and result.finished_at - asked < 1.0
     job = Job.fetch(job_id(experiment, by_command.trial_id), connection=conn, serializer=JSONSerializer)
     assert job.get_status() == JobStatus.STOPPED
     assert dispatcher.counts(experiment) == {"queued": 0, "started": 0, "finished": 1, "failed": 0, "stopped": 1}
@@ -153,8 +154,8 @@ def test_sigterm_is_a_warm_shutdown(rq_redis, workers, tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(120) == 0, workers.logs()
     store = ExperimentStore(storage, experiment)
-    assert store.read_result(spec.trial_id)["state"] == "COMPLETED"  # the running trial was finished
-    assert store.read_result("coarse-0001") is None  # and no new one was started
+    assert store.read_result(spec.trial_id).state == "COMPLETED"  # the running trial was finished
+    assert store.read_result("coarse-0001") is None  # and no new one was started (never recorded RUNNING)
     assert dispatcher.counts(experiment)["queued"] == 1
 
 
@@ -174,7 +175,7 @@ def test_a_killed_worker_loses_at_most_the_epoch_in_flight(rq_redis, workers, tm
     killed_at = time.time()
     store = ExperimentStore(storage, experiment)
     saved = store.latest_checkpoint(spec.trial_id).epoch
-    assert 3 <= saved < spec.epochs and store.read_result(spec.trial_id) is None
+    assert 3 <= saved < spec.epochs and outcome(store, spec.trial_id) is None
 
     job = Job.fetch(job_id(experiment, spec.trial_id), connection=conn, serializer=JSONSerializer)
     assert job.get_status() == JobStatus.STARTED  # a dead worker's job stays STARTED: requeue it by hand
@@ -183,7 +184,7 @@ def test_a_killed_worker_loses_at_most_the_epoch_in_flight(rq_redis, workers, tm
     assert workers.start(worker_command(url, storage, queue, f"it-{tag}-2", "--burst")).wait(120) == 0
 
     result = store.read_result(spec.trial_id)
-    assert result["state"] == "COMPLETED" and result["epochs_done"] == spec.epochs
+    assert result.state == "COMPLETED" and result.epochs_done == spec.epochs
     history = store.read_history(spec.trial_id)
     assert [r["epoch"] for r in history] == list(range(1, spec.epochs + 1))
     assert all((r["time"] < killed_at) == (r["epoch"] <= saved) for r in history)  # only later epochs re-ran
@@ -211,7 +212,7 @@ def test_a_password_url_works_and_the_password_is_never_logged(rq_redis, workers
         assert Dispatcher(redis.Redis.from_url(url), queue).enqueue([make_spec(experiment, 0)]) == ["coarse-0000"]
         proc = workers.start(worker_command(url, storage, queue, f"it-{tag}-1", "--burst"))
         assert proc.wait(120) == 0, workers.logs()
-        assert ExperimentStore(storage, experiment).read_result("coarse-0000")["state"] == "COMPLETED"
+        assert ExperimentStore(storage, experiment).read_result("coarse-0000").state == "COMPLETED"
         assert f"{user}:***@127.0.0.1" in workers.logs() and password not in workers.logs()
         assert encoded not in workers.logs()
 
@@ -229,7 +230,7 @@ def test_a_rediss_url_with_a_password_works_end_to_end(tls_redis, workers, tmp_p
     assert Dispatcher(connect(url), "hypersearch").enqueue([make_spec("tls", 0)]) == ["coarse-0000"]
     proc = workers.start(worker_command(url, storage, "hypersearch", "tls-1", "--burst"))
     assert proc.wait(120) == 0, workers.logs()
-    assert ExperimentStore(storage, "tls").read_result("coarse-0000")["state"] == "COMPLETED"
+    assert ExperimentStore(storage, "tls").read_result("coarse-0000").state == "COMPLETED"
     assert "rediss://:***@127.0.0.1" in workers.logs() and password not in workers.logs()
 
 

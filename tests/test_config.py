@@ -5,11 +5,11 @@ from importlib import resources
 
 import pytest
 
-from master.space import (
+from master.config import (
     DEFAULT_STAGES,
     Distribution,
     ExperimentConfig,
-    SpaceError,
+    ConfigError,
     StageConfig,
     config_from_dict,
     load_config,
@@ -103,11 +103,11 @@ def test_a_field_both_fixed_and_sampled_is_allowed():
 
 def test_replace_revalidates():
     cfg = parse(FULL)
-    with pytest.raises(SpaceError, match="^space.solver.lr: low must be below high"):
+    with pytest.raises(ConfigError, match="^space.solver.lr: low must be below high"):
         dataclasses.replace(cfg.space[0], low=1.0)
     narrowed = dataclasses.replace(cfg.space[0], low=1e-3, high=1e-2)
     assert dataclasses.replace(cfg, space=(narrowed,)).space == (narrowed,)
-    with pytest.raises(SpaceError, match="^stages.x.epochs"):
+    with pytest.raises(ConfigError, match="^stages.x.epochs"):
         dataclasses.replace(cfg.stages[0], name="x", epochs=0)
 
 
@@ -126,19 +126,19 @@ def test_unit_mapping_is_in_the_sampled_scale_and_round_trips(dist, value, unit)
 
 
 def test_to_unit_of_an_unlisted_choice_is_an_error():
-    with pytest.raises(SpaceError, match=r"^space.model.hidden: \[7\] is not one of the choices"):
+    with pytest.raises(ConfigError, match=r"^space.model.hidden: \[7\] is not one of the choices"):
         Distribution("model.hidden", "choice", values=([64],)).to_unit([7])
 
 
 def test_file_errors_name_the_file(tmp_path):
-    with pytest.raises(SpaceError, match="nope.toml: cannot read config"):
+    with pytest.raises(ConfigError, match="nope.toml: cannot read config"):
         load_config(tmp_path / "nope.toml")
     bad = tmp_path / "bad.toml"
     bad.write_bytes(b"[experiment]\nname = '\xff'\n")
-    with pytest.raises(SpaceError, match="bad.toml: not UTF-8"):
+    with pytest.raises(ConfigError, match="bad.toml: not UTF-8"):
         load_config(bad)
     bad.write_text('[experiment]\nname = "x"\ndataset = \n')
-    with pytest.raises(SpaceError, match=r"bad.toml: invalid TOML at line 3: Invalid value \(column \d+\)$"):
+    with pytest.raises(ConfigError, match=r"bad.toml: invalid TOML at line 3: Invalid value \(column \d+\)$"):
         load_config(bad)
 
 
@@ -242,19 +242,19 @@ def test_file_errors_name_the_file(tmp_path):
      r"^stages.b.epochs: a promote stage continues stage a \(epochs = 1\), so it needs more epochs, got 1"),
 ])
 def test_every_validation_error_names_its_key(text, message):
-    with pytest.raises(SpaceError, match=message):
+    with pytest.raises(ConfigError, match=message):
         parse(text)
 
 
 def test_direct_construction_is_validated():
-    with pytest.raises(SpaceError, match="^stages: expected at least one stage"):
+    with pytest.raises(ConfigError, match="^stages: expected at least one stage"):
         ExperimentConfig("t", stages=())
-    with pytest.raises(SpaceError, match="^stages.coarse: defined twice"):
+    with pytest.raises(ConfigError, match="^stages.coarse: defined twice"):
         ExperimentConfig("t", stages=(StageConfig("coarse", 1, 2), StageConfig("coarse", 2, 2)))
     lr = Distribution("solver.lr", "loguniform", 1e-3, 1e-1)
-    with pytest.raises(SpaceError, match="^space.solver.lr: sampled twice"):
+    with pytest.raises(ConfigError, match="^space.solver.lr: sampled twice"):
         ExperimentConfig("t", space=(lr, lr))
-    with pytest.raises(SpaceError, match="^space: expected Distribution objects"):
+    with pytest.raises(ConfigError, match="^space: expected Distribution objects"):
         ExperimentConfig("t", space=({"dist": "uniform"},))
-    with pytest.raises(SpaceError, match=r"^stage 'nope': not in experiment t \(stages: coarse, medium, fine\)"):
+    with pytest.raises(ConfigError, match=r"^stage 'nope': not in experiment t \(stages: coarse, medium, fine\)"):
         ExperimentConfig("t").stage("nope")
