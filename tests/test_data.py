@@ -442,7 +442,8 @@ def test_csv_errors(tmp_path, text, message):
 # --- names, options, cache ---------------------------------------------------------------------
 
 def test_unknown_name_lists_the_known_ones():
-    with pytest.raises(DataError, match=r"unknown dataset 'foo' \(known: digits, spiral, waves, shapes, npz:PATH, .*csv:"):
+    known = r"\(known: digits, spiral, waves, shapes, npz:PATH, .*csv:"
+    with pytest.raises(DataError, match=r"unknown dataset 'foo' " + known):
         load_dataset("foo")
 
 
