@@ -132,12 +132,25 @@ def _group_max_forward(x, axes, size):
             winner = mask[position]
             winner &= ~taken
             taken |= winner
-    return out, (mask, x.shape, used.shape, tuple(expanded_shape))
+    return out, (mask, out, x.shape, used.shape, tuple(expanded_shape))
+
+
+def _like(template, values):
+    """A copy of `values` in the memory order of `template` (same shape and dtype)."""
+    out = np.empty_like(template)
+    out[...] = values
+    return out
 
 
 def _group_max_backward(dout, cache):
-    """Route each output gradient to the entry that was the maximum of its group."""
-    mask, shape, used_shape, expanded_shape = cache
+    """Route each output gradient to the entry that was the maximum of its group.
+
+    dout is first brought into the forward output's memory order (a copy of a pool-th of the input's size)
+    when it differs, so the full-size product with the mask runs over matching layouts.
+    """
+    mask, out, shape, used_shape, expanded_shape = cache
+    if dout.strides != out.strides:
+        dout = _like(out, dout)
     dused = np.multiply(mask, dout.reshape(expanded_shape), dtype=dout.dtype).reshape(used_shape)
     if used_shape == shape:
         return dused

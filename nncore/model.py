@@ -285,15 +285,19 @@ class Model:
         return x
 
     def _hidden(self, h, params, suffix, train, tape, acts):
-        """Linear (conv for suffix "c{i}", else affine), optional batchnorm, nonlinearity.
+        """Linear (conv for suffix "c{i}", else affine), optional batchnorm, max pooling (conv blocks with
+        conv_pool > 1), nonlinearity.
 
         A layer followed by batchnorm has no bias: beta takes its role (a bias there has zero gradient).
+        Pooling comes before the nonlinearity: every activation is non-decreasing, so max-pooling then
+        activating gives the same values and gradients as the usual activate-then-pool, with the
+        activation on a pool-th of the entries (and no ReLU zeros tying the pooling windows).
         """
         bn = self.config["batchnorm"]
         w, b = f"W{suffix}", f"b{suffix}"
         bias, names = (None, (w,)) if bn else (params[b], (w, b))
         if suffix.startswith("c"):
-            conv_forward, conv_backward = _CONV_ARCHS[self.config["arch"]][3:5]
+            conv_forward, conv_backward, pool_forward, pool_backward = _CONV_ARCHS[self.config["arch"]][3:]
             h, cache = conv_forward(h, params[w], bias, pad=_conv_pad(self.config["conv_kernel"]))
             _record(tape, conv_backward, cache, names)
         else:
@@ -304,6 +308,9 @@ class Model:
             gamma, beta = f"gamma{suffix}", f"beta{suffix}"
             h, cache = layers.batchnorm_forward(h, params[gamma], params[beta], state, train)
             _record(tape, layers.batchnorm_backward, cache, (gamma, beta))
+        if suffix.startswith("c") and self.config["conv_pool"] > 1:
+            h, cache = pool_forward(h, self.config["conv_pool"])
+            _record(tape, pool_backward, cache)
         h, cache = self._act_forward(h)
         _record(tape, self._act_backward, cache)
         if acts is not None:
@@ -317,10 +324,6 @@ class Model:
         conv_blocks = len(cfg["conv_channels"]) if cfg["arch"] in _CONV_ARCHS else 0
         for i in range(1, conv_blocks + 1):
             h = self._hidden(h, params, f"c{i}", train, tape, acts)
-            if cfg["conv_pool"] > 1:
-                pool_forward, pool_backward = _CONV_ARCHS[cfg["arch"]][5:]
-                h, cache = pool_forward(h, cfg["conv_pool"])
-                _record(tape, pool_backward, cache)
         for i in range(1, len(cfg["hidden"]) + 1):
             h = self._hidden(h, params, str(i), train, tape, acts)
             if masks:
@@ -379,7 +382,8 @@ class Model:
         return softmax(self.scores(x, params))
 
     def activations(self, x):
-        """{layer: post-nonlinearity activations} of every conv block and hidden layer, in test mode."""
+        """{layer: post-nonlinearity activations} of every conv block (after its pooling) and hidden layer,
+        in test mode."""
         acts = {}
         self._forward(self._input(x), self.params, train=False, acts=acts)
         return acts

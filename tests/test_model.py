@@ -190,17 +190,22 @@ def test_conv2d_parameters_and_fans():
     assert float(np.std(xavier.params["Wc1"])) == pytest.approx(math.sqrt(2 / (144 + 576)), rel=0.05)
 
 
-def test_conv2d_forward_is_conv_relu_pool_then_the_head():
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "elu", "tanh", "sigmoid", "maxout"])
+def test_conv2d_forward_is_conv_activation_pool_then_the_head(activation):
+    """The model pools before the activation; that equals the textbook activate-then-pool exactly."""
     from nncore import layers
-    model = build_model({**CONV2D, "conv_channels": [3], "hidden": []}, (2, 6, 4), 3, seed=0)
+    from nncore.model import _activation
+    cfg = {**CONV2D, "conv_channels": [3], "hidden": [], "activation": activation}
+    model = build_model(cfg, (2, 6, 4), 3, seed=0)
     for name, p in model.params.items():
         p[...] = np.random.default_rng(len(name)).standard_normal(p.shape)
     x, _ = _data((2, 6, 4), n=5)
     h, _ = layers.conv2d_forward(x, model.params["Wc1"], model.params["bc1"], pad=1)
-    h, _ = layers.maxpool2d_forward(np.maximum(h, 0), 2)
+    h, _ = _activation(model.config)[0](h)
+    h, _ = layers.maxpool2d_forward(h, 2)
     expected = h.reshape(5, -1) @ model.params["W1"] + model.params["b1"]
-    np.testing.assert_allclose(model.scores(x), expected, rtol=1e-5, atol=1e-5)
-    assert model.activations(x)["conv1"].shape == (5, 3, 6, 4)
+    np.testing.assert_array_equal(model.activations(x)["conv1"], h)
+    np.testing.assert_allclose(model.scores(x), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_the_seed_determines_the_weights():
@@ -374,7 +379,8 @@ def test_activations_are_the_post_nonlinearity_outputs_per_hidden_layer():
     model = build_model(CONV, (2, 9), 3, seed=0)
     x, _ = _data((2, 9))
     acts = model.activations(x)
-    assert {k: a.shape for k, a in acts.items()} == {"conv1": (10, 3, 9), "conv2": (10, 2, 4), "layer1": (10, 4)}
+    # conv blocks report their activations after pooling
+    assert {k: a.shape for k, a in acts.items()} == {"conv1": (10, 3, 4), "conv2": (10, 2, 2), "layer1": (10, 4)}
     assert all((a >= 0).all() for a in acts.values())
     mlp = build_model({**MLP, "activation": "tanh"}, (4,), 3, seed=0)
     x, _ = _data((4,))
