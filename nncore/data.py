@@ -24,6 +24,7 @@ DATASETS = {
     "digits": "scikit-learn's bundled 8x8 digits: 1797 samples of shape (64,), 10 classes",
     "spiral": "cs231n's 2-D spiral: 3 classes x 100 points, shape (2,), fixed generator seed",
     "waves": "synthetic sequences of shape (1, 64): sine/square/triangle/sawtooth + noise, 4 x 250",
+    "shapes": "synthetic noisy images of shape (1, 16, 16): circle/square/triangle/cross outlines, 4 x 750",
     "npz:PATH": "NumPy .npz with arrays x, y (optional x_val/y_val, x_test/y_test), no pickle",
     "cifar10:DIR": "CIFAR-10 binary version (data_batch_1..5.bin, test_batch.bin), shape (3, 32, 32)",
     "mnist:DIR": "MNIST-format idx files, optionally .gz (train-*, t10k-*), shape (1, 28, 28)",
@@ -32,7 +33,7 @@ DATASETS = {
 PREPROCESS = ("none", "mean", "standardize")
 DATA_DEFAULTS = {"seed": 0, "val_fraction": 0.15, "test_fraction": 0.15, "preprocess": "mean"}
 
-_GENERATOR_SEED = 0  # spiral and waves are fixed data sets; `seed` only picks their split
+_GENERATOR_SEED = 0  # spiral, waves and shapes are fixed data sets; `seed` only picks their split
 _CHUNK = 8192  # rows per block when accumulating variances in float64
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _CIFAR_TRAIN = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
@@ -88,7 +89,7 @@ def load_dataset(name: str, *, seed: int = 0, val_fraction: float = 0.15, test_f
                  preprocess: str = "mean") -> Dataset:
     """Load dataset `name` (see DATASETS), split it and preprocess it; raise DataError naming what is wrong.
 
-    Names: "digits", "spiral", "waves", "npz:PATH", "cifar10:DIR", "mnist:DIR", "csv:PATH[:LABEL_COLUMN]".
+    Names: "digits", "spiral", "waves", "shapes", "npz:PATH", "cifar10:DIR", "mnist:DIR", "csv:PATH[:LABEL_COLUMN]".
     Splits the data brings (npz x_val/x_test, the MNIST and CIFAR-10 test sets) are used as they are; the
     missing ones are carved from the training data, stratified by class and seeded by `seed`, as
     `val_fraction` / `test_fraction` of it (each class keeps at least one training sample). Every split is
@@ -333,12 +334,46 @@ def make_waves(per_class: int = 250, length: int = 64, seed: int = _GENERATOR_SE
     return x[:, None, :], y
 
 
+def make_shapes(per_class: int = 750, size: int = 16, noise: float = 0.4,
+                seed: int = _GENERATOR_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """Noisy images of shape outlines (x float64 (N, 1, size, size), y int (N,)): circle, square, triangle and
+    cross, one stroke ~1.5 pixels wide, of random radius (3 to 6 pixels), position and intensity, plus Gaussian
+    noise of std `noise`; the built-in "shapes" is make_shapes() (4 x 750).
+
+    The class lies in local stroke patterns anywhere in the image, which a small ConvNet picks up and an MLP
+    on the raw pixels (it must learn every position separately) finds much harder.
+    """
+    rng = np.random.default_rng(seed)
+    classes = 4
+    n = per_class * classes
+    y = np.repeat(np.arange(classes), per_class)
+    radius = rng.uniform(3.0, 6.0, n)
+    centre_x, centre_y = (rng.uniform(radius, size - 1 - radius)[:, None, None] for _ in range(2))
+    r = radius[:, None, None]
+    grid = np.arange(size, dtype=np.float64)
+    dx, dy = grid[None, None, :] - centre_x, grid[None, :, None] - centre_y
+    adx, ady = np.abs(dx), np.abs(dy)
+    half = 0.75  # half the stroke width
+    triangle = (ady <= r) & (adx <= (dy + r) / 2 + half)  # apex up, base 2r wide
+    hollow = (dy >= -r + 2.5) & (dy <= r - 1.2) & (adx <= (dy + r) / 2 - 1.3)
+    strokes = np.stack([np.abs(np.hypot(dx, dy) - r) < half,  # circle
+                        np.abs(np.maximum(adx, ady) - r) < half,  # square
+                        triangle & ~hollow,  # triangle
+                        ((adx < half) & (ady <= r)) | ((ady < half) & (adx <= r))])  # cross
+    x = strokes[y, np.arange(n)] * rng.uniform(0.6, 1.4, (n, 1, 1)) + noise * rng.standard_normal((n, size, size))
+    return x[:, None], y
+
+
 def _read_spiral() -> dict:
     return {"train": make_spiral()}
 
 
 def _read_waves() -> dict:
     return {"train": make_waves()}
+
+
+def _read_shapes() -> dict:
+    return {"train": make_shapes()}
 
 
 def _read_npz(name: str, arg: str) -> dict:
@@ -498,5 +533,5 @@ def _csv_row(name: str, line: int, header: list[str], label: int, row: list[str]
     return values
 
 
-_BUILTIN = {"digits": _read_digits, "spiral": _read_spiral, "waves": _read_waves}
+_BUILTIN = {"digits": _read_digits, "spiral": _read_spiral, "waves": _read_waves, "shapes": _read_shapes}
 _FILE_READERS = {"npz": _read_npz, "cifar10": _read_cifar10, "mnist": _read_mnist, "csv": _read_csv}

@@ -3,6 +3,8 @@
 Every function keeps the dtype of its input (float32 in, float32 out; float64 for gradient checks).
 Backward functions return `dx` alone for layers without parameters and `(dx, dparam, ...)` otherwise.
 """
+import math
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
@@ -28,7 +30,7 @@ def affine_backward(dout, cache, input_grad=True):
     db is None for a layer without bias."""
     x, w, has_bias = cache
     dw = _flat(x).T @ dout
-    db = dout.sum(axis=0) if has_bias else None
+    db = np.ones(len(dout), dtype=dout.dtype) @ dout if has_bias else None  # GEMV: ~4x np.sum(axis=0)
     dx = (dout @ w.T).reshape(x.shape) if input_grad else None
     return dx, dw, db
 
@@ -92,29 +94,68 @@ def sigmoid_backward(dout, cache):
     return dout * cache * (1 - cache)
 
 
-def _group_max_forward(x, axis, size):
-    """Maximum over consecutive groups of `size` entries along `axis`; a trailing remainder is dropped."""
-    groups = x.shape[axis] // size
-    if groups < 1:
-        raise ValueError(f"axis {axis} of length {x.shape[axis]} is shorter than the group size {size}")
-    used = x[(slice(None),) * axis + (slice(0, groups * size),)]
-    grouped = used.reshape(x.shape[:axis] + (groups, size) + x.shape[axis + 1:])
-    idx = np.expand_dims(grouped.argmax(axis=axis + 1), axis + 1)
-    out = np.take_along_axis(grouped, idx, axis=axis + 1).squeeze(axis + 1)
-    return out, (idx, x.shape, axis, size)
+def _window_index(axes, offsets, ndim):
+    """Index of one window position in a grouped array: axis a of the input becomes (groups, size) there."""
+    index, pos = [], dict(zip(axes, offsets))
+    for axis in range(ndim):
+        index += [slice(None), pos[axis]] if axis in pos else [slice(None)]
+    return tuple(index)
+
+
+def _group_max_forward(x, axes, size):
+    """Maximum over consecutive groups of `size` entries along each of `axes` (windows of size ** len(axes)
+    entries); a trailing remainder along an axis is dropped.
+
+    No argmax: the maxima come from len(window) - 1 elementwise np.maximum passes over strided views, and
+    the cache holds a boolean mask of the window maxima (the first in window order wins a tie, so each
+    window routes its gradient to exactly one entry). The outputs keep the memory order of x (a channels-last
+    view stays channels-last).
+    """
+    groups = {axis: x.shape[axis] // size for axis in axes}
+    for axis, count in groups.items():
+        if count < 1:
+            raise ValueError(f"axis {axis} of length {x.shape[axis]} is shorter than the group size {size}")
+    used = x[tuple(slice(0, groups[a] * size) if a in groups else slice(None) for a in range(x.ndim))]
+    grouped_shape, expanded_shape = [], []
+    for axis, length in enumerate(x.shape):
+        grouped_shape += [groups[axis], size] if axis in groups else [length]
+        expanded_shape += [groups[axis], 1] if axis in groups else [length]
+    grouped = used.reshape(grouped_shape)
+    positions = [_window_index(axes, offsets, x.ndim) for offsets in np.ndindex(*(size,) * len(axes))]
+    out = grouped[positions[0]].copy(order="K")
+    for position in positions[1:]:
+        np.maximum(out, grouped[position], out=out)
+    mask = grouped == out.reshape(expanded_shape)
+    if np.count_nonzero(mask) > out.size:  # ties: keep the first maximum of each window only
+        taken = np.zeros(out.shape, dtype=bool)
+        for position in positions:
+            winner = mask[position]
+            winner &= ~taken
+            taken |= winner
+    return out, (mask, out, x.shape, used.shape, tuple(expanded_shape))
+
+
+def _like(template, values):
+    """A copy of `values` in the memory order of `template` (same shape and dtype)."""
+    out = np.empty_like(template)
+    out[...] = values
+    return out
 
 
 def _group_max_backward(dout, cache):
-    """Route each output gradient to the entry that was the maximum of its group."""
-    idx, shape, axis, size = cache
-    groups = shape[axis] // size
-    dgrouped = np.zeros(shape[:axis] + (groups, size) + shape[axis + 1:], dtype=dout.dtype)
-    np.put_along_axis(dgrouped, idx, np.expand_dims(dout, axis + 1), axis=axis + 1)
-    dused = dgrouped.reshape(shape[:axis] + (groups * size,) + shape[axis + 1:])
-    if groups * size == shape[axis]:
+    """Route each output gradient to the entry that was the maximum of its group.
+
+    dout is first brought into the forward output's memory order (a copy of a pool-th of the input's size)
+    when it differs, so the full-size product with the mask runs over matching layouts.
+    """
+    mask, out, shape, used_shape, expanded_shape = cache
+    if dout.strides != out.strides:
+        dout = _like(out, dout)
+    dused = np.multiply(mask, dout.reshape(expanded_shape), dtype=dout.dtype).reshape(used_shape)
+    if used_shape == shape:
         return dused
     dx = np.zeros(shape, dtype=dout.dtype)
-    dx[(slice(None),) * axis + (slice(0, groups * size),)] = dused
+    dx[tuple(slice(0, n) for n in used_shape)] = dused
     return dx
 
 
@@ -122,7 +163,7 @@ def max_pieces_forward(z, pieces):
     """Maxout nonlinearity: (N, H * pieces, ...) -> (N, H, ...), max over consecutive groups of `pieces` channels."""
     if z.shape[1] % pieces:
         raise ValueError(f"max_pieces: {z.shape[1]} channels do not split into groups of {pieces}")
-    return _group_max_forward(z, 1, pieces)
+    return _group_max_forward(z, (1,), pieces)
 
 
 def max_pieces_backward(dout, cache):
@@ -177,7 +218,7 @@ def _channel_axes(x):
 
 
 def batchnorm_forward(x, gamma, beta, bn_state, train, momentum=BN_MOMENTUM, eps=BN_EPS):
-    """Batch normalization per channel (axis 1) of x shaped (N, D) or (N, C, L).
+    """Batch normalization per channel (axis 1) of x shaped (N, D), (N, C, L) or (N, C, H, W) (spatial).
 
     train: normalize with batch statistics and update bn_state["mean"], bn_state["var"] in place
     (running = momentum * running + (1 - momentum) * batch); test: normalize with the running statistics
@@ -218,44 +259,98 @@ def batchnorm_backward(dout, cache):
     return dx, dgamma, dbeta
 
 
+def _conv_forward(x, w, b, stride, pad):
+    """N-d convolution (cross-correlation) as one GEMM over channels-last im2col columns.
+
+    x (N, C, *size), w (F, C, *kernel) -> (N, F, *out) with out = (size + 2 * pad - kernel) // stride + 1.
+    The columns hold each output position's (kernel..., C) patch, gathered with sliding_window_view from a
+    channels-last copy of x (the padding copy; a channels-last view when pad is 0), so the gather copies
+    runs of kernel[-1] * C contiguous values. The result is a channels-first view of the GEMM's
+    channels-last output: no transpose copy, and layers after it keep that memory order.
+    """
+    n, c, *size = x.shape
+    f, _, *kernel = w.shape
+    out_size = [(length + 2 * pad - k) // stride + 1 for length, k in zip(size, kernel)]
+    if min(out_size) < 1:
+        raise ValueError(f"conv: input size {tuple(size)} with pad {pad} is shorter than the kernel {tuple(kernel)}")
+    dims = len(size)
+    xl = np.moveaxis(x, 1, -1)
+    if pad:
+        xp = np.zeros((n, *(length + 2 * pad for length in size), c), dtype=x.dtype)
+        xp[(slice(None),) + (slice(pad, -pad),) * dims] = xl
+    else:
+        xp = xl
+    windows = sliding_window_view(xp, kernel, axis=tuple(range(1, dims + 1)))
+    windows = windows[(slice(None),) + (slice(None, None, stride),) * dims]  # (N, *out, C, *kernel)
+    order = (0, *range(1, dims + 1), *range(dims + 2, 2 * dims + 2), dims + 1)
+    cols = windows.transpose(order).reshape(n * math.prod(out_size), -1)
+    wcols = np.moveaxis(w, 1, -1).reshape(f, -1).T
+    out, affine_cache = affine_forward(cols, wcols, b)
+    out = np.moveaxis(out.reshape(n, *out_size, f), -1, 1)
+    return out, (affine_cache, x.shape, tuple(kernel), stride, pad)
+
+
+def _conv_backward(dout, cache, input_grad=True):
+    """(dx, dw, db) of _conv_forward; dx (a channels-first view of channels-last memory) is None when
+    input_grad is False, db None without bias."""
+    affine_cache, (n, c, *size), kernel, stride, pad = cache
+    f, *out_size = dout.shape[1:]
+    dims = len(size)
+    dcols, dw, db = affine_backward(np.moveaxis(dout, 1, -1).reshape(-1, f), affine_cache, input_grad)
+    dw = np.ascontiguousarray(np.moveaxis(dw.T.reshape(f, *kernel, c), -1, 1))
+    if not input_grad:
+        return None, dw, db
+    dcols = dcols.reshape(n, *out_size, *kernel, c)
+    dxp = np.zeros((n, *(length + 2 * pad for length in size), c), dtype=dout.dtype)
+    for offsets in np.ndindex(*kernel):
+        region = tuple(slice(o, o + stride * (m - 1) + 1, stride) for o, m in zip(offsets, out_size))
+        dxp[(slice(None),) + region] += dcols[(slice(None),) * (dims + 1) + offsets]
+    dx = dxp[(slice(None),) + tuple(slice(pad, pad + length) for length in size)]
+    return np.moveaxis(dx, -1, 1), dw, db
+
+
 def conv1d_forward(x, w, b=None, stride=1, pad=0):
-    """1-D convolution (cross-correlation) via im2col: x (N, C, L), w (F, C, K), b (F,) or None -> (N, F, L_out).
+    """1-D convolution (cross-correlation): x (N, C, L), w (F, C, K), b (F,) or None -> (N, F, L_out).
 
     L_out = (L + 2 * pad - K) // stride + 1; zero padding on both ends.
     """
-    n, c, length = x.shape
-    f, _, k = w.shape
-    l_out = (length + 2 * pad - k) // stride + 1
-    if l_out < 1:
-        raise ValueError(f"conv1d: input length {length} with pad {pad} is shorter than the kernel {k}")
-    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad))) if pad else x
-    windows = sliding_window_view(xp, k, axis=2)[:, :, ::stride]
-    cols = windows.transpose(0, 2, 1, 3).reshape(n * l_out, c * k)
-    out, affine_cache = affine_forward(cols, w.reshape(f, c * k).T, b)
-    return out.reshape(n, l_out, f).transpose(0, 2, 1), (affine_cache, x.shape, stride, pad)
+    return _conv_forward(x, w, b, stride, pad)
 
 
 def conv1d_backward(dout, cache, input_grad=True):
     """(dx, dw, db); dx is None when input_grad is False, db None without bias."""
-    affine_cache, (n, c, length), stride, pad = cache
-    f, l_out = dout.shape[1:]
-    dcols, dw, db = affine_backward(dout.transpose(0, 2, 1).reshape(n * l_out, f), affine_cache, input_grad)
-    k = dw.shape[0] // c
-    dw = dw.T.reshape(f, c, k)
-    if not input_grad:
-        return None, dw, db
-    dcols = dcols.reshape(n, l_out, c, k)
-    dxp = np.zeros((n, c, length + 2 * pad), dtype=dout.dtype)
-    span = stride * (l_out - 1) + 1
-    for j in range(k):
-        dxp[:, :, j:j + span:stride] += dcols[:, :, :, j].transpose(0, 2, 1)
-    return dxp[:, :, pad:pad + length], dw, db
+    return _conv_backward(dout, cache, input_grad)
+
+
+def conv2d_forward(x, w, b=None, stride=1, pad=0):
+    """2-D convolution (cross-correlation): x (N, C, H, W), w (F, C, KH, KW), b (F,) or None
+    -> (N, F, H_out, W_out).
+
+    H_out = (H + 2 * pad - KH) // stride + 1 (W_out likewise); zero padding on all four sides.
+    """
+    return _conv_forward(x, w, b, stride, pad)
+
+
+def conv2d_backward(dout, cache, input_grad=True):
+    """(dx, dw, db); dx is None when input_grad is False, db None without bias."""
+    return _conv_backward(dout, cache, input_grad)
 
 
 def maxpool1d_forward(x, pool):
     """Non-overlapping max pooling over the last axis of x (N, C, L) -> (N, C, L // pool)."""
-    return _group_max_forward(x, 2, pool)
+    return _group_max_forward(x, (2,), pool)
 
 
 def maxpool1d_backward(dout, cache):
+    """dx: each window's output gradient goes to its (first) maximum."""
+    return _group_max_backward(dout, cache)
+
+
+def maxpool2d_forward(x, pool):
+    """Non-overlapping pool x pool max pooling of x (N, C, H, W) -> (N, C, H // pool, W // pool)."""
+    return _group_max_forward(x, (2, 3), pool)
+
+
+def maxpool2d_backward(dout, cache):
+    """dx: each window's output gradient goes to its (first) maximum."""
     return _group_max_backward(dout, cache)

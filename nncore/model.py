@@ -1,4 +1,4 @@
-"""Models (MLP and 1-D CNN) built from a plain config dict: loss and gradients, inference, npz checkpoints."""
+"""Models (MLP, 1-D and 2-D CNNs) built from a plain config dict: loss and gradients, inference."""
 import math
 import numbers
 import re
@@ -28,7 +28,14 @@ MODEL_DEFAULTS = {
     "conv_kernel": 5,
     "conv_pool": 2,
 }
-ARCHS = ("mlp", "conv1d")
+ARCHS = ("mlp", "conv1d", "conv2d")
+# arch -> (spatial dims, per-sample input description, what conv blocks shrink, conv fwd/bwd, pool fwd/bwd)
+_CONV_ARCHS = {
+    "conv1d": (1, "(channels, length)", "the sequence to length 0", layers.conv1d_forward, layers.conv1d_backward,
+               layers.maxpool1d_forward, layers.maxpool1d_backward),
+    "conv2d": (2, "(channels, height, width)", "the image to size 0", layers.conv2d_forward, layers.conv2d_backward,
+               layers.maxpool2d_forward, layers.maxpool2d_backward),
+}
 ACTIVATIONS = ("relu", "leaky_relu", "elu", "tanh", "sigmoid", "maxout")
 LOSSES = {"softmax": softmax_loss, "svm": svm_loss}
 MAX_UNITS = 65536
@@ -136,7 +143,7 @@ def validate_model_config(cfg):
 
 
 def _conv_pad(kernel):
-    """Zero padding that keeps the length for odd kernels (stride 1)."""
+    """Zero padding that keeps the length (each spatial size) for odd kernels (stride 1)."""
     return (kernel - 1) // 2
 
 
@@ -157,20 +164,21 @@ def _shapes(cfg, input_shape, num_classes):
             params[f"gamma{suffix}"] = params[f"beta{suffix}"] = (units,)
             buffers[f"bn{suffix}_mean"] = buffers[f"bn{suffix}_var"] = (units,)
 
-    if cfg["arch"] == "conv1d":
-        if len(input_shape) != 2:
-            raise ConfigError(f"model.arch: 'conv1d' needs per-sample inputs shaped (channels, length), "
+    if cfg["arch"] in _CONV_ARCHS:
+        dims, described, shrunk = _CONV_ARCHS[cfg["arch"]][:3]
+        if len(input_shape) != dims + 1:
+            raise ConfigError(f"model.arch: '{cfg['arch']}' needs per-sample inputs shaped {described}, "
                               f"got input shape {input_shape}")
-        channels, length = input_shape
+        channels, *size = input_shape
         kernel, pool = cfg["conv_kernel"], cfg["conv_pool"]
         for i, filters in enumerate(cfg["conv_channels"], 1):
-            add_layer(f"c{i}", (filters * pieces, channels, kernel), filters * pieces)
-            length = (length + 2 * _conv_pad(kernel) - kernel + 1) // pool
-            if length < 1:
-                raise ConfigError(f"model.conv_channels: conv block {i} shrinks the sequence to length 0 "
-                                  f"(input length {input_shape[1]}, conv_kernel {kernel}, conv_pool {pool})")
+            add_layer(f"c{i}", (filters * pieces, channels) + (kernel,) * dims, filters * pieces)
+            size = [(length + 2 * _conv_pad(kernel) - kernel + 1) // pool for length in size]
+            if min(size) < 1:
+                raise ConfigError(f"model.conv_channels: conv block {i} shrinks {shrunk} (input shape "
+                                  f"{input_shape}, conv_kernel {kernel}, conv_pool {pool})")
             channels = filters
-        width = channels * length
+        width = channels * math.prod(size)
     else:
         width = math.prod(input_shape)
     for i, units in enumerate(cfg["hidden"], 1):
@@ -187,10 +195,10 @@ def _shapes(cfg, input_shape, num_classes):
 
 
 def _fans(shape):
-    """(fan_in, fan_out) of an affine weight (D, H) or a conv weight (F, C, K)."""
-    if len(shape) == 3:
-        filters, channels, kernel = shape
-        return channels * kernel, filters * kernel
+    """(fan_in, fan_out) of an affine weight (D, H) or a conv weight (F, C, K) / (F, C, KH, KW)."""
+    if len(shape) >= 3:
+        filters, channels, *kernel = shape
+        return channels * math.prod(kernel), filters * math.prod(kernel)
     return shape
 
 
@@ -274,16 +282,21 @@ class Model:
         return x
 
     def _hidden(self, h, params, suffix, train, tape, acts):
-        """Linear (conv for suffix "c{i}", else affine), optional batchnorm, nonlinearity.
+        """Linear (conv for suffix "c{i}", else affine), optional batchnorm, max pooling (conv blocks with
+        conv_pool > 1), nonlinearity.
 
         A layer followed by batchnorm has no bias: beta takes its role (a bias there has zero gradient).
+        Pooling comes before the nonlinearity: every activation is non-decreasing, so max-pooling then
+        activating gives the same values and gradients as the usual activate-then-pool, with the
+        activation on a pool-th of the entries (and no ReLU zeros tying the pooling windows).
         """
         bn = self.config["batchnorm"]
         w, b = f"W{suffix}", f"b{suffix}"
         bias, names = (None, (w,)) if bn else (params[b], (w, b))
         if suffix.startswith("c"):
-            h, cache = layers.conv1d_forward(h, params[w], bias, pad=_conv_pad(self.config["conv_kernel"]))
-            _record(tape, layers.conv1d_backward, cache, names)
+            conv_forward, conv_backward, pool_forward, pool_backward = _CONV_ARCHS[self.config["arch"]][3:]
+            h, cache = conv_forward(h, params[w], bias, pad=_conv_pad(self.config["conv_kernel"]))
+            _record(tape, conv_backward, cache, names)
         else:
             h, cache = layers.affine_forward(h, params[w], bias)
             _record(tape, layers.affine_backward, cache, names)
@@ -292,6 +305,9 @@ class Model:
             gamma, beta = f"gamma{suffix}", f"beta{suffix}"
             h, cache = layers.batchnorm_forward(h, params[gamma], params[beta], state, train)
             _record(tape, layers.batchnorm_backward, cache, (gamma, beta))
+        if suffix.startswith("c") and self.config["conv_pool"] > 1:
+            h, cache = pool_forward(h, self.config["conv_pool"])
+            _record(tape, pool_backward, cache)
         h, cache = self._act_forward(h)
         _record(tape, self._act_backward, cache)
         if acts is not None:
@@ -302,12 +318,9 @@ class Model:
         """Scores for x; records backward steps on `tape` and hidden activations in `acts` when given."""
         cfg = self.config
         h = x
-        conv_blocks = len(cfg["conv_channels"]) if cfg["arch"] == "conv1d" else 0
+        conv_blocks = len(cfg["conv_channels"]) if cfg["arch"] in _CONV_ARCHS else 0
         for i in range(1, conv_blocks + 1):
             h = self._hidden(h, params, f"c{i}", train, tape, acts)
-            if cfg["conv_pool"] > 1:
-                h, cache = layers.maxpool1d_forward(h, cfg["conv_pool"])
-                _record(tape, layers.maxpool1d_backward, cache)
         for i in range(1, len(cfg["hidden"]) + 1):
             h = self._hidden(h, params, str(i), train, tape, acts)
             if masks:
@@ -366,7 +379,8 @@ class Model:
         return softmax(self.scores(x, params))
 
     def activations(self, x):
-        """{layer: post-nonlinearity activations} of every conv block and hidden layer, in test mode."""
+        """{layer: post-nonlinearity activations} of every conv block (after its pooling) and hidden layer,
+        in test mode."""
         acts = {}
         self._forward(self._input(x), self.params, train=False, acts=acts)
         return acts

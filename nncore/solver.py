@@ -11,7 +11,7 @@ from nncore import optim
 from nncore.errors import ConfigError
 from nncore.model import LOSSES
 from nncore.schedules import SCHEDULES, lr_at
-from nncore.stats import update_weight_ratios
+from nncore.stats import babysit_stats, update_weight_ratios
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,10 @@ SOLVER_DEFAULTS = {
 
 _EVAL_CHUNK = 4096  # rows per forward pass when evaluating
 _TRAIN_EVAL_STREAM = 2**32 - 1  # SeedSequence key of the fixed training subsample (epochs use [seed, epoch])
+_BABYSIT_STREAM = 2**32 - 2  # SeedSequence key of the fixed babysitting batch
+LOSS_TRACE_POINTS = 1000  # most minibatch losses recorded over a run's whole epoch budget
+BABYSIT_SNAPSHOTS = 6  # most babysitting snapshots per run
+BABYSIT_SAMPLES = 256  # training samples in the fixed babysitting batch
 
 # field -> (kind, low, high, low_inclusive, high_inclusive); kind "float" accepts ints, "int" integral numbers.
 _RANGES = {
@@ -85,6 +89,20 @@ def divergence(loss, initial_loss, factor, epoch):
     return None
 
 
+def loss_trace_every(epochs, iterations_per_epoch, points=LOSS_TRACE_POINTS):
+    """Record the minibatch loss at global iterations 0, k, 2k, ...: the smallest k that keeps the count of
+    recorded points over `epochs` epochs at most `points`."""
+    return max(1, -(-epochs * iterations_per_epoch // points))
+
+
+def babysit_epochs(epochs, count=BABYSIT_SNAPSHOTS):
+    """The epochs (1-based, after training them) that get a babysitting snapshot: the first, the last and
+    up to count - 2 between them on a geometric schedule (1000 epochs: 1, 4, 16, 63, 251, 1000)."""
+    if epochs <= count:
+        return tuple(range(1, epochs + 1))
+    return tuple(sorted({round(epochs ** (i / (count - 1))) for i in range(count)}))
+
+
 def validate_solver_config(cfg):
     """Return cfg with defaults filled and numbers normalised; raise ConfigError naming solver.<field>."""
     if not isinstance(cfg, Mapping):
@@ -112,7 +130,12 @@ class Solver:
     on a fixed subsample of train_eval_samples), "val_loss" (data loss), "val_acc", "ema_val_acc" (with
     ema_params), "lr", "update_ratio" ({layer: ||dW|| / ||W||} of the epoch's last update; None for a
     layer whose weights were all zero, e.g. decayed to zero by a huge L2, and moved), "seconds" (epoch
-    wall time, evaluation included), "samples_per_sec" (of the minibatch loop).
+    wall time, evaluation included), "samples_per_sec" (of the minibatch loop), "loss_trace" ([[iteration,
+    minibatch loss], ...] recorded this epoch, global 0-based iterations every loss_trace_every(...) steps:
+    at most LOSS_TRACE_POINTS over the configured epochs) and, on the epochs of babysit_epochs(epochs) only,
+    "babysit" (nncore.stats.babysit_stats on a fixed batch of BABYSIT_SAMPLES training samples). Both
+    schedules are functions of the epoch and the config alone, so a resumed run records what an
+    uninterrupted one does.
     """
 
     def __init__(self, model, data, config, *, seed=0, callback=None, should_stop=None):
@@ -132,6 +155,8 @@ class Solver:
         n_eval = min(self.config["train_eval_samples"], n_train)
         picker = np.random.default_rng([self.seed, _TRAIN_EVAL_STREAM])
         self._train_eval_idx = np.sort(picker.choice(n_train, size=n_eval, replace=False))
+        picker = np.random.default_rng([self.seed, _BABYSIT_STREAM])
+        self._babysit_idx = np.sort(picker.choice(n_train, size=min(BABYSIT_SAMPLES, n_train), replace=False))
         self._loss_fn = LOSSES[model.config["loss"]]
 
     # ---------------------------------------------------------------- training
@@ -166,6 +191,11 @@ class Solver:
                  for k in model.params]
         weights = model.weight_names
         last_start = (n - 1) // batch * batch
+        iterations = -(-n // batch)
+        every = loss_trace_every(cfg["epochs"], iterations)
+        first_iteration = self.epoch * iterations
+        offset = -first_iteration % every  # local step of the epoch's first recorded loss
+        trace = np.empty(len(range(offset, iterations, every)))
 
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(n)
@@ -186,6 +216,9 @@ class Solver:
             if math.isnan(self.initial_loss):
                 self.initial_loss = loss
             loss_sum += loss * len(idx)
+            step = start // batch
+            if step % every == offset:
+                trace[step // every] = loss
             if clip_norm:
                 optim.clip_gradients(grads, clip_norm)
             if start == last_start:
@@ -199,12 +232,16 @@ class Solver:
         self.epoch += 1
         metrics = {"epoch": self.epoch, "train_loss": loss_sum / n}
         metrics.update(self._evaluate())
+        if self.epoch in babysit_epochs(cfg["epochs"]):
+            idx = self._babysit_idx
+            metrics["babysit"] = babysit_stats(model, data.x_train[idx], data.y_train[idx])
         metrics.update({
             "lr": hyper["lr"],
             "update_ratio": {layer: ratio if math.isfinite(ratio) else None  # None: all-zero weights moved
                              for layer, ratio in update_weight_ratios(before, model.params, weights).items()},
             "seconds": time.perf_counter() - started,
             "samples_per_sec": n / train_seconds,
+            "loss_trace": [[first_iteration + offset + j * every, value] for j, value in enumerate(trace.tolist())],
         })
         if metrics["val_acc"] > self.best_val_acc or self.best_epoch == 0:
             self.best_val_acc, self.best_epoch = metrics["val_acc"], self.epoch

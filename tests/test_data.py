@@ -116,6 +116,36 @@ def test_generators_scale_the_built_in_tasks(tmp_path):
         make_spiral()[0].astype(np.float32))
 
 
+def test_shapes_are_noisy_16x16_images_of_four_balanced_classes():
+    d = load_dataset("shapes", preprocess="none")
+    assert d.input_shape == (1, 16, 16) and d.num_classes == 4 and d.classes is None
+    y = np.concatenate([d.y_train, d.y_val, d.y_test])
+    assert np.bincount(y).tolist() == [750] * 4
+    assert d.x_train.dtype == np.float32 and 0.3 < float(np.std(d.x_train)) < 0.8
+
+
+def test_shapes_generator_is_fixed_and_draws_outlines_anywhere():
+    from nncore.data import make_shapes
+
+    x, y = make_shapes()
+    np.testing.assert_array_equal(make_shapes()[0], x)
+    clean, y_clean = make_shapes(per_class=200, noise=0.0)
+    assert clean.shape == (800, 1, 16, 16) and np.array_equal(y_clean, np.repeat(np.arange(4), 200))
+    strokes = clean[:, 0] > 0
+    pixels = strokes.sum(axis=(1, 2))
+    assert pixels.min() >= 8  # every image shows its shape
+    # outlines, not blobs: a circle or square of radius >= 3 leaves its centre empty
+    rows, cols = np.nonzero(strokes[0])
+    assert not strokes[0, int(round(rows.mean())), int(round(cols.mean()))]
+    # circles are spread over the image: most pixels lie on some stroke, none on most of them
+    coverage = strokes[:200].mean(axis=0)
+    assert coverage.max() < 0.5 and (coverage > 0).mean() > 0.8
+    # no pixel template separates the classes: a least-squares linear classifier on raw pixels stays weak
+    flat = np.c_[x.reshape(len(x), -1), np.ones(len(x))]
+    w = np.linalg.lstsq(flat[::2], np.eye(4)[y[::2]], rcond=None)[0]
+    assert 0.3 < np.mean((flat[1::2] @ w).argmax(axis=1) == y[1::2]) < 0.7
+
+
 def test_synthetic_data_does_not_depend_on_split_seed():
     a = load_dataset("waves", seed=1, preprocess="none")
     b = load_dataset("waves", seed=2, preprocess="none")
@@ -322,6 +352,25 @@ def test_cifar10_errors(tmp_path, damage, message):
         load_dataset(f"cifar10:{tmp_path}")
 
 
+@pytest.mark.parametrize("kind", ["cifar10", "mnist"])
+def test_image_datasets_feed_an_mlp_flattened_and_conv2d_as_images(tmp_path, kind):
+    from nncore.model import build_model
+
+    (_write_cifar if kind == "cifar10" else _write_mnist)(tmp_path)
+    d = load_dataset(f"{kind}:{tmp_path}", val_fraction=0.2)
+    channels, height, width = d.input_shape
+    mlp = build_model({"hidden": [5]}, d.input_shape, d.num_classes, seed=0)
+    assert mlp.params["W1"].shape == (channels * height * width, 5)
+    flat = build_model({"hidden": [5]}, (channels * height * width,), d.num_classes, seed=0)
+    np.testing.assert_array_equal(mlp.scores(d.x_val), flat.scores(d.x_val.reshape(len(d.x_val), -1)))
+    conv = build_model({"arch": "conv2d", "conv_channels": [2], "conv_kernel": 3, "conv_pool": 2, "hidden": [4]},
+                       d.input_shape, d.num_classes, seed=0)
+    assert conv.params["Wc1"].shape == (2, channels, 3, 3)
+    assert conv.params["W1"].shape == (2 * (height // 2) * (width // 2), 4)
+    loss, grads = conv.loss(d.x_train, d.y_train, reg=0.0, rng=np.random.default_rng(0))
+    assert np.isfinite(loss) and grads["Wc1"].shape == (2, channels, 3, 3) and np.abs(grads["Wc1"]).sum() > 0
+
+
 # --- mnist -------------------------------------------------------------------------------------
 
 def test_mnist_idx_plain_and_gz(tmp_path):
@@ -393,7 +442,8 @@ def test_csv_errors(tmp_path, text, message):
 # --- names, options, cache ---------------------------------------------------------------------
 
 def test_unknown_name_lists_the_known_ones():
-    with pytest.raises(DataError, match=r"unknown dataset 'foo' \(known: digits, spiral, waves, npz:PATH, .*csv:"):
+    known = r"\(known: digits, spiral, waves, shapes, npz:PATH, .*csv:"
+    with pytest.raises(DataError, match=r"unknown dataset 'foo' " + known):
         load_dataset("foo")
 
 

@@ -52,13 +52,21 @@ MODELS = {
                                 "hidden": [5], "activation": "tanh", "batchnorm": True, "dropout": 0.2}, (2, 9)),
     "conv1d+maxout": ({"arch": "conv1d", "conv_channels": [3], "conv_kernel": 3, "conv_pool": 3, "hidden": [4],
                        "activation": "maxout"}, (2, 9)),
+    "conv2d": ({"arch": "conv2d", "conv_channels": [3, 2], "conv_kernel": 3, "conv_pool": 2, "hidden": [5]},
+               (2, 5, 6)),
+    "conv2d+tanh+bn+dropout": ({"arch": "conv2d", "conv_channels": [3], "conv_kernel": 3, "conv_pool": 1,
+                                "hidden": [4], "activation": "tanh", "batchnorm": True, "dropout": 0.2}, (2, 4, 3)),
+    "conv2d+sigmoid+bn+pool": ({"arch": "conv2d", "conv_channels": [2], "conv_kernel": 2, "conv_pool": 2,
+                                "hidden": [], "activation": "sigmoid", "batchnorm": True}, (1, 5, 4)),
+    "conv2d+maxout": ({"arch": "conv2d", "conv_channels": [2], "conv_kernel": 3, "conv_pool": 2, "hidden": [3],
+                       "activation": "maxout"}, (2, 4, 4)),
 }
 
 
 def _kinked(cfg):
     """ReLU-like activations, maxout, max pooling and the hinge loss have kinks: the looser tolerance."""
     return (cfg.get("activation", "relu") in ("relu", "leaky_relu", "maxout") or cfg.get("loss") == "svm"
-            or (cfg.get("arch") == "conv1d" and cfg.get("conv_pool", 2) > 1))
+            or (cfg.get("arch") in ("conv1d", "conv2d") and cfg.get("conv_pool", 2) > 1))
 
 
 def _model_and_data(cfg, input_shape, seed):

@@ -32,6 +32,12 @@ def _without_bias_grad(dout, cache):
     return dx, dw
 
 
+def _without_conv_bias_grad(dout, cache):
+    dx, dw, db = layers.conv2d_backward(dout, cache)
+    assert db is None
+    return dx, dw
+
+
 def _case(name, rng):
     """(forward(*arrays) -> out, backward(dout, cache) -> grads (one per array), arrays, tolerance)."""
     if name == "affine":
@@ -62,8 +68,9 @@ def _case(name, rng):
         mask = layers.dropout_mask((5, 6), 0.4, rng, np.float64)
         fwd = partial(layers.dropout_forward, p=0.4, train=True, mask=mask)
         return fwd, layers.dropout_backward, [rng.standard_normal((5, 6))], SMOOTH
-    if name in ("batchnorm_train", "batchnorm_test", "batchnorm_conv"):
-        train, shape = name != "batchnorm_test", (6, 3, 4) if name == "batchnorm_conv" else (6, 4)
+    if name in ("batchnorm_train", "batchnorm_test", "batchnorm_conv", "batchnorm_spatial"):
+        shapes = {"batchnorm_conv": (6, 3, 4), "batchnorm_spatial": (4, 3, 3, 2)}
+        train, shape = name != "batchnorm_test", shapes.get(name, (6, 4))
         c = shape[1]
         state = _bn_state(c, None if train else rng)
         arrays = [2 * rng.standard_normal(shape) + 1, rng.uniform(0.5, 1.5, c), rng.standard_normal(c)]
@@ -80,11 +87,26 @@ def _case(name, rng):
     if name == "maxpool1d":
         fwd = partial(layers.maxpool1d_forward, pool=3)
         return fwd, layers.maxpool1d_backward, [_distinct(rng, (2, 3, 10))], KINKED
+    if name == "conv2d":
+        arrays = [rng.standard_normal((2, 2, 5, 4)), rng.standard_normal((3, 2, 3, 3)), rng.standard_normal(3)]
+        fwd = partial(layers.conv2d_forward, stride=1, pad=1)
+        return fwd, layers.conv2d_backward, arrays, SMOOTH
+    if name == "conv2d_strided":
+        arrays = [rng.standard_normal((2, 3, 7, 6)), rng.standard_normal((2, 3, 3, 2)), rng.standard_normal(2)]
+        fwd = partial(layers.conv2d_forward, stride=2, pad=2)
+        return fwd, layers.conv2d_backward, arrays, SMOOTH
+    if name == "conv2d_no_bias":
+        arrays = [rng.standard_normal((2, 2, 4, 4)), rng.standard_normal((3, 2, 2, 2))]
+        return layers.conv2d_forward, _without_conv_bias_grad, arrays, SMOOTH
+    if name == "maxpool2d":
+        fwd = partial(layers.maxpool2d_forward, pool=2)
+        return fwd, layers.maxpool2d_backward, [_distinct(rng, (2, 3, 5, 6))], KINKED
     raise AssertionError(name)
 
 
 CASES = ["affine", "affine_no_bias", "relu", "leaky_relu", "elu", "tanh", "sigmoid", "maxout", "dropout",
-         "batchnorm_train", "batchnorm_test", "batchnorm_conv", "conv1d", "conv1d_strided", "maxpool1d"]
+         "batchnorm_train", "batchnorm_test", "batchnorm_conv", "batchnorm_spatial", "conv1d", "conv1d_strided",
+         "maxpool1d", "conv2d", "conv2d_strided", "conv2d_no_bias", "maxpool2d"]
 
 
 def _single(grads):
@@ -267,3 +289,106 @@ def test_maxpool1d_takes_window_maxima_and_routes_gradients_to_them():
     assert out.tolist() == [[[5.0, 4.0, 3.0]]]
     dx = layers.maxpool1d_backward(np.array([[[10.0, 20.0, 30.0]]]), cache)
     assert dx.tolist() == [[[0.0, 10.0, 0.0, 20.0, 30.0, 0.0, 0.0]]]
+
+
+def test_maxpool1d_sends_a_tied_windows_gradient_to_exactly_one_entry():
+    x = np.array([[[2.0, 2.0, 0.0, 0.0, 1.0, 3.0]]])
+    out, cache = layers.maxpool1d_forward(x, 3)
+    assert out.tolist() == [[[2.0, 3.0]]]
+    dx = layers.maxpool1d_backward(np.array([[[10.0, 20.0]]]), cache)
+    assert dx.tolist() == [[[10.0, 0.0, 0.0, 0.0, 0.0, 20.0]]]
+
+
+def _naive_conv2d(x, w, b, stride, pad):
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    kh, kw = w.shape[2:]
+    h_out, w_out = (xp.shape[2] - kh) // stride + 1, (xp.shape[3] - kw) // stride + 1
+    out = np.zeros((len(x), len(w), h_out, w_out))
+    for i in range(len(x)):
+        for j in range(len(w)):
+            for r in range(h_out):
+                for s in range(w_out):
+                    patch = xp[i, :, r * stride:r * stride + kh, s * stride:s * stride + kw]
+                    out[i, j, r, s] = np.sum(patch * w[j]) + (0.0 if b is None else b[j])
+    return out
+
+
+@pytest.mark.parametrize("stride, pad, kernel", [(1, 0, (3, 3)), (1, 1, (3, 3)), (2, 1, (3, 2)), (3, 2, (1, 4))])
+def test_conv2d_matches_naive_convolution(stride, pad, kernel):
+    rng = np.random.default_rng(7)
+    x, w, b = rng.standard_normal((2, 3, 7, 8)), rng.standard_normal((4, 3) + kernel), rng.standard_normal(4)
+    out, _ = layers.conv2d_forward(x, w, b, stride=stride, pad=pad)
+    np.testing.assert_allclose(out, _naive_conv2d(x, w, b, stride, pad), rtol=1e-12, atol=1e-12)
+    out, _ = layers.conv2d_forward(x, w, stride=stride, pad=pad)
+    np.testing.assert_allclose(out, _naive_conv2d(x, w, None, stride, pad), rtol=1e-12, atol=1e-12)
+
+
+def test_conv2d_gives_the_same_results_for_channels_last_memory():
+    rng = np.random.default_rng(8)
+    x, w, b = rng.standard_normal((2, 3, 6, 5)), rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4)
+    x_last = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    dout = rng.standard_normal((2, 4, 6, 5))
+    for pad in (0, 1):
+        dout_pad = dout[:, :, :6 + 2 * pad - 2, :5 + 2 * pad - 2]
+        out_a, cache_a = layers.conv2d_forward(x, w, b, pad=pad)
+        out_b, cache_b = layers.conv2d_forward(x_last, w, b, pad=pad)
+        np.testing.assert_allclose(out_a, out_b, rtol=1e-12)
+        for ga, gb in zip(layers.conv2d_backward(dout_pad, cache_a), layers.conv2d_backward(dout_pad, cache_b)):
+            np.testing.assert_allclose(ga, gb, rtol=1e-12)
+
+
+def test_conv2d_rejects_inputs_smaller_than_the_kernel():
+    with pytest.raises(ValueError, match="shorter than the kernel"):
+        layers.conv2d_forward(np.ones((1, 1, 5, 2)), np.ones((1, 1, 3, 3)))
+
+
+def test_conv2d_without_input_grad_returns_only_parameter_gradients():
+    rng = np.random.default_rng(9)
+    out, cache = layers.conv2d_forward(rng.standard_normal((2, 2, 4, 4)), rng.standard_normal((3, 2, 3, 3)),
+                                       np.zeros(3), pad=1)
+    dx, dw, db = layers.conv2d_backward(np.ones_like(out), cache, input_grad=False)
+    assert dx is None and dw.shape == (3, 2, 3, 3) and dw.flags.c_contiguous and db.tolist() == [32.0] * 3
+
+
+def test_maxpool2d_takes_window_maxima_drops_the_remainder_and_routes_gradients():
+    x = np.arange(30, dtype=float).reshape(1, 1, 5, 6) % 7
+    out, cache = layers.maxpool2d_forward(x, 2)
+    expected = [[max(x[0, 0, 2 * r + i, 2 * s + j] for i in (0, 1) for j in (0, 1)) for s in range(3)]
+                for r in range(2)]
+    assert out.tolist() == [[expected]]
+    dout = np.arange(1.0, 7.0).reshape(1, 1, 2, 3)
+    dx = layers.maxpool2d_backward(dout, cache)
+    assert dx.shape == x.shape and not dx[0, 0, 4].any()
+    for r in range(2):
+        for s in range(3):
+            window = dx[0, 0, 2 * r:2 * r + 2, 2 * s:2 * s + 2]
+            assert np.count_nonzero(window) == 1 and window.sum() == dout[0, 0, r, s]
+            assert x[0, 0, 2 * r:2 * r + 2, 2 * s:2 * s + 2][window != 0] == out[0, 0, r, s]
+
+
+def test_maxpool2d_sends_a_tied_windows_gradient_to_exactly_one_entry():
+    x = np.zeros((2, 3, 4, 4))
+    x[0, 0, 0, 1] = x[0, 0, 1, 0] = 1.0  # two tied maxima in one window, and all-zero windows elsewhere
+    out, cache = layers.maxpool2d_forward(x, 2)
+    dx = layers.maxpool2d_backward(np.ones_like(out), cache)
+    assert dx.sum() == out.size
+    windows = dx.reshape(2, 3, 2, 2, 2, 2)
+    assert (np.count_nonzero(windows, axis=(3, 5)) == 1).all()
+    assert dx[0, 0, 0, 1] == 1.0 and dx[0, 0, 1, 0] == 0.0
+
+
+def test_maxpool2d_keeps_channels_last_memory_order():
+    x = np.random.default_rng(10).standard_normal((2, 4, 4, 3)).transpose(0, 3, 1, 2)
+    out, cache = layers.maxpool2d_forward(x, 2)
+    assert np.moveaxis(out, 1, -1).flags.c_contiguous
+    np.testing.assert_array_equal(out, x.reshape(2, 3, 2, 2, 2, 2).max(axis=(3, 5)))
+
+
+def test_batchnorm_on_images_normalizes_each_channel_over_batch_height_and_width():
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((4, 3, 5, 6)) * np.array([1.0, 2.0, 3.0])[:, None, None] - 2
+    state = _bn_state(3)
+    out, _ = layers.batchnorm_forward(x, np.ones(3), np.zeros(3), state, True, eps=0)
+    np.testing.assert_allclose(out.mean(axis=(0, 2, 3)), 0, atol=1e-12)
+    np.testing.assert_allclose(out.std(axis=(0, 2, 3)), 1, rtol=1e-12)
+    np.testing.assert_allclose(state["mean"], 0.1 * x.mean(axis=(0, 2, 3)), rtol=1e-12)

@@ -1,6 +1,7 @@
 """Tests for nncore.model: config validation, construction, loss/inference semantics, dtypes and checkpoints."""
 import json
 import math
+import re
 import tracemalloc
 
 import numpy as np
@@ -11,6 +12,7 @@ from nncore.model import MODEL_DEFAULTS, Model, build_model, layer_of, validate_
 
 MLP = {"hidden": [6, 5]}
 CONV = {"arch": "conv1d", "conv_channels": [3, 2], "conv_kernel": 3, "conv_pool": 2, "hidden": [4]}
+CONV2D = {**CONV, "arch": "conv2d"}
 
 
 def _data(input_shape, n=10, classes=3, seed=0):
@@ -40,7 +42,7 @@ def test_validation_normalizes_numpy_scalars_to_python_types():
 
 @pytest.mark.parametrize("cfg, message", [
     ({"hiden": [3]}, r"^model\.hiden: unknown field \(known: activation, arch, "),
-    ({"arch": "rnn"}, r"^model\.arch: expected one of 'mlp', 'conv1d', got 'rnn'"),
+    ({"arch": "rnn"}, r"^model\.arch: expected one of 'mlp', 'conv1d', 'conv2d', got 'rnn'"),
     ({"hidden": [0]}, r"^model\.hidden: expected a list of 0 to 64 ints in \[1, 65536\], got \[0\]"),
     ({"hidden": 128}, r"^model\.hidden: expected a list"),
     ({"hidden": [1.5]}, r"^model\.hidden: "),
@@ -100,6 +102,32 @@ def test_conv1d_needs_channels_and_length():
         build_model(CONV, (12,), 2, seed=0)
 
 
+@pytest.mark.parametrize("input_shape", [(12,), (1, 12), (1, 2, 3, 4)])
+def test_conv2d_needs_channels_height_and_width(input_shape):
+    with pytest.raises(ConfigError, match=r"^model\.arch: 'conv2d' needs per-sample inputs shaped "
+                                          r"\(channels, height, width\), got input shape"):
+        build_model(CONV2D, input_shape, 2, seed=0)
+
+
+@pytest.mark.parametrize("input_shape, block", [((1, 6, 6), 3), ((1, 16, 3), 2), ((1, 3, 16), 2)])
+def test_conv2d_blocks_that_shrink_the_image_to_nothing_are_refused(input_shape, block):
+    expected = rf"^model\.conv_channels: conv block {block} shrinks the image to size 0 \(input shape "
+    with pytest.raises(ConfigError, match=expected + re.escape(str(input_shape))):
+        build_model({**CONV2D, "conv_channels": [2, 2, 2]}, input_shape, 2, seed=0)
+
+
+def test_conv2d_parameter_count_is_checked_before_allocating():
+    tracemalloc.start()
+    try:
+        with pytest.raises(ConfigError, match=r"^model\.conv_channels: .* parameters"):
+            build_model({**CONV2D, "conv_channels": [2048, 2048], "conv_kernel": 5, "conv_pool": 1, "hidden": []},
+                        (1, 8, 8), 2, seed=0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000
+
+
 def test_bad_shapes_and_class_counts_are_refused():
     with pytest.raises(ValueError, match="num_classes"):
         build_model(MLP, (4,), 1, seed=0)
@@ -145,6 +173,41 @@ def test_conv1d_parameters():
     assert model.weight_names == ["Wc1", "Wc2", "W1", "W2"]
 
 
+def test_conv2d_parameters_and_fans():
+    model = build_model({**CONV2D, "batchnorm": True, "conv_kernel": 5}, (2, 9, 7), 3, seed=0)
+    shapes = {k: v.shape for k, v in model.params.items()}
+    # 9x7 -> conv (pad 2) 9x7 -> pool 4x3 -> conv 4x3 -> pool 2x1; head input 2 channels * 2 * 1
+    assert shapes == {"Wc1": (3, 2, 5, 5), "gammac1": (3,), "betac1": (3,), "Wc2": (2, 3, 5, 5), "gammac2": (2,),
+                      "betac2": (2,), "W1": (4, 4), "gamma1": (4,), "beta1": (4,), "W2": (4, 3), "b2": (3,)}
+    assert list(model.buffers) == ["bnc1_mean", "bnc1_var", "bnc2_mean", "bnc2_var", "bn1_mean", "bn1_var"]
+    assert model.layer_names == ["conv1", "conv2", "layer1", "layer2"]
+    assert model.weight_names == ["Wc1", "Wc2", "W1", "W2"]
+    wide = build_model({**CONV2D, "conv_channels": [64], "conv_kernel": 3}, (16, 12, 12), 3, seed=0)
+    # He: std sqrt(2 / fan_in) with fan_in = C * KH * KW = 144
+    assert float(np.std(wide.params["Wc1"])) == pytest.approx(math.sqrt(2 / 144), rel=0.05)
+    xavier = build_model({**CONV2D, "conv_channels": [64], "conv_kernel": 3, "init": "xavier"}, (16, 12, 12), 3,
+                         seed=0)
+    assert float(np.std(xavier.params["Wc1"])) == pytest.approx(math.sqrt(2 / (144 + 576)), rel=0.05)
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "elu", "tanh", "sigmoid", "maxout"])
+def test_conv2d_forward_is_conv_activation_pool_then_the_head(activation):
+    """The model pools before the activation; that equals the textbook activate-then-pool exactly."""
+    from nncore import layers
+    from nncore.model import _activation
+    cfg = {**CONV2D, "conv_channels": [3], "hidden": [], "activation": activation}
+    model = build_model(cfg, (2, 6, 4), 3, seed=0)
+    for name, p in model.params.items():
+        p[...] = np.random.default_rng(len(name)).standard_normal(p.shape)
+    x, _ = _data((2, 6, 4), n=5)
+    h, _ = layers.conv2d_forward(x, model.params["Wc1"], model.params["bc1"], pad=1)
+    h, _ = _activation(model.config)[0](h)
+    h, _ = layers.maxpool2d_forward(h, 2)
+    expected = h.reshape(5, -1) @ model.params["W1"] + model.params["b1"]
+    np.testing.assert_array_equal(model.activations(x)["conv1"], h)
+    np.testing.assert_allclose(model.scores(x), expected, rtol=1e-6, atol=1e-6)
+
+
 def test_the_seed_determines_the_weights():
     a, b, c = (build_model(MLP, (4,), 3, seed=s) for s in (1, 1, 2))
     np.testing.assert_array_equal(a.params["W1"], b.params["W1"])
@@ -184,11 +247,13 @@ VARIANTS = {
     "svm": {**MLP, "loss": "svm"},
     "conv1d": CONV,
     "conv1d+bn+maxout": {**CONV, "batchnorm": True, "activation": "maxout"},
+    "conv2d": CONV2D,
+    "conv2d+bn+maxout+dropout": {**CONV2D, "batchnorm": True, "activation": "maxout", "dropout": 0.3},
 }
 
 
 def _input_shape(cfg):
-    return (2, 9) if cfg.get("arch") == "conv1d" else (4,)
+    return {"conv1d": (2, 9), "conv2d": (2, 5, 6)}.get(cfg.get("arch"), (4,))
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -314,7 +379,8 @@ def test_activations_are_the_post_nonlinearity_outputs_per_hidden_layer():
     model = build_model(CONV, (2, 9), 3, seed=0)
     x, _ = _data((2, 9))
     acts = model.activations(x)
-    assert {k: a.shape for k, a in acts.items()} == {"conv1": (10, 3, 9), "conv2": (10, 2, 4), "layer1": (10, 4)}
+    # conv blocks report their activations after pooling
+    assert {k: a.shape for k, a in acts.items()} == {"conv1": (10, 3, 4), "conv2": (10, 2, 2), "layer1": (10, 4)}
     assert all((a >= 0).all() for a in acts.values())
     mlp = build_model({**MLP, "activation": "tanh"}, (4,), 3, seed=0)
     x, _ = _data((4,))

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from nncore.errors import ConfigError
-from nncore.solver import SOLVER_DEFAULTS, Solver, validate_solver_config
+from nncore.solver import (BABYSIT_SNAPSHOTS, LOSS_TRACE_POINTS, SOLVER_DEFAULTS, Solver, babysit_epochs,
+                           loss_trace_every, validate_solver_config)
 
 
 class LinearSoftmax:
@@ -28,8 +29,11 @@ class LinearSoftmax:
         p = self.params if params is None else params
         return x @ p["W1"] + p["b1"]
 
+    def activations(self, x):
+        return {}  # no hidden layers
+
     def loss(self, x, y, *, reg=0.0, train=True, rng=None, dropout_masks=None):
-        self.calls += 1
+        self.calls += train  # training steps only (babysitting snapshots take test-mode gradients)
         if train and self.dropout:
             x = x * (rng.random(x.shape) >= self.dropout) / np.float32(1 - self.dropout)
         s = self.scores(x)
@@ -100,9 +104,9 @@ def test_trains_and_reports_json_safe_metrics_every_epoch():
     assert [m["epoch"] for m in history] == [1, 2, 3]
     assert [m["lr"] for m in history] == pytest.approx([0.1, 0.05, 0.025])
     keys = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "ema_val_acc", "lr", "update_ratio",
-            "seconds", "samples_per_sec"}
+            "seconds", "samples_per_sec", "loss_trace", "babysit"}
     for m in history:
-        assert set(m) == keys
+        assert set(m) == keys  # 3 epochs: every one is a babysitting epoch
         json.dumps(m, allow_nan=False)
         assert list(m["update_ratio"]) == ["layer1"] and 0 < m["update_ratio"]["layer1"] < 1
         assert m["seconds"] > 0 and m["samples_per_sec"] > 0
@@ -112,6 +116,51 @@ def test_trains_and_reports_json_safe_metrics_every_epoch():
     assert result["best_val_acc"] == history[best]["val_acc"] and result["best_epoch"] == best + 1
     # 200 samples at batch 64: 4 minibatches per epoch, the last one partial
     assert solver.model.calls == 12
+
+
+def test_loss_trace_schedule_bounds_the_points_per_run():
+    assert loss_trace_every(10, 5) == 1 and loss_trace_every(1000, 5) == 5 and loss_trace_every(700, 5) == 4
+    for epochs, iterations in [(1, 1), (3, 7), (1000, 5), (700, 5), (7, 1000), (123, 457)]:
+        every = loss_trace_every(epochs, iterations)
+        points = len(range(0, epochs * iterations, every))
+        assert points <= LOSS_TRACE_POINTS and (every == 1 or points > LOSS_TRACE_POINTS // 2)
+
+
+def test_babysit_schedule_is_first_last_and_geometric_between():
+    assert babysit_epochs(1) == (1,) and babysit_epochs(4) == (1, 2, 3, 4)
+    assert babysit_epochs(1000) == (1, 4, 16, 63, 251, 1000)
+    for epochs in range(1, 300):
+        schedule = babysit_epochs(epochs)
+        assert schedule[0] == 1 and schedule[-1] == epochs and len(schedule) <= BABYSIT_SNAPSHOTS
+        assert list(schedule) == sorted(set(schedule))
+
+
+@pytest.mark.parametrize("epochs, expected_points", [(1000, 1000), (700, 875)])
+def test_a_long_trials_loss_trace_and_babysitting_stay_bounded(epochs, expected_points):
+    """40 samples at batch 8: 5 minibatches per epoch, 5000 (3500) over the run; recorded every 5th (4th)."""
+    from nncore.model import build_model
+
+    data = blobs(n=60, dim=4)
+    model = build_model({"hidden": [3]}, (4,), 3, seed=0)
+    history = []
+    result = Solver(model, data, {"update": "sgd", "lr": 1e-3, "epochs": epochs, "batch_size": 8},
+                    callback=history.append).train()
+    assert result["status"] == "completed" and len(history) == epochs
+    trace = [point for m in history for point in m["loss_trace"]]
+    every = loss_trace_every(epochs, 5)
+    assert len(trace) == expected_points <= LOSS_TRACE_POINTS
+    assert [it for it, _ in trace] == list(range(0, epochs * 5, every))
+    assert all(isinstance(loss, float) and loss > 0 for _, loss in trace)
+    for m in history:  # each epoch reports the points of its own minibatches
+        assert all((m["epoch"] - 1) * 5 <= it < m["epoch"] * 5 for it, _ in m["loss_trace"])
+    snapshots = [m for m in history if "babysit" in m]
+    assert [m["epoch"] for m in snapshots] == list(babysit_epochs(epochs)) and len(snapshots) <= BABYSIT_SNAPSHOTS
+    for m in snapshots:
+        json.dumps(m["babysit"], allow_nan=False)
+        assert set(m["babysit"]["activations"]) == {"layer1"} and set(m["babysit"]["gradients"]) == {"layer1", "layer2"}
+        assert sum(m["babysit"]["activations"]["layer1"]["counts"]) == 40 * 3  # the whole training set, 3 units
+    sizes = [len(m["babysit"]["activations"]["layer1"]["counts"]) for m in snapshots]
+    assert sizes == [30] * len(snapshots)
 
 
 def test_update_ratio_of_all_zero_weights_that_move_is_none_not_inf():
@@ -132,13 +181,15 @@ def test_train_loss_is_sample_weighted_mean_of_minibatch_losses():
 
     def spy(x, y, **kw):
         loss, grads = original(x, y, **kw)
-        losses.append((loss, len(x)))
+        if kw["train"]:  # not the babysitting snapshot's test-mode call
+            losses.append((loss, len(x)))
         return loss, grads
 
     solver.model.loss = spy
     solver.train()
     assert [n for _, n in losses] == [64, 64, 64, 8]
     assert history[0]["train_loss"] == pytest.approx(sum(l * n for l, n in losses) / 200)
+    assert history[0]["loss_trace"] == [[i, loss] for i, (loss, _) in enumerate(losses)]
 
 
 def test_ema_is_running_average_of_parameters():
@@ -176,9 +227,9 @@ class ScriptedLosses(LinearSoftmax):
         super().__init__(5, 3)
         self.script = list(script)
 
-    def loss(self, x, y, **kw):
-        loss, grads = super().loss(x, y, **kw)
-        return (self.script.pop(0) if self.script else loss), grads
+    def loss(self, x, y, train=True, **kw):
+        loss, grads = super().loss(x, y, train=train, **kw)
+        return (self.script.pop(0) if self.script and train else loss), grads
 
 
 @pytest.mark.parametrize("script, reason, epochs_done", [
