@@ -194,7 +194,7 @@ def status(experiment: str | None, storage: Path | None, url: str | None, queue:
     Works from shared storage alone when Redis is absent or unreachable.
     """
     store = open_experiment(storage, experiment).snapshot()  # leaderboard, flags, quarantine: each file read once
-    live, workers, note = None, None, None
+    live, workers, jobs, note = None, None, {}, None
     url = redis_of(store, url)
     if url is None:
         note = "no Redis given (--url / $REDIS_URL): showing shared storage only"
@@ -202,6 +202,7 @@ def status(experiment: str | None, storage: Path | None, url: str | None, queue:
         try:
             dispatcher = dispatch.Dispatcher(dispatch.connect(url), queue)
             live, workers = dispatcher.progress(store.experiment), dispatcher.workers()
+            jobs = dispatcher.counts(store.experiment)
         except (dispatch.DispatchError, dispatch.RedisError) as exc:
             note = f"Redis unreachable, showing shared storage only ({exc})"
 
@@ -212,6 +213,7 @@ def status(experiment: str | None, storage: Path | None, url: str | None, queue:
     console.print(state_counts(df, store))
     if live is not None:
         console.print(running_table(df, live, workers or []))
+        console.print(f"RQ jobs on queue {queue}: " + ", ".join(f"{n} {status}" for status, n in jobs.items()))
     for kind, message in watch_findings(store, experiment_config(store)):
         console.print(f"[{'red' if kind == 'quarantine' else 'yellow'}]{message}[/]")
     console.print(render_table(df, top=top))

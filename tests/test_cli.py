@@ -164,6 +164,8 @@ def test_launch_with_url_records_and_enqueues_once(run, storage, write_config, r
     status = run("status", "--storage", storage, "--url", url, "--queue", queue)
     assert status.exit_code == 0, status.output
     assert name in status.stdout and "QUEUED" in status.stdout and "running now" in status.stdout
+    assert f"RQ jobs on queue {queue}: 4 queued, 0 started, 0 finished, 0 failed, 0 stopped" in " ".join(
+        status.stdout.split())
     client.close()
 
 
