@@ -22,6 +22,7 @@ from master.config import DEFAULT_CONFIG, ConfigError, ExperimentConfig, load_co
 from master.embedded import EmbeddedRedis, LocalWorkers, redis_server_binary
 from master.leaderboard import build_leaderboard
 from master.monitor import Event, Monitor, close_stage, enqueue, request_stop, watch
+from master.sampler import left_out
 from master.stages import StagePlan, plan_stage, previous_stage, stage_completed, stage_status, stage_trials
 from nncore.data import load_dataset
 from worker.records import ExperimentRecord, StageRecord, TrialResult
@@ -78,7 +79,15 @@ def plan_lines(plan: StagePlan) -> list[str]:
     for old, new in plan.ranges:
         change = f"-> {range_text(new)}" if new != old else "(kept: the evidence is weak)"
         lines.append(f"  {old.name}: {range_text(old)} {change}")
-    return lines
+    return lines + skipped_lines(plan)
+
+
+def skipped_lines(plan: StagePlan) -> list[str]:
+    """One line per parameter some trials did not sample because it does not apply to them."""
+    total = len(plan.specs)
+    return [f"  {name}: not sampled for {n} of {total} trials, where it does not apply (its `when`, or the trial's "
+            f"update, schedule, arch, activation or init does not read it)"
+            for name, n in left_out(plan.space, plan.specs).items()]
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,8 @@ def stage_space(store: ExperimentStore, config: ExperimentConfig, name: str) -> 
     ranges = record.ranges if record is not None else None
     if not ranges:
         return config.space
-    return tuple(Distribution(d.name, r["dist"], r.get("low"), r.get("high"), tuple(r.get("values", ())))
+    return tuple(dataclasses.replace(d, dist=r["dist"], low=r.get("low"), high=r.get("high"),
+                                     values=tuple(r.get("values", ())))
                  if isinstance(r := ranges.get(d.name), dict) else d for d in config.space)
 
 
