@@ -23,7 +23,7 @@ from master.ensemble import predict as run_prediction
 from master.experiment import (ExperimentError, experiment_config, kill_trial, open_dispatcher, open_experiment,
                                redis_of, watch_findings)
 from master.launcher import EXIT_INTERRUPTED, LaunchError, Reporter, launch as run_launch, plan_lines, prepare
-from master.leaderboard import build_leaderboard, render_table, running_table, state_counts
+from master.leaderboard import build_leaderboard, collapse_runs, render_table, running_table, state_counts
 from master.monitor import Event, Monitor, watch as watch_loop
 from master.stages import StagePlan
 from nncore.errors import ConfigError, DataError
@@ -214,7 +214,7 @@ def status(experiment: str | None, storage: Path | None, url: str | None, queue:
         console.print(running_table(df, live, workers or []))
     for kind, message in watch_findings(store, experiment_config(store)):
         console.print(f"[{'red' if kind == 'quarantine' else 'yellow'}]{message}[/]")
-    console.print(render_table(df, top=top))
+    console.print(render_table(collapse_runs(store, df), top=top))
 
 
 # watch, kill --------------------------------------------------------------------------------------
