@@ -290,7 +290,7 @@ def report(experiment: str | None, storage: Path | None, top: int, curves: int) 
 
     store = open_experiment(storage, experiment).snapshot()
     result = build_report(store, curves=curves)
-    console.print(render_table(result.leaderboard, top=top))
+    console.print(render_table(collapse_runs(store, result.leaderboard), top=top))
     console.print(f"report: {result.html}\nleaderboard: {result.csv}, {result.json.name}")
 
 

@@ -19,6 +19,12 @@ def chains(specs: dict[str, dict[str, Any]]) -> dict[str, tuple[str, ...]]:
     return out
 
 
+def chain_to(runs: dict[str, tuple[str, ...]], trial: str) -> tuple[str, ...]:
+    """The trials of ``trial``'s run up to ``trial`` itself (oldest first); ``(trial,)`` when it is in no run."""
+    chain = next((c for c in runs.values() if trial in c), (trial,))
+    return chain[:chain.index(trial) + 1]
+
+
 def label(chain: tuple[str, ...]) -> str:
     """How a run is named: ``fine-0000 <- medium-0013 <- coarse-0002`` (latest first)."""
     return " <- ".join(reversed(chain))
