@@ -80,6 +80,10 @@ class ConsoleReporter(Reporter):
 
     @contextlib.contextmanager
     def following(self, label: str, total: int) -> Iterator[Callable[[int, int, str], None]]:
+        if not console.is_terminal:  # a log, not a screen: a line per change instead of a live bar
+            with super().following(label, total) as update:
+                yield update
+            return
         progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TimeElapsedColumn(), TextColumn("{task.fields[detail]}"), console=console)
         task = progress.add_task(label, total=total, detail="")
@@ -89,12 +93,8 @@ class ConsoleReporter(Reporter):
             progress.update(task, completed=finished, detail=f"{running} running")
             best.plain = best_line
 
-        try:
-            with Live(Group(progress, best), console=console, refresh_per_second=4):
-                yield update
-        finally:
-            if not console.is_terminal:  # Rich's Live leaves its last line open when output is not a terminal
-                console.line()
+        with Live(Group(progress, best), console=console, refresh_per_second=4):
+            yield update
 
 
 # options shared by several commands, defined once ----------------------------------------
