@@ -63,7 +63,8 @@ def best_config(store: ExperimentStore) -> tuple[dict[str, Any], str]:
     spec = store.read_spec(row["trial"]) or {}
     epochs = spec.get("epochs", 1)
     lines = [f"# the best run of experiment {store.experiment}: {row['lineage'] or row['trial']}, "
-             f"val accuracy {row['val_acc']:.4f}", "", "[experiment]", f"name = {_toml_value(store.experiment + '-best')}",
+             f"val accuracy {row['val_acc']:.4f}", "", "[experiment]",
+             f"name = {_toml_value(store.experiment + '-best')}",
              f"dataset = {_toml_value(spec.get('dataset', 'digits'))}", f"seed = {spec.get('seed', 0)}"]
     for section in ("data", "model", "solver"):
         table = {k: v for k, v in (spec.get(section) or {}).items() if not (section == "solver" and k == "epochs")}

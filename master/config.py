@@ -104,7 +104,8 @@ class Distribution:
         """Normalize ``when`` (a table or pairs) to ((field, (values...)), ...); a single value becomes a list."""
         pairs = list(self.when.items()) if isinstance(self.when, dict) else self.when
         if not isinstance(pairs, (tuple, list)):
-            raise ConfigError(f'{where}.when: expected a table like {{ "solver.update" = ["adam"] }}, got {self.when!r}')
+            raise ConfigError(f'{where}.when: expected a table like {{ "solver.update" = ["adam"] }}, '
+                              f"got {self.when!r}")
         when = []
         for item in pairs:
             if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):

@@ -10,8 +10,8 @@ from typing import Any, Callable
 from master.config import ExperimentConfig
 from master.dispatch import Dispatcher, JobView, RedisError
 from master.pruning import Rule, TrialView, should_kill
-from master.stages import (border_flags, flag_messages, launched_stages, next_stage, previous_stage, retries, stage_space,
-                           stage_status)
+from master.stages import (border_flags, flag_messages, launched_stages, next_stage, previous_stage, retries,
+                           stage_space, stage_status)
 from worker.records import StageRecord, TrialResult
 from worker.spec import TrialSpec
 from worker.states import StageStatus, TrialState

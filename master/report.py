@@ -326,7 +326,8 @@ def _fmt(column: str, value: Any) -> str:
     if isinstance(value, (list, tuple, dict)):
         text = json.dumps(value)
     elif isinstance(value, float):
-        text = f"{value:.4f}" if column in ("val_acc", "train_acc", "gap", "test_acc") else f"{value:.1f}" if column == "seconds" \
+        text = f"{value:.4f}" if column in ("val_acc", "train_acc", "gap", "test_acc") \
+            else f"{value:.1f}" if column == "seconds" \
             else f"{value:.4g}"
     else:
         text = str(value)

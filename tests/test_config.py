@@ -151,7 +151,8 @@ def test_file_errors_name_the_file(tmp_path):
     ("experiment = 3\n", r"^experiment: expected a table, got 3"),
     ('[experiment]\ndataset = "digits"\n', r"^experiment.name: missing"),
     ('[experiment]\nname = "../x"\n', r"^experiment.name: '../x' is not a valid name"),
-    (BASE + "nmae = 1\n", r"^experiment.nmae: unknown key \(did you mean 'name'\?\) \(known: name, dataset, seed, keep, sanity\)"),
+    (BASE + "nmae = 1\n", r"^experiment.nmae: unknown key \(did you mean 'name'\?\) "
+                          r"\(known: name, dataset, seed, keep, sanity\)"),
     (BASE + "[search]\n", r"^search: unknown section \(known: experiment, data"),
     (BASE.replace('"digits"', '"imagenet"'), r"^experiment.dataset: 'imagenet' is not a dataset name \(known: "),
     (BASE.replace('"digits"', '"npz:"'), r"^experiment.dataset: 'npz:' is not a dataset name"),
@@ -219,7 +220,8 @@ def test_file_errors_name_the_file(tmp_path):
     (BASE + "[stages.a]\nepochs = 1\ntrials = true\n", r"^stages.a.trials: expected an integer >= 1, got True"),
     (BASE + "[stages.a]\nepochs = 1\n", r"^stages.a.trials: missing"),
     (BASE + "[stages.a]\ntrials = 1\n", r"^stages.a.epochs: missing"),
-    (BASE + "[stages.a]\nepoch = 1\n", r"^stages.a.epoch: unknown key \(did you mean 'epochs'\?\) \(known: epochs, trials, method"),
+    (BASE + "[stages.a]\nepoch = 1\n", r"^stages.a.epoch: unknown key \(did you mean 'epochs'\?\) "
+                                   r"\(known: epochs, trials, method"),
     (BASE + "[stages]\na = 3\n", r"^stages.a: expected a table, got 3"),
     (BASE + '[stages."a b"]\nepochs = 1\ntrials = 1\n', r"^stages: 'a b' is not a valid name"),
     (BASE + f"[stages.{'s' * 62}]\nepochs = 1\ntrials = 1\n", r"trial ids like 's+-0000' would exceed 64 characters"),
