@@ -1,6 +1,7 @@
 """Where a stage's best trials sit in each range: border flags, and the narrowed (or widened) ranges they support."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -148,7 +149,7 @@ def narrow_choice(dist: Distribution, top: Sequence[Any], everyone: Sequence[Any
         return dist
     kept = tuple(v for v in dist.values
                  if v in top or math.comb(total - everyone.count(v), n) / math.comb(total, n) >= ALPHA)
-    return Distribution(dist.name, "choice", values=kept) if kept != dist.values else dist
+    return dataclasses.replace(dist, values=kept) if kept != dist.values else dist
 
 
 def analyse(top: Sequence[Scored], everyone: Sequence[Scored], space: Sequence[Distribution], pad: float,
@@ -167,7 +168,7 @@ def analyse(top: Sequence[Scored], everyone: Sequence[Scored], space: Sequence[D
         side = border_side(units, edge)
         low, high = derive_range(dist, units, [dist.to_unit(v) for v in pool], pad, side,
                                  lambda v, name=dist.name: valid(name, v))
-        new_space.append(Distribution(dist.name, dist.dist, low, high))
+        new_space.append(dataclasses.replace(dist, low=low, high=high))
         if side is not None:
             flags.append(BorderFlag(dist.name, side, values[0], dist.low, dist.high, low, high))
     return tuple(new_space), flags

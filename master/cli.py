@@ -17,18 +17,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.text import Text
 
 from master import dispatch
+from master.catalog import best_text, experiments_table
 from master.embedded import EmbeddedError
 from master.ensemble import METHODS as ENSEMBLE_METHODS, EnsembleError, build_ensemble, render_ensemble
 from master.ensemble import predict as run_prediction
-from master.experiment import (ExperimentError, experiment_config, kill_trial, open_dispatcher, open_experiment,
-                               redis_of, watch_findings)
+from master.experiment import (ExperimentError, experiment_config, kill_trial, live_progress, open_dispatcher,
+                               open_experiment, watch_findings)
 from master.launcher import EXIT_INTERRUPTED, LaunchError, Reporter, launch as run_launch, plan_lines, prepare
-from master.leaderboard import build_leaderboard, render_table, running_table, state_counts
+from master.leaderboard import build_leaderboard, collapse_runs, render_table, running_table, state_counts
 from master.monitor import Event, Monitor, watch as watch_loop
 from master.stages import StagePlan
 from nncore.errors import ConfigError, DataError
 from worker.spec import SpecError
-from worker.store import StorageError
+from worker.store import StorageError, storage_root
 
 console = Console(highlight=False)
 
@@ -80,6 +81,10 @@ class ConsoleReporter(Reporter):
 
     @contextlib.contextmanager
     def following(self, label: str, total: int) -> Iterator[Callable[[int, int, str], None]]:
+        if not console.is_terminal:  # a log, not a screen: a line per change instead of a live bar
+            with super().following(label, total) as update:
+                yield update
+            return
         progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TimeElapsedColumn(), TextColumn("{task.fields[detail]}"), console=console)
         task = progress.add_task(label, total=total, detail="")
@@ -89,12 +94,8 @@ class ConsoleReporter(Reporter):
             progress.update(task, completed=finished, detail=f"{running} running")
             best.plain = best_line
 
-        try:
-            with Live(Group(progress, best), console=console, refresh_per_second=4):
-                yield update
-        finally:
-            if not console.is_terminal:  # Rich's Live leaves its last line open when output is not a terminal
-                console.line()
+        with Live(Group(progress, best), console=console, refresh_per_second=4):
+            yield update
 
 
 # options shared by several commands, defined once ----------------------------------------
@@ -189,23 +190,10 @@ def launch(stage: str | None, config_path: Path | None, url: str | None, storage
               help="How many of the best trials to list.")
 @user_errors
 def status(experiment: str | None, storage: Path | None, url: str | None, queue: str, top: int) -> None:
-    """Trials by stage and state, live progress when Redis answers, and the current leaderboard.
-
-    Works from shared storage alone when Redis is absent or unreachable.
-    """
+    """Trials by stage and state, live progress when Redis answers, and the current leaderboard (one row per run).
+    Works from shared storage alone when Redis is absent or unreachable."""
     store = open_experiment(storage, experiment).snapshot()  # leaderboard, flags, quarantine: each file read once
-    live, workers, jobs, note = None, None, {}, None
-    url = redis_of(store, url)
-    if url is None:
-        note = "no Redis given (--url / $REDIS_URL): showing shared storage only"
-    else:
-        try:
-            dispatcher = dispatch.Dispatcher(dispatch.connect(url), queue)
-            live, workers = dispatcher.progress(store.experiment), dispatcher.workers()
-            jobs = dispatcher.counts(store.experiment)
-        except (dispatch.DispatchError, dispatch.RedisError) as exc:
-            note = f"Redis unreachable, showing shared storage only ({exc})"
-
+    live, workers, jobs, note = live_progress(store, url, queue)
     df = build_leaderboard(store, live)
     console.print(f"experiment [bold]{store.experiment}[/] in {store.dir}")
     if note:
@@ -216,7 +204,25 @@ def status(experiment: str | None, storage: Path | None, url: str | None, queue:
         console.print(f"RQ jobs on queue {queue}: " + ", ".join(f"{n} {status}" for status, n in jobs.items()))
     for kind, message in watch_findings(store, experiment_config(store)):
         console.print(f"[{'red' if kind == 'quarantine' else 'yellow'}]{message}[/]")
-    console.print(render_table(df, top=top))
+    console.print(render_table(collapse_runs(store, df), top=top))
+
+
+@main.command("list")
+@storage_option
+@user_errors
+def list_experiments(storage: Path | None) -> None:
+    """The experiments under the storage root, newest first: each stage's status, trials and the best run."""
+    console.print(experiments_table(storage_root(storage)))
+
+
+@main.command()
+@experiment_option
+@storage_option
+@click.option("--toml", "as_toml", is_flag=True, help="Print an experiment TOML that runs the best config again.")
+@user_errors
+def best(experiment: str | None, storage: Path | None, as_toml: bool) -> None:
+    """The best run's full config (its trial spec: dataset, data, model, solver, seed), or a TOML to relaunch."""
+    click.echo(best_text(open_experiment(storage, experiment), as_toml))
 
 
 # watch, kill --------------------------------------------------------------------------------------
@@ -292,7 +298,7 @@ def report(experiment: str | None, storage: Path | None, top: int, curves: int) 
 
     store = open_experiment(storage, experiment).snapshot()
     result = build_report(store, curves=curves)
-    console.print(render_table(result.leaderboard, top=top))
+    console.print(render_table(collapse_runs(store, result.leaderboard), top=top))
     console.print(f"report: {result.html}\nleaderboard: {result.csv}, {result.json.name}")
 
 

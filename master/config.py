@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import math
 import re
@@ -26,7 +27,7 @@ PRUNERS = ("asha", "median", "none")
 SECTIONS = ("experiment", "data", "model", "solver", "stages", "space", "watch")
 EXPERIMENT_KEYS = ("name", "dataset", "seed", "keep", "sanity")
 STAGE_KEYS = ("epochs", "trials", "method", "top", "quantile", "pad", "prune", "rung", "eta")
-DISTRIBUTION_KEYS = ("dist", "low", "high", "values")
+DISTRIBUTION_KEYS = ("dist", "low", "high", "values", "when")
 # Fields a search space may sample, per section; a stage's epochs are its budget, never sampled.
 SAMPLED_FIELDS = {"model": tuple(MODEL_DEFAULTS), "solver": tuple(k for k in SOLVER_DEFAULTS if k != "epochs")}
 DEFAULT_QUANTILE = 0.2
@@ -36,6 +37,12 @@ DEFAULT_CONFIG = "default.toml"  # package data of `master`, loaded when no conf
 _PROBE_UNITS = (0.0, 1.0, math.sqrt(0.5))
 _TOML_POSITION = re.compile(r"^(?P<msg>.*) \(at (?:line (?P<line>\d+), column (?P<column>\d+)|end of document)\)$",
                             re.DOTALL)
+
+
+def did_you_mean(word: Any, known: Any) -> str:
+    """" (did you mean 'x'?)" naming the closest of ``known`` to ``word``, or "" when none is close."""
+    close = difflib.get_close_matches(str(word), [str(k) for k in known], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _name(value: Any, what: str) -> str:
@@ -80,15 +87,41 @@ class Distribution:
     low: float | int | None = None
     high: float | int | None = None
     values: tuple = ()
+    when: tuple = ()  # ((dotted field, (values...)), ...): sampled only where every field takes one of its values
 
     def __post_init__(self) -> None:
         where = f"space.{self.name}"
         if self.dist not in DISTRIBUTIONS:
-            raise ConfigError(f"{where}.dist: unknown distribution {self.dist!r} (known: {', '.join(DISTRIBUTIONS)})")
+            raise ConfigError(f"{where}.dist: unknown distribution {self.dist!r} (known: {', '.join(DISTRIBUTIONS)})"
+                              + did_you_mean(self.dist, DISTRIBUTIONS))
+        self._check_when(where)
         if self.dist == "choice":
             self._check_choice(where)
         else:
             self._check_range(where)
+
+    def _check_when(self, where: str) -> None:
+        """Normalize ``when`` (a table or pairs) to ((field, (values...)), ...); a single value becomes a list."""
+        pairs = list(self.when.items()) if isinstance(self.when, dict) else self.when
+        if not isinstance(pairs, (tuple, list)):
+            raise ConfigError(f'{where}.when: expected a table like {{ "solver.update" = ["adam"] }}, '
+                              f"got {self.when!r}")
+        when = []
+        for item in pairs:
+            if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
+                raise ConfigError(f"{where}.when: expected field = [values] pairs, got {item!r}")
+            key, values = item[0], item[1] if isinstance(item[1], (list, tuple)) else [item[1]]
+            if not values or not all(_is_json_value(v) for v in values):
+                raise ConfigError(f'{where}.when."{key}": expected a non-empty list of values, got {item[1]!r}')
+            when.append((key, tuple(values)))
+        object.__setattr__(self, "when", tuple(when))
+
+    def applies(self, value_of: Any) -> str | None:
+        """None when the condition holds given ``value_of(dotted field)``, else why it fails."""
+        for key, values in self.when:
+            if value_of(key) not in values:
+                return f"{key} = {json.dumps(value_of(key))} is not one of {json.dumps(list(values))}"
+        return None
 
     def _check_choice(self, where: str) -> None:
         for key in ("low", "high"):
@@ -162,9 +195,10 @@ class Distribution:
 
     def to_dict(self) -> dict[str, Any]:
         """The TOML/JSON table form, e.g. {"dist": "loguniform", "low": 1e-4, "high": 0.1}."""
+        when = {"when": {key: copy.deepcopy(list(values)) for key, values in self.when}} if self.when else {}
         if self.dist == "choice":
-            return {"dist": "choice", "values": copy.deepcopy(list(self.values))}
-        return {"dist": self.dist, "low": self.low, "high": self.high}
+            return {"dist": "choice", "values": copy.deepcopy(list(self.values)), **when}
+        return {"dist": self.dist, "low": self.low, "high": self.high, **when}
 
 
 @dataclass(frozen=True)
@@ -322,6 +356,7 @@ class ExperimentConfig:
         self._check_stages()
         self._check_space()
         self._check_specs()
+        self._check_conditions()
 
     def _check_stages(self) -> None:
         if not self.stages or not all(isinstance(s, StageConfig) for s in self.stages):
@@ -353,11 +388,33 @@ class ExperimentConfig:
             if key == "epochs" and section == "solver":
                 raise ConfigError("space.solver.epochs: epochs come from the stage ([stages.<name>] epochs)")
             if key not in SAMPLED_FIELDS[section]:
-                raise ConfigError(f"space.{dist.name}: unknown {section} field "
-                                 f"(known: {', '.join(SAMPLED_FIELDS[section])})")
+                raise ConfigError(f"space.{dist.name}: unknown {section} field"
+                                  f"{did_you_mean(key, SAMPLED_FIELDS[section])} "
+                                  f"(known: {', '.join(SAMPLED_FIELDS[section])})")
             if dist.name in seen:
                 raise ConfigError(f"space.{dist.name}: sampled twice")
             seen.add(dist.name)
+
+    def _check_conditions(self) -> None:
+        """Each condition names another model or solver field, with values nncore accepts for it."""
+        for dist in self.space:
+            self._check_when(dist)
+
+    def _check_when(self, dist: Distribution) -> None:
+        known = [f"{section}.{key}" for section, keys in SAMPLED_FIELDS.items() for key in keys]
+        choices = {d.name: d.values for d in self.space if d.dist == "choice"}
+        for key, values in dist.when:
+            where = f'space.{dist.name}.when."{key}"'
+            if key not in known:
+                raise ConfigError(f"{where}: unknown field{did_you_mean(key, known)}")
+            if key == dist.name:
+                raise ConfigError(f"{where}: a parameter cannot depend on itself")
+            for value in values:
+                try:
+                    self.trial_spec(self.stages[0].name, 0, 0, {key: value})
+                except SpecError as exc:
+                    raise ConfigError(f"{where}: {value!r} is rejected{did_you_mean(value, choices.get(key, ()))}: "
+                                      f"{exc}") from None
 
     def _check_specs(self) -> None:
         """Build TrialSpecs so nncore validates the fixed fields, then each sampled field at probe values."""
@@ -379,8 +436,9 @@ class ExperimentConfig:
         for stage in self.stages:
             if stage.name == name:
                 return stage
-        raise ConfigError(f"stage {name!r}: not in experiment {self.name} "
-                         f"(stages: {', '.join(s.name for s in self.stages)})")
+        names = [s.name for s in self.stages]
+        raise ConfigError(f"stage {name!r}: not in experiment {self.name}{did_you_mean(name, names)} "
+                         f"(stages: {', '.join(names)})")
 
     def trial_spec(self, stage: str, index: int, seed: int, params: dict[str, Any],
                    parent: str | None = None) -> TrialSpec:
@@ -422,7 +480,7 @@ def _table(doc: dict[str, Any], key: str, where: str) -> dict[str, Any]:
 def _check_keys(table: dict[str, Any], known: tuple[str, ...], where: str, what: str = "key") -> None:
     for key in table:
         if key not in known:
-            raise ConfigError(f"{where}{key}: unknown {what} (known: {', '.join(known)})")
+            raise ConfigError(f"{where}{key}: unknown {what}{did_you_mean(key, known)} (known: {', '.join(known)})")
 
 
 def _stage(name: str, table: Any, first: bool) -> StageConfig:
@@ -454,8 +512,14 @@ def _space(table: dict[str, Any]) -> tuple[Distribution, ...]:
             if "dist" not in spec:
                 raise ConfigError(f"{where}.dist: missing (one of {', '.join(DISTRIBUTIONS)})")
             dists.append(Distribution(f"{section}.{key}", spec["dist"], spec.get("low"), spec.get("high"),
-                                      spec.get("values", ())))
+                                      spec.get("values", ()), _when_table(spec.get("when", {}), where)))
     return tuple(dists)
+
+
+def _when_table(table: Any, where: str) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise ConfigError(f'{where}.when: expected a table like {{ "solver.update" = ["adam"] }}, got {table!r}')
+    return table
 
 
 def _watch(table: dict[str, Any]) -> WatchConfig:

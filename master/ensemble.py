@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
-from master.leaderboard import build_leaderboard
+from master.leaderboard import build_leaderboard, collapse_runs
 from nncore.data import Dataset, apply_preprocessing, load_dataset_cached, preprocessing_stats
 from nncore.losses import softmax
 from nncore.model import build_model
@@ -131,14 +131,15 @@ def default_name(top: int, method: str, ema: bool, snapshots: int) -> str:
 
 def build_ensemble(store: ExperimentStore, top: int, method: str = "average", ema: bool = False,
                    snapshots: int = 1, name: str | None = None) -> dict[str, Any]:
-    """Ensemble the ``top`` best trials (each with its ``snapshots`` best checkpoints), score it on validation
-    and test, write ``ensembles/<name>.json`` atomically and return that record."""
+    """Ensemble the ``top`` best runs (a promoted trial and its parents are one run; each member brings its
+    ``snapshots`` best checkpoints), score it on validation and test, write ``ensembles/<name>.json``
+    atomically and return that record."""
     if method not in METHODS:
         raise EnsembleError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
     name = check_name(name or default_name(top, method, ema, snapshots), "ensemble name")
     members: list[Member] = []
     trials: list[str] = []
-    ranked = build_leaderboard(store)
+    ranked = collapse_runs(store, build_leaderboard(store))
     for trial in ranked.loc[ranked["val_acc"].notna(), "trial"]:
         if len(trials) == top:
             break

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from master import dispatch
 from master.config import ConfigError, ExperimentConfig, parse_config
@@ -51,6 +52,20 @@ def experiment_config(store: ExperimentStore) -> ExperimentConfig:
     except ConfigError as exc:
         raise ExperimentError(f"experiment {store.experiment}: {store.dir}/experiment.json has no readable config "
                               f"({exc})") from None
+
+
+def live_progress(store: ExperimentStore, url: str | None, queue: str) -> tuple[Any, Any, dict[str, int], str | None]:
+    """(live progress per trial, workers, RQ job counts, None) from Redis, or (None, None, {}, why storage alone
+    is shown)."""
+    url = redis_of(store, url)
+    if url is None:
+        return None, None, {}, "no Redis given (--url / $REDIS_URL): showing shared storage only"
+    try:
+        dispatcher = dispatch.Dispatcher(dispatch.connect(url), queue)
+        return (dispatcher.progress(store.experiment), dispatcher.workers(), dispatcher.counts(store.experiment),
+                None)
+    except (dispatch.DispatchError, dispatch.RedisError) as exc:
+        return None, None, {}, f"Redis unreachable, showing shared storage only ({exc})"
 
 
 def redis_of(store: ExperimentStore, url: str | None) -> str | None:

@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from importlib import metadata, resources
 from pathlib import Path
@@ -22,6 +23,7 @@ from master.config import DEFAULT_CONFIG, ConfigError, ExperimentConfig, load_co
 from master.embedded import EmbeddedRedis, LocalWorkers, redis_server_binary
 from master.leaderboard import build_leaderboard
 from master.monitor import Event, Monitor, close_stage, enqueue, request_stop, watch
+from master.sampler import left_out
 from master.stages import StagePlan, plan_stage, previous_stage, stage_completed, stage_status, stage_trials
 from nncore.data import load_dataset
 from worker.records import ExperimentRecord, StageRecord, TrialResult
@@ -31,6 +33,7 @@ from worker.store import ExperimentStore, now_iso, probe_writable, storage_root
 
 log = logging.getLogger(__name__)
 
+NO_WORKER_HINT_SECONDS = 5.0  # a followed remote stage no worker has touched by then gets a how-to-start hint
 POLL_SECONDS = 0.3  # how often a followed stage's progress is looked at (the watch loop acts less often)
 INTERRUPTED_REASON = "interrupted by user (Ctrl-C)"
 EXIT_INTERRUPTED = 130
@@ -63,8 +66,14 @@ class Reporter:
 
     @contextlib.contextmanager
     def following(self, label: str, total: int) -> Iterator[Callable[[int, int, str], None]]:
-        """Around following a stage: yields ``update(finished, running, best_line)``."""
-        yield lambda finished, running, best: None
+        """Around following a stage: yields ``update(finished, running, best_line)``, which tells a line per change."""
+        last: list[tuple[int, int, str]] = []
+
+        def update(finished: int, running: int, best: str) -> None:
+            if last[-1:] != [(finished, running, best)]:
+                last.append((finished, running, best))
+                self.message(f"{label}: {finished}/{total} finished, {running} running; {best}")
+        yield update
 
 
 def plan_lines(plan: StagePlan) -> list[str]:
@@ -78,7 +87,15 @@ def plan_lines(plan: StagePlan) -> list[str]:
     for old, new in plan.ranges:
         change = f"-> {range_text(new)}" if new != old else "(kept: the evidence is weak)"
         lines.append(f"  {old.name}: {range_text(old)} {change}")
-    return lines
+    return lines + skipped_lines(plan)
+
+
+def skipped_lines(plan: StagePlan) -> list[str]:
+    """One line per parameter some trials did not sample because it does not apply to them."""
+    total = len(plan.specs)
+    return [f"  {name}: not sampled for {n} of {total} trials, where it does not apply (its `when`, or the trial's "
+            f"update, schedule, arch, activation or init does not read it)"
+            for name, n in left_out(plan.space, plan.specs).items()]
 
 
 @dataclass(frozen=True)
@@ -190,13 +207,14 @@ def run_remote(store: ExperimentStore, config: ExperimentConfig, specs: list[Tri
     queue, stage = dispatcher.queue.name, specs[0].stage
     reporter.message(f"enqueued {len(enqueued)} of {len(specs)} trials of stage {stage} of {store.experiment} on "
                      f"{shown_url} (queue {queue})" + (f"; {skipped} already queued or finished" if skipped else ""))
+    worker_line = f"worker start --url {shown_url} --storage {store.root} --queue {queue}"
     if not wait:
-        reporter.message(f"workers: worker start --url {shown_url} --storage {store.root} --queue {queue}\n"
+        reporter.message(f"workers: {worker_line}\n"
                          f"watch:   master status --experiment {store.experiment} --storage {store.root} "
                          f"--url {shown_url}")
         return 0
     try:
-        outcome = follow(store, config, dispatcher, specs, reporter)
+        outcome = follow(store, config, dispatcher, specs, reporter, hint=worker_line)
     except KeyboardInterrupt:
         reporter.message("stopped following; the trials go on on the workers")
         return EXIT_INTERRUPTED
@@ -377,16 +395,20 @@ def requeue_interrupted(store: ExperimentStore, specs: list[TrialSpec]) -> None:
 
 
 def follow(store: ExperimentStore, config: ExperimentConfig, dispatcher: dispatch.Dispatcher,
-           specs: list[TrialSpec], reporter: Reporter, pool: LocalWorkers | None = None) -> StageStatus:
+           specs: list[TrialSpec], reporter: Reporter, pool: LocalWorkers | None = None,
+           hint: str = "") -> StageStatus:
     """Follow a stage through the watch loop (master.monitor: stop bad trials, requeue lost ones, retry failed
     ones, every ``[watch] poll_seconds``), showing progress and the best trial so far, until every trial has
-    finished (COMPLETED; failed ones out of retries) or every local worker has exited (INCOMPLETE)."""
+    finished (COMPLETED; failed ones out of retries) or every local worker has exited (INCOMPLETE). When no
+    trial has started NO_WORKER_HINT_SECONDS after following began, ``hint`` (how to start a worker) is told once."""
     ids = [s.trial_id for s in specs]
+    started = time.monotonic()
     stage = specs[0].stage
     final: dict[str, TrialResult] = {}  # outcomes no retry replaces, read once (a large stage has many)
     outcome: list[StageStatus] = []
 
     def look(update: Callable[[int, int, str], None]) -> bool:
+        nonlocal hint
         # asked before reading results, so a worker that finished the last trial and quit counts as done
         stranded = pool is not None and pool.alive() == 0
         try:
@@ -403,8 +425,14 @@ def follow(store: ExperimentStore, config: ExperimentConfig, dispatcher: dispatc
         running = sum(1 for tid in ids if tid not in done and live.get(tid, {}).get("state") == TrialState.RUNNING)
         update(len(done), running, best_line(done, live, ids))
         if len(done) == len(ids) and (status := stage_status(store, ids, config.watch.max_retries)).finished:
-            reporter.events(close_stage(store, config, stage, status.describe()))
+            record = store.read_stage(stage)
+            if record is None or not record.closed:  # the watch loop may have closed it (and told its flags)
+                reporter.events(close_stage(store, config, stage, status.describe()))
             outcome.append(StageStatus.COMPLETED)
+        elif hint and not done and not running and not any(live.get(t) for t in ids) \
+                and time.monotonic() - started > NO_WORKER_HINT_SECONDS:
+            reporter.warning(f"no worker has taken a trial after {NO_WORKER_HINT_SECONDS:g} s; start one with: {hint}")
+            hint = ""
         elif stranded:
             outcome.append(StageStatus.INCOMPLETE)
         return bool(outcome)

@@ -11,11 +11,13 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
+from master.lineage import chains, label
 from worker.states import TrialState
 from worker.store import ExperimentStore
 
 BASE_COLUMNS = ["trial", "stage", "state", "reason", "val_acc", "best_epoch", "train_acc", "epochs",
                 "seconds", "worker"]
+RUN_COLUMNS = ["stages", "lineage"]  # what collapse_runs adds after "stage": the run's stages and trials
 STATE_STYLES = {TrialState.COMPLETED.value: "green", TrialState.KILLED.value: "yellow",
                 TrialState.DIVERGED.value: "red", TrialState.FAILED.value: "red",
                 TrialState.RUNNING.value: "cyan", TrialState.QUEUED.value: "dim"}
@@ -38,6 +40,14 @@ def _best_of(history: list[dict[str, Any]]) -> tuple[float, int | None]:
     return _number(best["val_acc"]), best["epoch"]
 
 
+def _seconds(history: list[dict[str, Any]], recorded: float) -> float:
+    """Training seconds summed over the history's epochs (every resume, and a promoted run's parent epochs),
+    else the recorded seconds of the last segment."""
+    per_epoch = [_number(r.get("seconds")) for r in history]
+    per_epoch = [v for v in per_epoch if math.isfinite(v)]
+    return float(sum(per_epoch)) if per_epoch else recorded
+
+
 def trial_row(store: ExperimentStore, trial_id: str, spec: dict[str, Any],
               live: dict[str, Any] | None = None) -> dict[str, Any]:
     """One leaderboard row; ``live`` is the trial's Redis progress hash, if known, for unfinished trials."""
@@ -47,7 +57,7 @@ def trial_row(store: ExperimentStore, trial_id: str, spec: dict[str, Any],
     if result is not None and result.terminal:
         state, reason = result.state.value, result.reason
         val_acc, best_epoch = result.best_val_acc, result.best_epoch
-        epochs, seconds, worker = result.epochs_done, result.seconds, result.worker
+        epochs, seconds, worker = result.epochs_done, _seconds(history, result.seconds), result.worker
     else:  # queued or running: the epochs recorded so far (Redis's live state is fresher than the record; with no
         # readable record, a trial with epochs on disk has run)
         recorded = result.state if result is not None else TrialState.RUNNING if history else TrialState.QUEUED
@@ -55,7 +65,7 @@ def trial_row(store: ExperimentStore, trial_id: str, spec: dict[str, Any],
         reason = live.get("reason") or ""
         val_acc, best_epoch = _best_of(history)
         epochs = max((r["epoch"] for r in history), default=0)
-        seconds = sum(_number(r.get("seconds")) for r in history if math.isfinite(_number(r.get("seconds"))))
+        seconds = _seconds(history, 0.0)
         worker = live.get("worker") or (result.worker if result is not None else "")
     at_best = next((r for r in history if r["epoch"] == best_epoch), {})
     return {"trial": trial_id, "stage": spec.get("stage", ""), "state": str(state), "reason": reason,
@@ -82,7 +92,24 @@ def build_leaderboard(store: ExperimentStore, progress: dict[str, dict[str, Any]
 
 def param_columns(df: pd.DataFrame) -> list[str]:
     """The sampled-hyperparameter columns (dotted names such as ``solver.lr``)."""
-    return [c for c in df.columns if c not in BASE_COLUMNS]
+    return [c for c in df.columns if c not in BASE_COLUMNS and c not in RUN_COLUMNS]
+
+
+def collapse_runs(store: ExperimentStore, df: pd.DataFrame) -> pd.DataFrame:
+    """One row per run (a trial and those promoted from it): its latest trial with a score, else its latest,
+    with ``stages`` ("coarse>medium>fine") and ``lineage`` ("fine-0000 <- medium-0013", "" for one trial)."""
+    runs = chains(dict(store.iter_trials()))
+    scored = set(df.loc[df["val_acc"].notna(), "trial"])
+    shown = {}
+    for chain in runs.values():
+        tid = next((t for t in reversed(chain) if t in scored), chain[-1])
+        shown[tid] = chain
+    out = df[df["trial"].isin(shown)].reset_index(drop=True)
+    stage_of = dict(zip(df["trial"], df["stage"]))
+    at = out.columns.get_loc("stage") + 1
+    out.insert(at, "stages", [">".join(stage_of.get(t, "?") for t in shown[tid]) for tid in out["trial"]])
+    out.insert(at + 1, "lineage", [label(shown[tid]) if len(shown[tid]) > 1 else "" for tid in out["trial"]])
+    return out
 
 
 def _short_labels(names: list[str]) -> dict[str, str]:
@@ -102,8 +129,8 @@ def _cell(value: Any, fmt: str = "{:.3g}") -> str:
 
 
 def render_table(df: pd.DataFrame, top: int = 10, title: str | None = None) -> Table:
-    """A rich table of the best ``top`` rows: trial, state, val and train accuracy, best/run epochs, seconds,
-    hyperparameters (with, below them, why a trial did not complete), worker. Fits 80 columns."""
+    """A rich table of the best ``top`` rows: trial, state, val and train accuracy, best epoch, epochs done,
+    seconds, hyperparameters (with, below them, why a trial did not complete and its run's lineage), worker."""
     shown = df.head(top)
     params = param_columns(df)
     labels = _short_labels(params)
@@ -111,7 +138,7 @@ def render_table(df: pd.DataFrame, top: int = 10, title: str | None = None) -> T
                   box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0))
     for name in ("trial", "state"):
         table.add_column(name, no_wrap=True, min_width=max([len(name)] + [len(str(v)) for v in shown[name]]))
-    for name in ("val", "train", "ep", "secs"):
+    for name in ("val", "train", "best ep", "epochs", "secs"):
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("hyperparameters", overflow="fold", min_width=20)
     table.add_column("worker", overflow="ellipsis", no_wrap=True, max_width=16)
@@ -120,9 +147,11 @@ def render_table(df: pd.DataFrame, top: int = 10, title: str | None = None) -> T
         details = Text(" ".join(f"{labels[n]}={_cell(values[n])}" for n in params if _cell(values[n]) != "-"))
         if values["state"] != TrialState.COMPLETED.value and values["reason"]:
             details.append(f"\n{values['reason']}", style=style or None)
+        if values.get("lineage"):
+            details.append(f"\nrun {values['lineage']}", style="dim")
         table.add_row(
             values["trial"], Text(values["state"], style=style), _cell(values["val_acc"], "{:.4f}"),
-            _cell(values["train_acc"], "{:.4f}"), f"{_cell(values['best_epoch'])}/{_cell(values['epochs'])}",
+            _cell(values["train_acc"], "{:.4f}"), _cell(values["best_epoch"]), _cell(values["epochs"]),
             _cell(values["seconds"], "{:.1f}"), details, _cell(values["worker"]))
     return table
 

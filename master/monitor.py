@@ -10,8 +10,8 @@ from typing import Any, Callable
 from master.config import ExperimentConfig
 from master.dispatch import Dispatcher, JobView, RedisError
 from master.pruning import Rule, TrialView, should_kill
-from master.stages import (border_flags, flag_messages, launched_stages, previous_stage, retries, stage_space,
-                           stage_status)
+from master.stages import (border_flags, flag_messages, launched_stages, next_stage, previous_stage, retries,
+                           stage_space, stage_status)
 from worker.records import StageRecord, TrialResult
 from worker.spec import TrialSpec
 from worker.states import StageStatus, TrialState
@@ -260,7 +260,7 @@ class Monitor:
 def close_stage(store: ExperimentStore, config: ExperimentConfig, stage: str, summary: str) -> list[Event]:
     """Record a finished stage (status, counts) and its border flags in stages/<stage>.json."""
     flags = border_flags(store, config, stage)
-    messages = flag_messages(flags, stage_space(store, config, stage))
+    messages = flag_messages(flags, stage_space(store, config, stage), last=next_stage(config, stage) is None)
     store.set_stage_status(stage, StageStatus.COMPLETED, summary=summary, flags=tuple(f.to_dict() for f in flags),
                            flag_messages=tuple(messages))
     return [Event("stage", f"stage {stage} completed: {summary}")] + [Event("flag", m) for m in messages]

@@ -19,7 +19,8 @@ from matplotlib.ticker import MaxNLocator
 
 from master.borders import BorderFlag
 from master.ensemble import read_ensembles
-from master.leaderboard import build_leaderboard, funnel, param_columns
+from master.leaderboard import build_leaderboard, collapse_runs, funnel, param_columns
+from master.lineage import chain_to, chains, run_history
 from worker.states import TrialState
 from worker.store import ExperimentStore, atomic_write_bytes
 
@@ -34,6 +35,7 @@ STATE_COLORS = {TrialState.COMPLETED.value: "#2ca02c", TrialState.KILLED.value: 
                 TrialState.DIVERGED.value: "#d62728", TrialState.FAILED.value: "#7f1d1d",
                 TrialState.RUNNING.value: "#1f77b4", TrialState.QUEUED.value: "#b0b0b0"}
 DPI = 96
+ZOOM_QUANTILE = 25  # the scatter's y-axis starts at this percentile of the scores: the band where decisions are
 
 
 @dataclass
@@ -110,6 +112,13 @@ def numeric_params(df: pd.DataFrame) -> list[str]:
             and not pd.api.types.is_bool_dtype(df[c]) and df[c].notna().any()]
 
 
+def choice_params(df: pd.DataFrame, ctx: Context) -> list[str]:
+    """Hyperparameter columns sampled as a choice, or holding something other than numbers (lists, strings)."""
+    numeric = numeric_params(df)
+    return [c for c in param_columns(df) if df[c].notna().any()
+            and (c not in numeric or _table(ctx.dists.get(c)).get("dist") == "choice")]
+
+
 # files -----------------------------------------------------------------------------------------------
 def _jsonable(value: Any) -> Any:
     """Lists and tables (e.g. model.hidden) as JSON text for the CSV file."""
@@ -158,28 +167,36 @@ def scatter_figure(df: pd.DataFrame, params: list[str], ctx: Context) -> Figure:
     fig, axes = _grid(len(params), 3, 4.4, 3.4)
     scored = df[df["val_acc"].notna()]
     groups = dict(tuple(scored.groupby("stage", sort=False)))
+    low, high = zoom_band(scored["val_acc"])
     for ax, param in zip(axes, params):
         for stage in ctx.stages:
             sub = groups.get(stage)
             if sub is not None and sub[param].notna().any():
-                ax.scatter(sub[param], sub["val_acc"], s=14, alpha=0.65, color=ctx.color(stage), label=stage,
+                inside = sub[sub["val_acc"] >= low]
+                ax.scatter(inside[param], inside["val_acc"], s=14, alpha=0.65, color=ctx.color(stage), label=stage,
                            edgecolors="none")
+                below = sub.loc[sub["val_acc"] < low, param]  # drawn on the bottom edge, as the full range's note
+                ax.scatter(below, np.full(len(below), low), s=16, marker="v", color=ctx.color(stage), alpha=0.5,
+                           edgecolors="none", clip_on=False)
         borders = {stage: r[param] for stage, r in ctx.ranges.items() if param in r} or {"": ctx.dists.get(param)}
         for stage, rng in borders.items():  # the config's range (grey) where no stage recorded its own
             if isinstance(rng, dict) and all(isinstance(rng.get(k), (int, float)) for k in ("low", "high")):
                 for value in (rng["low"], rng["high"]):
                     ax.axvline(value, color=ctx.color(stage) if stage else "#888888", ls="--", lw=1, alpha=0.8)
+        flagged: dict[float, list[str]] = {}  # one label per flagged border, naming every stage that flagged it
         for stage, flags in ctx.flags.items():
             for flag in flags:
-                value = flag.low if flag.side == "lower" else flag.high
                 if flag.name == param:
-                    ax.axvline(value, color=FLAG_COLOR, lw=3, alpha=0.85)
-                    ax.annotate(f"flagged ({stage})", (value, 1.0), xycoords=("data", "axes fraction"),
-                                color=FLAG_COLOR, fontsize=8, ha="center", va="bottom")
+                    flagged.setdefault(flag.low if flag.side == "lower" else flag.high, []).append(stage)
+        for value, stages in flagged.items():
+            ax.axvline(value, color=FLAG_COLOR, lw=3, alpha=0.85)
+            ax.annotate(f"flagged ({', '.join(stages)})", (value, 1.0), xycoords=("data", "axes fraction"),
+                        color=FLAG_COLOR, fontsize=8, ha="center", va="bottom")
         if ctx.log_scale(param):
             ax.set_xscale("log")
         ax.set_xlabel(param + (" (log)" if ctx.log_scale(param) else ""))
         ax.set_ylabel("best val accuracy")
+        ax.set_ylim(low, high)
         ax.grid(alpha=0.3)
     if axes:
         legend = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}
@@ -190,6 +207,49 @@ def scatter_figure(df: pd.DataFrame, params: list[str], ctx: Context) -> Figure:
         handles.append(axes[0].axvline(np.nan, color="#888888", ls="--", lw=1))
         labels.append("range border (stage colour)")
         fig.legend(handles, labels, loc="outside upper center", ncols=min(len(labels), 6), frameon=False)
+    return fig
+
+
+def zoom_band(scores: pd.Series) -> tuple[float, float]:
+    """The y-range where decisions are: from the scores' ZOOM_QUANTILE percentile to the best, padded a little."""
+    values = scores.dropna().to_numpy(dtype=float)
+    if not len(values):
+        return 0.0, 1.0
+    low, high = float(np.percentile(values, ZOOM_QUANTILE)), float(values.max())
+    pad = max(0.05 * (high - low), 0.005)
+    return max(0.0, low - pad), min(1.0, high + pad) if high + pad > low else low + 0.01
+
+
+def _category(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+def choice_figure(df: pd.DataFrame, param: str, ctx: Context) -> Figure:
+    """A strip plot of best validation accuracy per value of the choice ``param`` (only the trials it applied
+    to), one colour per stage, a black bar at each value's median; values in the sampled order."""
+    fig = Figure(figsize=(4.6, 3.4), layout="constrained")
+    ax = fig.subplots()
+    scored = df[df["val_acc"].notna() & df[param].notna()]
+    listed = [_category(v) for v in _table(ctx.dists.get(param)).get("values", [])]
+    seen = [_category(v) for v in scored[param]]
+    categories = listed + sorted(set(seen) - set(listed))
+    jitter = np.random.default_rng(0).uniform(-0.18, 0.18, len(scored))
+    x = np.array([categories.index(c) for c in seen], dtype=float)
+    for stage in ctx.stages:
+        mask = (scored["stage"] == stage).to_numpy()
+        if mask.any():
+            ax.scatter(x[mask] + jitter[mask], scored["val_acc"].to_numpy()[mask], s=16, alpha=0.7,
+                       color=ctx.color(stage), label=stage, edgecolors="none")
+    for i, category in enumerate(categories):
+        values = scored["val_acc"].to_numpy()[x == i]
+        if len(values):
+            ax.hlines(np.median(values), i - 0.3, i + 0.3, color="black", lw=2)
+    ax.set_xticks(range(len(categories)), categories, rotation=20 if max(map(len, categories), default=0) > 8 else 0)
+    ax.set(xlabel=param, ylabel="best val accuracy", title=f"{param} ({len(scored)} trials it applied to)")
+    ax.title.set_fontsize(10)
+    ax.grid(alpha=0.3, axis="y")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="lower right")
     return fig
 
 
@@ -266,15 +326,23 @@ def _fmt(column: str, value: Any) -> str:
     if isinstance(value, (list, tuple, dict)):
         text = json.dumps(value)
     elif isinstance(value, float):
-        text = f"{value:.4f}" if column in ("val_acc", "train_acc", "gap") else f"{value:.1f}" if column == "seconds" \
+        text = f"{value:.4f}" if column in ("val_acc", "train_acc", "gap", "test_acc") \
+            else f"{value:.1f}" if column == "seconds" \
             else f"{value:.4g}"
     else:
         text = str(value)
     return html.escape(text)
 
 
+def page_columns(df: pd.DataFrame) -> list[str]:
+    """The page's column order: who, the accuracies, the hyperparameters, then epochs, time, lineage, why, where."""
+    first = [c for c in ("trial", "stages", "state", "val_acc", "train_acc", "gap", "test_acc") if c in df.columns]
+    params = param_columns(df.drop(columns=["gap", "test_acc"], errors="ignore"))
+    return first + params + [c for c in df.columns if c not in first and c not in params and c != "stage"]
+
+
 def leaderboard_html(df: pd.DataFrame) -> str:
-    shown = df.head(HTML_ROWS).copy()
+    shown = df.head(HTML_ROWS)[page_columns(df)].copy()
     shown.insert(0, "#", range(1, len(shown) + 1))
     formatters = {c: (lambda v, c=c: _fmt(c, v)) for c in shown.columns}
     return shown.to_html(index=False, escape=False, formatters=formatters, classes="board", border=0, na_rep="\u2013")
@@ -314,6 +382,7 @@ h2 { font-size: 17px; margin: 4px 0 10px; }
 .card { background: #fff; border-radius: 6px; box-shadow: 0 1px 3px rgba(0,0,0,.08); padding: 10px 18px; }
 .card b { display: block; font-size: 20px; }
 img { max-width: 100%; height: auto; }
+img[id^="choice-"] { width: 32%; min-width: 300px; margin: 2px; }
 table.board { border-collapse: collapse; font-size: 12.5px; white-space: nowrap; }
 table.board th { background: #eef1f4; text-align: right; padding: 5px 8px; position: sticky; top: 0; }
 table.board td { padding: 4px 8px; text-align: right; border-top: 1px solid #e6e9ed; }
@@ -329,13 +398,45 @@ def _figure_section(title: str, figure_id: str, fig: Figure | None, note: str = 
             + f'<img id="{figure_id}-plot" alt="{html.escape(title)}" src="{_png(fig)}"></section>')
 
 
+def test_accuracies(store: ExperimentStore, trials: list[str]) -> dict[str, float]:
+    """Test-split accuracy of each trial's best checkpoint, where the trial's data has a test split."""
+    from master.ensemble import accuracy, readable_members
+
+    out = {}
+    for trial in trials:
+        for member in readable_members(store, trial, ema=False, limit=1):
+            if len(member.data.y_test):
+                out[trial] = accuracy(member.proba(member.data.x_test), member.data.y_test)
+    return out
+
+
+def choice_sections(df: pd.DataFrame, ctx: Context) -> str:
+    """One strip plot per choice parameter, side by side."""
+    params = choice_params(df, ctx)
+    if not params:
+        return ""
+    images = "".join(f'<img id="choice-{html.escape(p.replace(".", "-"))}-plot" '
+                     f'alt="best val accuracy by {html.escape(p)}" src="{_png(choice_figure(df, p, ctx))}">'
+                     for p in params)
+    return ('<section id="choices"><h2>Validation accuracy by each choice</h2><p class="note">Each dot is a trial '
+            "the parameter applied to (jittered sideways), one colour per stage; the black bar is the median."
+            f"</p>{images}</section>")
+
+
 def render_page(store: ExperimentStore, df: pd.DataFrame, ctx: Context, curves: int,
                 ensembles: list[dict[str, Any]]) -> str:
-    """The whole self-contained page (figures embedded as base64 PNG)."""
+    """The whole self-contained page (figures embedded as base64 PNG); the leaderboard has one row per run."""
     counts = funnel(df, ctx.stages)
-    params = numeric_params(df)
-    top = df[df["val_acc"].notna()].head(curves)["trial"]
-    histories = {t: h for t in top if (h := store.read_history(t))}
+    params = [p for p in numeric_params(df) if _table(ctx.dists.get(p)).get("dist") != "choice"]
+    runs = collapse_runs(store, df) if len(df) else df.assign(stages=[], lineage=[])
+    top = list(runs[runs["val_acc"].notna()].head(curves)["trial"])
+    lineage, labels = chains(dict(store.iter_trials())), dict(zip(runs["trial"], runs["lineage"]))
+    histories = {labels.get(t) or t: h for t in top if (h := run_history(store, chain_to(lineage, t)))}
+    tested = test_accuracies(store, top)
+    board = with_gap(runs)
+    if tested:
+        board.insert(board.columns.get_loc("gap") + 1, "test_acc", board["trial"].map(tested))
+    low, _ = zoom_band(df["val_acc"])
     best = df.iloc[0] if len(df) and pd.notna(df["val_acc"].iloc[0]) else None
     cards = [("trials", len(df)), ("stages", len(counts)),
              ("finished", int(df["state"].isin([s.value for s in TrialState if s.terminal]).sum())),
@@ -346,17 +447,25 @@ def render_page(store: ExperimentStore, df: pd.DataFrame, ctx: Context, curves: 
         + "".join(f'<div class="card">{k}<b>{v}</b></div>' for k, v in cards) + "</section>",
         _figure_section("Trials per stage and state", "funnel", funnel_figure(counts) if len(counts) else None,
                         empty="no trials yet"),
-        f'<section id="leaderboard"><h2>Leaderboard</h2><p class="note">Top {min(HTML_ROWS, len(df))} of '
-        f"{len(df)} trials by best validation accuracy; train_acc is at the best epoch, gap = train_acc − "
-        f"val_acc (large: overfitting, about zero: room for a bigger model). Every trial is in "
-        f"leaderboard.csv and leaderboard.json beside this page.</p>{leaderboard_html(with_gap(df))}</section>",
+        f'<section id="leaderboard"><h2>Leaderboard</h2><p class="note">Top {min(HTML_ROWS, len(runs))} of '
+        f"{len(runs)} runs by best validation accuracy (a run is a trial and the trials promoted from it: its "
+        f"latest trial, the stages it went through and its lineage); train_acc is at the best epoch, gap = "
+        f"train_acc − val_acc (large: overfitting, about zero: room for a bigger model)"
+        + (f"; test_acc is the best checkpoint's on the test split, for the top {len(tested)}" if tested else "")
+        + f". Every trial is in leaderboard.csv and leaderboard.json beside this page.</p>"
+        f"{leaderboard_html(board)}</section>",
         _figure_section("Validation accuracy against each hyperparameter", "hyperparameters",
                         scatter_figure(df, params, ctx) if params else None,
                         note="One colour per stage; dashed lines are each stage's range borders, log axes where "
-                             "the parameter was sampled log-uniformly."
+                             "the parameter was sampled log-uniformly. The y-axis shows the top band (from "
+                             f"{low:.3f}); triangles on the bottom edge are trials below it (the full range is "
+                             "in leaderboard.csv and in the per-choice plots below). Each parameter shows only the "
+                             "trials it applied to."
                              + "".join(f"<br>Flagged: {html.escape(m)}" for m in ctx.flag_messages),
                         empty="no numeric hyperparameter sampled"),
-        _figure_section(f"Learning curves of the top {len(histories)} trials", "curves",
+        choice_sections(df, ctx),
+        _figure_section(f"Learning curves of the top {len(histories)} runs (promoted runs: their whole history)",
+                        "curves",
                         curves_figure(histories) if histories else None,
                         note="Training loss is the minibatch average with dropout and the L2 penalty included; "
                              "training accuracy is measured in test mode on a fixed training subsample.",

@@ -76,7 +76,8 @@ def stage_space(store: ExperimentStore, config: ExperimentConfig, name: str) -> 
     ranges = record.ranges if record is not None else None
     if not ranges:
         return config.space
-    return tuple(Distribution(d.name, r["dist"], r.get("low"), r.get("high"), tuple(r.get("values", ())))
+    return tuple(dataclasses.replace(d, dist=r["dist"], low=r.get("low"), high=r.get("high"),
+                                     values=tuple(r.get("values", ())))
                  if isinstance(r := ranges.get(d.name), dict) else d for d in config.space)
 
 
@@ -122,9 +123,11 @@ def border_flags(store: ExperimentStore, config: ExperimentConfig, name: str) ->
     return analyse(best, everyone, stage_space(store, config, name), pad, validator(config, name))[1]
 
 
-def flag_messages(flags: list[BorderFlag], space: tuple[Distribution, ...]) -> list[str]:
+def flag_messages(flags: list[BorderFlag], space: tuple[Distribution, ...], last: bool = False) -> list[str]:
+    """What each flag says; after the ``last`` stage, its advice is for the next search (no stage acts on it)."""
     dists = {d.name: d for d in space}
-    return [f.message(dists[f.name]) for f in flags if f.name in dists]
+    messages = [f.message(dists[f.name]) for f in flags if f.name in dists]
+    return [m.replace(" -> widen to ", " -> for your next search, widen to ") for m in messages] if last else messages
 
 
 def plan_stage(store: ExperimentStore, config: ExperimentConfig, name: str, seed: int | None = None,

@@ -4,6 +4,8 @@ import math
 import numpy as np
 
 INIT_KINDS = ("he", "xavier", "small")
+# Model fields each kind reads besides the shape (only "small" has a scale of its own).
+INIT_READS = {"he": (), "xavier": (), "small": ("init_scale",)}
 
 
 def _normal(shape, std, rng, dtype):

@@ -37,6 +37,12 @@ _CONV_ARCHS = {
                layers.maxpool2d_forward, layers.maxpool2d_backward),
 }
 ACTIVATIONS = ("relu", "leaky_relu", "elu", "tanh", "sigmoid", "maxout")
+# Model fields each activation reads (the one source of which activation parameter applies).
+ACTIVATION_READS = {"relu": (), "leaky_relu": ("leaky_alpha",), "elu": ("elu_alpha",), "tanh": (), "sigmoid": (),
+                    "maxout": ("maxout_pieces",)}
+# Model fields only the convolutional archs read.
+ARCH_READS = {"mlp": (), "conv1d": ("conv_channels", "conv_kernel", "conv_pool"),
+              "conv2d": ("conv_channels", "conv_kernel", "conv_pool")}
 LOSSES = {"softmax": softmax_loss, "svm": svm_loss}
 MAX_UNITS = 65536
 MAX_LAYERS = 64

@@ -125,6 +125,15 @@ UPDATES = {
     "rmsprop": rmsprop,
     "adam": adam,
 }
+# Hyperparameters each update rule reads (solver fields; the one source of what applies to which rule).
+READS = {
+    "sgd": ("lr",),
+    "momentum": ("lr", "momentum"),
+    "nesterov": ("lr", "momentum"),
+    "adagrad": ("lr", "eps"),
+    "rmsprop": ("lr", "decay_rate", "eps"),
+    "adam": ("lr", "beta1", "beta2", "eps"),
+}
 
 
 def clip_gradients(grads, max_norm):

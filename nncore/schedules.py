@@ -34,6 +34,10 @@ SCHEDULES = {
     "cosine": _cosine,
 }
 
+# Solver fields each schedule reads besides lr and lr_min (every schedule is floored at lr_min).
+SCHEDULE_READS = {"constant": (), "step": ("lr_decay", "lr_step"), "exponential": ("lr_decay",),
+                  "inverse_time": ("lr_decay",), "cosine": ()}
+
 
 def lr_at(epoch, config):
     """Learning rate for `epoch` (0 = start of training) under config["lr_schedule"].

@@ -151,7 +151,8 @@ def test_file_errors_name_the_file(tmp_path):
     ("experiment = 3\n", r"^experiment: expected a table, got 3"),
     ('[experiment]\ndataset = "digits"\n', r"^experiment.name: missing"),
     ('[experiment]\nname = "../x"\n', r"^experiment.name: '../x' is not a valid name"),
-    (BASE + "nmae = 1\n", r"^experiment.nmae: unknown key \(known: name, dataset, seed, keep, sanity\)"),
+    (BASE + "nmae = 1\n", r"^experiment.nmae: unknown key \(did you mean 'name'\?\) "
+                          r"\(known: name, dataset, seed, keep, sanity\)"),
     (BASE + "[search]\n", r"^search: unknown section \(known: experiment, data"),
     (BASE.replace('"digits"', '"imagenet"'), r"^experiment.dataset: 'imagenet' is not a dataset name \(known: "),
     (BASE.replace('"digits"', '"npz:"'), r"^experiment.dataset: 'npz:' is not a dataset name"),
@@ -168,7 +169,7 @@ def test_file_errors_name_the_file(tmp_path):
     ("model = 3\n" + BASE, r"^model: expected a table, got 3"),
     # space: fields and sections
     (BASE + "[space.solver]\nlrr = { dist = 'uniform', low = 0, high = 1 }\n",
-     r"^space.solver.lrr: unknown solver field \(known: update, lr, "),
+     r"^space.solver.lrr: unknown solver field \(did you mean 'lr'\?\) \(known: update, lr, "),
     (BASE + "[space.model]\nwidth = { dist = 'int', low = 1, high = 9 }\n", r"^space.model.width: unknown model field"),
     (BASE + "[space.optim]\nlr = { dist = 'uniform', low = 0, high = 1 }\n", r"^space.optim: unknown section"),
     (BASE + "[space.solver]\nepochs = { dist = 'int', low = 1, high = 9 }\n",
@@ -219,7 +220,8 @@ def test_file_errors_name_the_file(tmp_path):
     (BASE + "[stages.a]\nepochs = 1\ntrials = true\n", r"^stages.a.trials: expected an integer >= 1, got True"),
     (BASE + "[stages.a]\nepochs = 1\n", r"^stages.a.trials: missing"),
     (BASE + "[stages.a]\ntrials = 1\n", r"^stages.a.epochs: missing"),
-    (BASE + "[stages.a]\nepoch = 1\n", r"^stages.a.epoch: unknown key \(known: epochs, trials, method"),
+    (BASE + "[stages.a]\nepoch = 1\n", r"^stages.a.epoch: unknown key \(did you mean 'epochs'\?\) "
+                                   r"\(known: epochs, trials, method"),
     (BASE + "[stages]\na = 3\n", r"^stages.a: expected a table, got 3"),
     (BASE + '[stages."a b"]\nepochs = 1\ntrials = 1\n', r"^stages: 'a b' is not a valid name"),
     (BASE + f"[stages.{'s' * 62}]\nepochs = 1\ntrials = 1\n", r"trial ids like 's+-0000' would exceed 64 characters"),
@@ -258,3 +260,9 @@ def test_direct_construction_is_validated():
         ExperimentConfig("t", space=({"dist": "uniform"},))
     with pytest.raises(ConfigError, match=r"^stage 'nope': not in experiment t \(stages: coarse, medium, fine\)"):
         ExperimentConfig("t").stage("nope")
+
+
+def test_a_misspelt_stage_name_gets_a_suggestion():
+    config = config_from_dict({"experiment": {"name": "t"}})
+    with pytest.raises(ConfigError, match=r"^stage 'medim': not in experiment t \(did you mean 'medium'\?\)"):
+        config.stage("medim")

@@ -60,7 +60,8 @@ def test_finished_trial_row_uses_result_and_history(store):
     assert row["state"] == "COMPLETED" and row["stage"] == "coarse"
     assert row["val_acc"] == pytest.approx(0.90) and row["best_epoch"] == 2
     assert row["train_acc"] == pytest.approx(0.7)  # train acc at the best epoch, not the last
-    assert row["epochs"] == 3 and row["seconds"] == pytest.approx(1.5) and row["worker"] == "w1"
+    # seconds: the history's epochs summed (every resume counts), not the last segment's 1.5 s in result.json
+    assert row["epochs"] == 3 and row["seconds"] == pytest.approx(3.0) and row["worker"] == "w1"
     assert row["solver.lr"] == pytest.approx(0.01) and row["model.hidden"] == [64]
 
 

@@ -19,7 +19,7 @@ CHROMIUM = "/usr/bin/chromium"
 SPACE = {"solver": {"lr": {"dist": "loguniform", "low": 1e-4, "high": 1e-1}},
          "model": {"dropout": {"dist": "uniform", "low": 0.0, "high": 0.5},
                    "hidden": {"dist": "choice", "values": [[32], [64]]}}}
-PLOTS = ("funnel", "hyperparameters", "curves", "ratios")
+PLOTS = ("funnel", "hyperparameters", "choice-model-hidden", "curves", "ratios")
 
 
 def _history(epochs, peak, lr):
@@ -193,6 +193,14 @@ def test_page_renders_in_headless_chromium(built, tmp_path):
     assert shot.is_file(), done.stderr[-2000:]
     pixels = imread(shot)
     assert pixels.shape[:2] == (2000, 1280)
+    # every image decoded with a size, each choice parameter's strip plot among them (the DOM after load)
+    probe = tmp_path / "probe.html"
+    probe.write_text(html.read_text().replace("</body>", "<script>window.onload = () => document.querySelectorAll("
+                     "'img').forEach(i => i.setAttribute('data-w', i.naturalWidth));</script></body>"))
+    dom = subprocess.run([*cmd[:-3], "--dump-dom", "--virtual-time-budget=5000", probe.resolve().as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    widths = dict(re.findall(r'<img id="([\w-]+)-plot"[^>]*data-w="(\d+)"', dom))
+    assert set(widths) == set(PLOTS) and all(int(w) > 100 for w in widths.values()), widths
     assert pixels[..., :3].std() > 0.05  # not a blank page
     rows = pixels[..., :3].std(axis=(1, 2))
     assert (rows > 0.01).mean() > 0.5  # content over most of the height, not one line
@@ -209,7 +217,7 @@ def test_cli_report_needs_no_redis(store, monkeypatch):
                                      "--curves", "2"])
     assert done.exit_code == 0, done.output
     assert "medium-0000" in done.output and str(store.report_dir / "index.html") in done.output
-    assert "learning curves of the top 2 trials" in (store.report_dir / "index.html").read_text().lower()
+    assert "learning curves of the top 2 runs" in (store.report_dir / "index.html").read_text().lower()
     done = CliRunner().invoke(main, ["report", "--storage", str(store.root), "--experiment", "nope"])
     assert done.exit_code == 2 and "experiment nope: not found" in done.output
 
