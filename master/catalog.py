@@ -22,7 +22,10 @@ def best_run(store: ExperimentStore) -> dict[str, Any]:
 
 
 def experiments(root: Path) -> list[dict[str, Any]]:
-    """One summary per experiment of ``root`` (most recently changed first): stages and their status, trials, best."""
+    """One summary per experiment of ``root`` (most recently changed first): stages and their status, trials, best.
+    ExperimentError when ``root`` is not a directory."""
+    if not root.is_dir():
+        raise ExperimentError(f"storage {root}: {'not a directory' if root.exists() else 'does not exist'}")
     out = []
     for name in list_experiments(root):
         store = ExperimentStore(root, name)

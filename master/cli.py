@@ -23,10 +23,9 @@ from master.ensemble import METHODS as ENSEMBLE_METHODS, EnsembleError, build_en
 from master.ensemble import predict as run_prediction
 from master.experiment import (ExperimentError, experiment_config, kill_trial, live_progress, open_dispatcher,
                                open_experiment, watch_findings)
-from master.launcher import EXIT_INTERRUPTED, LaunchError, Reporter, launch as run_launch, plan_lines, prepare
+from master.launcher import EXIT_INTERRUPTED, LaunchError, Reporter, launch as run_launch, prepare
 from master.leaderboard import build_leaderboard, collapse_runs, render_table, running_table, state_counts
-from master.monitor import Event, Monitor, watch as watch_loop
-from master.stages import StagePlan
+from master.monitor import Monitor, watch as watch_loop
 from nncore.errors import ConfigError, DataError
 from worker.spec import SpecError
 from worker.store import StorageError, storage_root
@@ -67,14 +66,9 @@ class ConsoleReporter(Reporter):
     def warning(self, text: str) -> None:
         console.print(f"[yellow]{text}[/]")
 
-    def plan(self, plan: StagePlan) -> None:
-        for line in plan_lines(plan):
-            console.print(f"[yellow]{line}[/]" if line.startswith("border:") else line)
-
-    def events(self, events: list[Event]) -> None:
-        """What the watch loop did (stops, requeues, retries, border flags), one line each above the progress."""
-        for event in events:
-            console.print(f"[dim]{event.message}[/]" if event.kind != "flag" else f"[yellow]{event.message}[/]")
+    def line(self, text: str, kind: str) -> None:
+        """Border flags in yellow, the watch loop's actions dimmed above the progress, the plan plain."""
+        console.print(f"[yellow]{text}[/]" if kind == "flag" else text if kind == "plan" else f"[dim]{text}[/]")
 
     def leaderboard(self, df: pd.DataFrame, title: str) -> None:
         console.print(render_table(df, top=10, title=title))

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 NO_WORKER_HINT_SECONDS = 5.0  # a followed remote stage no worker has touched by then gets a how-to-start hint
 POLL_SECONDS = 0.3  # how often a followed stage's progress is looked at (the watch loop acts less often)
 INTERRUPTED_REASON = "interrupted by user (Ctrl-C)"
+BORDER = "border: "  # a plan line telling the previous stage's border flag
 EXIT_INTERRUPTED = 130
 
 
@@ -44,7 +45,11 @@ class LaunchError(ValueError):
 
 
 class Reporter:
-    """What a launch tells its user. This base logs; the CLI's subclass prints with rich and draws progress."""
+    """What a launch tells its user. This base logs; the CLI's subclass prints with rich and draws progress.
+    A border flag is told once per launch: when its stage closes, not again in the next stage's plan."""
+
+    def __init__(self) -> None:
+        self.flags_told: set[str] = set()
 
     def message(self, text: str) -> None:
         log.info("%s", text)
@@ -52,14 +57,23 @@ class Reporter:
     def warning(self, text: str) -> None:
         log.warning("%s", text)
 
+    def line(self, text: str, kind: str) -> None:
+        """One line of a plan or of the watch loop's events; ``kind`` is "flag", "plan" or an Event kind."""
+        self.message(text)
+
     def plan(self, plan: StagePlan) -> None:
-        """The previous stage's border flags, where the trials come from, and each range old -> new."""
+        """The previous stage's border flags (unless told already), where the trials come from, and each range."""
         for line in plan_lines(plan):
-            self.message(line)
+            flag = line.startswith(BORDER)
+            if not (flag and line[len(BORDER):] in self.flags_told):
+                self.line(line, "flag" if flag else "plan")
 
     def events(self, events: list[Event]) -> None:
+        """What the watch loop did (stops, requeues, retries, border flags), one line each."""
         for event in events:
-            log.info("%s", event.message)
+            if event.kind == "flag":
+                self.flags_told.add(event.message)
+            self.line(event.message, event.kind)
 
     def leaderboard(self, df: pd.DataFrame, title: str) -> None:
         """The leaderboard of a stage that ended."""
@@ -81,7 +95,7 @@ def plan_lines(plan: StagePlan) -> list[str]:
     from master.borders import range_text
 
     dists = {old.name: old for old, _ in plan.ranges}
-    lines = [f"border: {flag.message(dists[flag.name])}" for flag in plan.flags]
+    lines = [f"{BORDER}{flag.message(dists[flag.name])}" for flag in plan.flags]
     if plan.note:
         lines.append(plan.note)
     for old, new in plan.ranges:

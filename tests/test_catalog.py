@@ -46,3 +46,11 @@ def test_best_of_an_experiment_without_scores_is_one_line_exit_2(tmp_path):
     record_experiment(store)
     done = CliRunner().invoke(main, ["best", "--storage", str(tmp_path), "--experiment", "fresh"])
     assert done.exit_code == 2 and "no trial has a validation accuracy yet" in done.output
+
+
+def test_list_of_a_missing_storage_root_is_one_line_and_exit_2(tmp_path):
+    (tmp_path / "file").write_text("")
+    for root, why in ((tmp_path / "missing", "does not exist"), (tmp_path / "file", "not a directory")):
+        listed = CliRunner().invoke(main, ["list", "--storage", str(root)])
+        assert listed.exit_code == 2 and listed.output.strip().endswith(f"storage {root}: {why}")
+        assert len(listed.output.strip().splitlines()) == 1
