@@ -443,8 +443,7 @@ def follow(store: ExperimentStore, config: ExperimentConfig, dispatcher: dispatc
             if record is None or not record.closed:  # the watch loop may have closed it (and told its flags)
                 reporter.events(close_stage(store, config, stage, status.describe()))
             outcome.append(StageStatus.COMPLETED)
-        elif hint and not done and not running and not any(live.get(t) for t in ids) \
-                and time.monotonic() - started > NO_WORKER_HINT_SECONDS:
+        elif hint and not done and not running and time.monotonic() - started > NO_WORKER_HINT_SECONDS:
             reporter.warning(f"no worker has taken a trial after {NO_WORKER_HINT_SECONDS:g} s; start one with: {hint}")
             hint = ""
         elif stranded:

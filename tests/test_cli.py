@@ -2,6 +2,9 @@
 import json
 import os
 import stat
+import subprocess
+import sys
+import time
 
 import pytest
 import redis
@@ -202,3 +205,27 @@ def test_help_explains_every_option(run):
         text = run(command, "--help").stdout
         for option in options:
             assert option in text
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+def test_a_followed_launch_no_worker_takes_tells_how_to_start_one(real_redis, storage, write_config, tmp_path):
+    url, token = real_redis
+    config = write_config(f"hint-{token}")
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "HYPERSEARCH_STORAGE")}
+    launch = subprocess.Popen([sys.executable, "-m", "master.cli", "launch", "--config", str(config), "--url", url,
+                               "--storage", str(storage), "--queue", f"q-{token}", "--wait"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and f"q-{token}" not in "".join(
+                lines[next((i for i, line in enumerate(lines) if "no worker has taken" in line), len(lines)):]):
+            lines.append(launch.stdout.readline())  # the hint, wrapped at the terminal width
+    finally:
+        launch.terminate()
+        launch.wait(10)
+    hint = next((line for line in lines if "no worker has taken a trial" in line), None)
+    assert hint is not None, "".join(lines)
+    assert f"start one with: worker start --url {url} --storage {storage} --queue q-{token}" in " ".join(
+        "".join(lines[lines.index(hint):]).split())
