@@ -161,8 +161,7 @@ def _images(page, trial):
 
 
 def test_every_babysitting_figure_is_on_the_page_and_not_blank(conv_run):
-    store, html = conv_run
-    page = html.read_text()
+    page = conv_run[1].read_text()
     for trial in ("coarse-0000", "coarse-0001"):
         images = _images(page, trial)
         assert sorted(images) == sorted(FIGURES), trial
@@ -174,8 +173,8 @@ def test_every_babysitting_figure_is_on_the_page_and_not_blank(conv_run):
     assert conv_weights.shape != mlp_weights.shape  # 6 3x3 filters vs 16 units as 16x16 images
 
 
-def test_report_trial_page_and_a_missing_trial(conv_run, tmp_path):
-    store, _ = conv_run
+def test_report_trial_page_and_a_missing_trial(conv_run):
+    store = conv_run[0]
     done = CliRunner().invoke(main, ["report", "--storage", str(store.root), "--experiment", "shapes",
                                      "--trial", "coarse-0000"])
     assert done.exit_code == 0, done.output
@@ -185,8 +184,8 @@ def test_report_trial_page_and_a_missing_trial(conv_run, tmp_path):
     done = CliRunner().invoke(main, ["report", "--storage", str(store.root), "--experiment", "shapes",
                                      "--trial", "coarse-0099"])
     assert done.exit_code == 2
-    assert done.output.strip().splitlines() == ["Error: trial coarse-0099: not found in experiment shapes (2 trials "
-                                                "there)"]
+    assert done.output.strip().splitlines() == [
+        "Error: trial coarse-0099: not found in experiment shapes (2 trials there)"]
 
 
 @pytest.mark.slow
@@ -201,7 +200,7 @@ def test_trial_page_renders_in_headless_chromium(conv_run, tmp_path):
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
            f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1400,2000",
            (store.report_dir / "trial-coarse-0000.html").resolve().as_uri()]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     assert shot.is_file(), done.stderr[-2000:]
     pixels = imread(shot)[..., :3]
     assert pixels.shape[:2] == (2000, 1400)
