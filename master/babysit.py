@@ -295,6 +295,7 @@ CSS = """
 
 
 def _panel(title: str, fig_id: str, fig: Figure | None, empty: str) -> str:
+    """One captioned figure as an embedded PNG, or its caption and why there is none."""
     if fig is None:
         return f'<figure id="{fig_id}"><figcaption>{html.escape(title)}</figcaption><p class="note">' \
                f"{html.escape(empty)}</p></figure>"
