@@ -283,14 +283,20 @@ def kill(trial: str, reason: str, experiment: str | None, storage: Path | None, 
               help="How many of the best trials to list in the terminal.")
 @click.option("--curves", type=click.IntRange(min=1), default=5, show_default=True,
               help="How many of the best trials get learning curves and update ratios on the page.")
+@click.option("--trial", default=None, metavar="ID", help="Only write report/trial-<ID>.html: that trial's "
+                                                          "babysitting pictures and diagnosis.")
 @user_errors
-def report(experiment: str | None, storage: Path | None, top: int, curves: int) -> None:
+def report(experiment: str | None, storage: Path | None, top: int, curves: int, trial: str | None) -> None:
     """Write <experiment>/report/: index.html (self-contained: open it from disk), leaderboard.csv and
     leaderboard.json, and list the best trials. Reads shared storage only (no Redis); unreadable files are
     skipped with a warning naming them."""
-    from master.report import build_report  # matplotlib: imported only when a report is built (~0.6 s)
+    from master.babysit import build_trial_report  # matplotlib: imported only when a report is built (~0.6 s)
+    from master.report import build_report
 
     store = open_experiment(storage, experiment).snapshot()
+    if trial is not None:
+        console.print(f"report: {build_trial_report(store, trial)}")
+        return
     result = build_report(store, curves=curves)
     console.print(render_table(collapse_runs(store, result.leaderboard), top=top))
     console.print(f"report: {result.html}\nleaderboard: {result.csv}, {result.json.name}")

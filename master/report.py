@@ -479,10 +479,18 @@ def render_page(store: ExperimentStore, df: pd.DataFrame, ctx: Context, curves: 
         parts.append(f'<section id="ensembles"><h2>Ensembles</h2><p class="note">Softmax averages of the best '
                      f"trials' checkpoints; the gain is over the member with the best validation accuracy."
                      f"</p>{ensembles_html(ensembles)}</section>")
+    from master.babysit import TOP, sections_html  # it draws with this module's helpers
+
+    parts.append(sections_html(store, dict(list(histories.items())[:TOP])))
+    return page_html(store, store.experiment, parts)
+
+
+def page_html(store: ExperimentStore, title: str, parts: list[str]) -> str:
+    """A self-contained page: header with `title`, then the HTML `parts`."""
     generated = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f"<title>{html.escape(store.experiment)} – hypersearch report</title><style>{CSS}</style></head>"
-            f"<body><header><h1>{html.escape(store.experiment)}</h1><p>hypersearch report · "
+            f"<title>{html.escape(title)} – hypersearch report</title><style>{CSS}</style></head>"
+            f"<body><header><h1>{html.escape(title)}</h1><p>hypersearch report · "
             f"{html.escape(str(store.dir))} · generated {generated}</p></header><main>"
             + "\n".join(parts) + "</main></body></html>\n")
 

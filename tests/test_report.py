@@ -149,7 +149,10 @@ def test_html_is_self_contained_and_references_every_plot(built):
     page = built[0].html.read_text()
     for plot in PLOTS:
         assert re.search(rf'<img id="{plot}-plot" alt="[^"]+" src="data:image/png;base64,[A-Za-z0-9+/=]+">', page)
-    assert page.count("<img ") == len(PLOTS)
+    babysat = re.findall(r'<img id="babysit-([\w-]+)-(\w+)"', page)  # top 3: no loss trace, snapshot, first layer
+    assert sorted(babysat) == sorted((t, f) for t in ("medium-0000", "coarse-0005", "medium-0002")
+                                     for f in ("accuracy", "ratios"))
+    assert page.count("<img ") == len(PLOTS) + len(babysat)
     assert not re.search(r'(src|href)="(?!data:)', page)  # nothing to fetch: opens from disk
     assert 'id="leaderboard"' in page and "medium-0000" in page and "below rung median" in page
     assert 'id="ensembles"' in page and "top2-average" in page and "+0.0120" in page
