@@ -176,6 +176,27 @@ def job_key(rq_job_id: str) -> str:
     return Job.key_for(rq_job_id)
 
 
+def touch_job(conn: redis.Redis, key: str, field: str, value: str) -> None:
+    """Set one field of the RQ job hash at ``key`` only while that hash exists (checked and set in one
+    transaction): a worker must never recreate a job key that Redis lost or the master deleted, as RQ's
+    heartbeat would (a hash holding that one field, which RQ cannot read back)."""
+    with conn.pipeline() as pipe:
+        try:
+            pipe.watch(key)
+            if pipe.exists(key):
+                pipe.multi()
+                pipe.hset(key, field, value)
+                pipe.execute()
+        except redis.WatchError:
+            pass  # the job changed meanwhile (the master requeued it): not ours to stamp
+
+
+def job_record_key(conn: Any, key: str) -> Any:
+    """Queue a check that the hash at ``key`` is a whole RQ job record (it holds the job's data), not a
+    fragment left by a heartbeat; on a pipeline, its slot in the results."""
+    return conn.hexists(key, "data")
+
+
 def read_job_owner(conn: Any, key: str) -> Any:
     """Queue a read of (status, worker name) of the RQ job hash at ``key`` on ``conn`` (a client: the answer;
     a pipeline: its slot in the pipeline's results). ``job_owner`` decodes the answer."""

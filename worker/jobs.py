@@ -13,10 +13,11 @@ from rq.exceptions import DeserializationError
 from rq.job import Job
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
+from rq.utils import utcformat
 from rq.worker import BaseWorker, SimpleWorker
 
 from worker.control import (STOP_GRACE_SECONDS, JobInterrupt, RedisControl, StopJob, TrialLost, job_owner_problem,
-                            read_job_owner)
+                            read_job_owner, touch_job)
 from worker.spec import TrialSpec
 from worker.states import TrialState
 from worker.store import ExperimentStore, storage_root
@@ -69,6 +70,22 @@ def refusal(job: Job, allowed: frozenset[str] = ALLOWED_FUNCTIONS) -> str | None
     return None
 
 
+class TrialJob(Job):
+    """An RQ job whose heartbeat never recreates its hash: RQ's sets ``last_heartbeat`` whether or not the hash
+    exists, so after Redis restarted empty a worker left a key the master could neither read nor replace."""
+
+    def heartbeat(self, timestamp: Any, ttl: int, pipeline: Any = None, xx: bool = False) -> None:
+        """Stamp the job's heartbeat while its hash exists. Inside RQ's transactions (taking a job, the periodic
+        heartbeat) nothing can be checked first, so the hash is left alone there (RQ 3 reads a running job's
+        liveness from its execution and its worker, never from this field) and RQ gets the field count in place
+        of HSET's answer: RQ deletes the key when that answer is 1, which only a one-field fragment gives."""
+        self.last_heartbeat = timestamp
+        if pipeline is not None:
+            pipeline.hlen(self.key)
+        else:
+            touch_job(self.connection, self.key, "last_heartbeat", utcformat(timestamp))
+
+
 class _Heartbeat(threading.Thread):
     """Keeps the worker's and the running job's RQ heartbeats fresh while the main thread runs the job.
 
@@ -111,6 +128,7 @@ class TrialWorker(SimpleWorker):
     heartbeat thread keeps the worker visible during long jobs.
     """
 
+    job_class = TrialJob
     get_heartbeat_ttl = BaseWorker.get_heartbeat_ttl  # heartbeats arrive while a job runs, as with forking
     log_result_lifespan = False  # the master sets how long results live; no line per job about it
 

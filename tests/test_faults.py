@@ -1,0 +1,168 @@
+"""Faults of a week-long search, each with a private Redis server and real `worker start` processes: Redis restarted
+empty, SIGTERM to a busy worker, a full or read-only storage. Each asserts every trial COMPLETED exactly once,
+contiguous histories, no quarantine and no traceback."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import redis
+
+from master.embedded import free_port, redis_server_binary
+from worker.store import ExperimentStore
+
+from conftest import wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+CONFIG = """\
+[experiment]
+name = "{name}"
+dataset = "digits"
+seed = 0
+
+[model]
+hidden = [256]
+
+[solver]
+update = "adam"
+batch_size = 8
+
+[stages.coarse]
+epochs = {epochs}
+trials = {trials}
+prune = "none"
+
+[space.solver]
+lr = {{ dist = "loguniform", low = 1e-4, high = 1e-3 }}
+
+[watch]
+heartbeat_seconds = 15
+poll_seconds = 0.5
+"""
+
+
+class Site:
+    """A throwaway Redis server (restartable, empty, on a free port), shared storage, `worker start` and `master`
+    processes; every process is reaped at the end."""
+
+    def __init__(self, tmp_path, name="faults", epochs=200, trials=4):
+        self.tmp, self.name, self.epochs = tmp_path, name, epochs
+        self.root = tmp_path / "storage"
+        self.root.mkdir()
+        self.config = tmp_path / f"{name}.toml"
+        self.config.write_text(CONFIG.format(name=name, epochs=epochs, trials=trials))
+        self.ids = [f"coarse-{i:04d}" for i in range(trials)]
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.server = None
+        self.procs = {}
+        self.outputs = []
+        self.store = ExperimentStore(self.root, name)
+
+    def start_redis(self):
+        self.server = subprocess.Popen([redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+                                        "--save", "", "--appendonly", "no"],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
+        wait_for(lambda: _answers(client), 10, "redis-server")
+        return client
+
+    def kill_redis(self):
+        self.server.kill()
+        self.server.wait(10)
+
+    def worker(self, name, *extra):
+        log = open(self.tmp / f"worker-{name}.log", "ab")
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "start", "--url", self.url, "--storage", str(self.root), "--name",
+             name, *extra], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+        return self.procs[name]
+
+    def master(self, *args):
+        done = subprocess.run([sys.executable, "-m", "master.cli", *args, "--url", self.url, "--storage",
+                               str(self.root)], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "COLUMNS": "200"})
+        self.outputs.append(done.stdout + done.stderr)
+        return done
+
+    def launch(self):
+        return self.master("launch", "--config", str(self.config))
+
+    def logs(self):
+        return "".join(p.read_text(errors="replace") for p in sorted(self.tmp.glob("worker-*.log")))
+
+    def running(self, worker, epoch=2):
+        """The trial ``worker`` is running at ``epoch`` or later, by storage (None when none)."""
+        for tid in self.ids:
+            result = self.store.read_result(tid)
+            if result is not None and result.state == "RUNNING" and result.worker == worker:
+                if len(self.store.read_history(tid)) >= epoch:
+                    return tid
+        return None
+
+    def finished(self):
+        return all((r := self.store.read_result(tid)) is not None and r.terminal for tid in self.ids)
+
+    def assert_every_trial_completed_once(self):
+        """Every trial COMPLETED with one finish event, epochs 1..E in its history, no quarantine, no traceback."""
+        for tid in self.ids:
+            result = self.store.read_result(tid)
+            assert (result.state, result.epochs_done) == ("COMPLETED", self.epochs), (tid, result)
+            finishes = [e for e in self.store.read_events(tid) if e["event"] == "finished"]
+            assert len(finishes) == 1, (tid, finishes)
+            assert [r["epoch"] for r in self.store.read_history(tid)] == list(range(1, self.epochs + 1)), tid
+        everything = self.logs() + "".join(self.outputs)
+        assert "Traceback" not in everything, everything[-5000:]
+        assert "quarantined" not in everything
+        assert not list(self.root.rglob("*.tmp"))
+
+    def stop(self):
+        alive = [p for p in self.procs.values() if p.poll() is None]
+        for p in alive:
+            p.send_signal(signal.SIGKILL)
+        for p in alive:
+            p.wait(10)
+        if self.server is not None and self.server.poll() is None:
+            self.kill_redis()
+
+
+def _answers(client):
+    try:
+        return client.ping()
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture
+def site(tmp_path):
+    made = Site(tmp_path)
+    try:
+        yield made
+    finally:
+        made.stop()
+
+
+def test_redis_restarted_empty_without_a_watch_then_the_same_launch_finishes_every_trial_once(site):
+    client = site.start_redis()
+    assert site.launch().returncode == 0
+    for name in ("w1", "w2"):
+        site.worker(name)
+    wait_for(lambda: site.running("w1") and site.running("w2"), 60, "both workers two epochs into a trial")
+    site.kill_redis()
+    client = site.start_redis()  # empty: the queue, the jobs and the workers' registrations are gone
+    wait_for(lambda: site.logs().count("no longer this worker's") == 2, 60, "both runs to let their trials go")
+    time.sleep(1.0)  # RQ records the ended jobs and the workers beat again
+    fragments = [k for k in client.scan_iter(match="rq:job:*") if not client.hexists(k, "data")]
+    assert fragments == []  # no worker recreated a job key holding only its heartbeat
+    client.hset(f"rq:job:hs_{site.name}__{site.ids[0]}", "last_heartbeat", "2026-01-01T00:00:00.000000Z")  # RQ 2.x's
+
+    relaunch = site.launch()  # the operator's one tool
+    assert relaunch.returncode == 0, relaunch.stderr
+    assert f"enqueued {len(site.ids)} of {len(site.ids)} trials" in relaunch.stdout
+    wait_for(site.finished, 120, "every trial to finish")
+    site.assert_every_trial_completed_once()
+    assert site.launch().stdout.count("enqueued 0 of") == 1  # launching again after the end enqueues nothing
