@@ -166,3 +166,26 @@ def test_redis_restarted_empty_without_a_watch_then_the_same_launch_finishes_eve
     wait_for(site.finished, 120, "every trial to finish")
     site.assert_every_trial_completed_once()
     assert site.launch().stdout.count("enqueued 0 of") == 1  # launching again after the end enqueues nothing
+
+
+def test_a_busy_worker_stops_within_two_seconds_of_sigterm_ten_times_and_the_trial_resumes_each_time(tmp_path):
+    site = Site(tmp_path, epochs=600, trials=1)
+    try:
+        site.start_redis()
+        assert site.launch().returncode == 0
+        (tid,) = site.ids
+        for n in range(10):
+            done = len(site.store.read_history(tid))
+            proc = site.worker(f"w{n}")
+            wait_for(lambda: len(site.store.read_history(tid)) > done, 60, f"worker w{n} to train an epoch")
+            asked = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == 0, site.logs()[-3000:]
+            assert time.monotonic() - asked < 2.0, f"worker w{n} took {time.monotonic() - asked:.1f} s"
+            result = site.store.read_result(tid)
+            assert (result.state, result.reason) == ("QUEUED", f"worker w{n} shutting down"), result
+        assert site.worker("last", "--burst").wait(120) == 0
+        site.assert_every_trial_completed_once()
+        assert [e["event"] for e in site.store.read_events(tid)].count("handed back") == 10
+    finally:
+        site.stop()

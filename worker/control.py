@@ -106,12 +106,12 @@ def request_stop(conn: redis.Redis, experiment: str, trial_id: str, reason: str,
 
 def stop_request(reason: str, state: TrialState = TrialState.KILLED) -> str:
     """A stop request as its key holds it: the reason (KILLED), or a JSON object naming the state (``stopped_as``
-    reads both)."""
+    reads both). QUEUED hands the trial back (its worker is shutting down): it resumes elsewhere."""
     reason = reason or "stopped by user"
-    if state is TrialState.DIVERGED:
+    if state in (TrialState.DIVERGED, TrialState.QUEUED):
         return json.dumps({"state": state.value, "reason": reason})
     if state is not TrialState.KILLED:
-        raise ValueError(f"a stop request ends a trial KILLED or DIVERGED, not {state.value}")
+        raise ValueError(f"a stop request ends a trial KILLED or DIVERGED, not {state.value} (QUEUED hands it back)")
     return reason
 
 
@@ -224,16 +224,22 @@ class JobInterrupt:
     asynchronously in the job's thread if it is still running ``grace`` seconds later."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: a signal handler may request a stop while the thread holds it
         self._thread: int | None = None
         self._timer: threading.Timer | None = None
         self.reason: str | None = None
+        self.handed_back = False  # the job's trial was handed back QUEUED on this request: requeue the job
 
     def clear(self) -> None:
         """Forget any request (a new job is about to start)."""
         with self._lock:
             self.reason = None
+            self.handed_back = False
             self._cancel_timer()
+
+    def hands_back(self) -> bool:
+        """Whether the request asks to hand the trial back to the queue (its worker is shutting down)."""
+        return self.reason is not None and stopped_as(self.reason)[0] is TrialState.QUEUED
 
     @contextlib.contextmanager
     def running(self) -> Iterator[JobInterrupt]:

@@ -10,14 +10,14 @@ from typing import Any
 import redis
 from rq import get_current_job
 from rq.exceptions import DeserializationError
-from rq.job import Job
+from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.utils import utcformat
 from rq.worker import BaseWorker, SimpleWorker
 
 from worker.control import (STOP_GRACE_SECONDS, JobInterrupt, RedisControl, StopJob, TrialLost, job_owner_problem,
-                            read_job_owner, touch_job)
+                            read_job_owner, stop_request, touch_job)
 from worker.spec import TrialSpec
 from worker.states import TrialState
 from worker.store import ExperimentStore, storage_root
@@ -49,6 +49,12 @@ def train_trial(spec: dict[str, Any]) -> dict[str, Any] | None:
     except TrialLost as exc:
         log.warning("%s", exc)
         return None
+    except StopJob:
+        INTERRUPT.handed_back = INTERRUPT.hands_back()  # recorded QUEUED by the trainer on its way out
+        raise
+    if result.state is TrialState.QUEUED:
+        INTERRUPT.handed_back = True
+        return result.to_dict()
     if INTERRUPT.reason is not None and result.state is TrialState.KILLED:
         raise StopJob(result.reason)  # RQ's stop-job command: the job ends STOPPED, as with RQ's forking worker
     return result.to_dict()
@@ -169,7 +175,10 @@ class TrialWorker(SimpleWorker):
                                                        exception_handler=self._pubsub_exception_handler)
 
     def request_stop(self, signum: Any, frame: Any) -> None:
-        """SIGINT / SIGTERM (RQ's shutdown command sends SIGINT): remember that quitting was asked for."""
+        """SIGINT / SIGTERM (RQ's shutdown command sends SIGINT): quit after the running trial's next batch, which
+        hands the trial back QUEUED (it resumes from its last checkpoint on another worker)."""
+        if not self.stop_asked:
+            INTERRUPT.request(stop_request(f"worker {self.name} shutting down", TrialState.QUEUED), self.stop_grace)
         self.stop_asked = True
         super().request_stop(signum, frame)
 
@@ -201,12 +210,25 @@ class TrialWorker(SimpleWorker):
             self._heartbeat.watch(None)
 
     def handle_job_success(self, job: Job, queue: Queue, *args: Any, **kwargs: Any) -> None:
-        if not self._taken(job, kwargs.get("execution")):
+        if not self._taken(job, kwargs.get("execution")) and not self._hand_back(job, queue, kwargs.get("execution")):
             super().handle_job_success(job, queue, *args, **kwargs)
 
     def handle_job_failure(self, job: Job, queue: Queue, *args: Any, **kwargs: Any) -> None:
-        if not self._taken(job, kwargs.get("execution")):
+        if not self._taken(job, kwargs.get("execution")) and not self._hand_back(job, queue, kwargs.get("execution")):
             super().handle_job_failure(job, queue, *args, **kwargs)
+
+    def _hand_back(self, job: Job, queue: Queue, execution: Any) -> bool:
+        """Put the job of a trial handed back on shutdown (recorded QUEUED) at the front of its queue, so another
+        worker resumes it from its last checkpoint with no master involved; False when it was not handed back."""
+        if not INTERRUPT.handed_back:
+            return False
+        with self.connection.pipeline() as pipe:
+            self.cleanup_execution(job, pipe, execution)
+            job.set_status(JobStatus.QUEUED, pipeline=pipe)
+            queue.push_job_id(job.id, pipeline=pipe, at_front=True)
+            pipe.execute()
+        log.info("job %s: handed back to queue %s (worker %s shutting down)", job.id, queue.name, self.name)
+        return True
 
     def _taken(self, job: Job, execution: Any) -> bool:
         """Whether ``job`` was taken from this worker while it ran (the master requeued it when it could not hear

@@ -123,11 +123,11 @@ def _end_of_epoch(spec: TrialSpec, store: ExperimentStore, control: Any, solver:
 def _finish(spec: TrialSpec, store: ExperimentStore, control: Any, solver: Solver | None, state: TrialState,
             reason: str, worker_name: str, seconds: float, sanity: list[dict[str, Any]] | None) -> TrialResult:
     """Record the trial's outcome (best = the best checkpoint on disk, so its name, history and result agree),
-    the trial still being ours."""
+    the trial still being ours; QUEUED hands it back (its worker is shutting down), to resume elsewhere."""
     control.confirm()
     best = next(iter(store.checkpoints(spec.trial_id)), None)
     result = store.transition(
-        spec.trial_id, state, reason, "finished", worker=worker_name,
+        spec.trial_id, state, reason, "finished" if state.terminal else "handed back", worker=worker_name,
         best_val_acc=best.val_acc if best else 0.0, best_epoch=best.epoch if best else 0,
         epochs_done=solver.epoch if solver is not None else 0, seconds=round(seconds, 6),
         checkpoint=best.path.name if best else None, sanity=sanity)
