@@ -1,6 +1,7 @@
 """Atomic file writes (temp file, fsync, rename) shared by nncore checkpoints and the worker's storage."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -23,7 +24,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Any], Any]) -> N
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # on a read-only or vanished folder, keep the first error, not this one
+            tmp.unlink(missing_ok=True)
         raise
 
 

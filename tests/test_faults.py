@@ -189,3 +189,76 @@ def test_a_busy_worker_stops_within_two_seconds_of_sigterm_ten_times_and_the_tri
         assert [e["event"] for e in site.store.read_events(tid)].count("handed back") == 10
     finally:
         site.stop()
+
+
+def fill(directory):
+    """Fill the file system of ``directory`` with one file until it is full; returns the file."""
+    filler = directory / "filler.bin"
+    chunk = b"\0" * (1 << 20)
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(chunk)
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+@pytest.fixture
+def tmpfs_site(tmp_path):
+    """A Site whose storage is a small tmpfs of its own (root only), unmounted at the end."""
+    made = Site(tmp_path, epochs=300)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(made.root)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}")
+    try:
+        yield made
+    finally:
+        made.stop()
+        subprocess.run(["umount", "-l", str(made.root)], check=False)
+
+
+def test_a_full_then_read_only_storage_pauses_the_workers_and_every_trial_finishes_once(tmpfs_site):
+    site = tmpfs_site
+    client = site.start_redis()
+    assert site.launch().returncode == 0
+    watch_log = open(site.tmp / "watch.out", "wb")
+    watcher = subprocess.Popen([sys.executable, "-m", "master.cli", "watch", "--experiment", site.name, "--url",
+                                site.url, "--storage", str(site.root)], stdout=watch_log, stderr=subprocess.STDOUT)
+    site.procs["watch"] = watcher
+    for name in ("w1", "w2"):
+        site.worker(name)
+
+    def paused(count):
+        return lambda: site.logs().count("storage full or read-only") >= count
+
+    def no_fault_blamed():
+        status = site.master("status", "--experiment", site.name)
+        assert status.returncode == 0, status.stderr
+        assert all(site.store.read_result(t) is None or site.store.read_result(t).state != "FAILED" for t in site.ids)
+        assert client.llen("rq:queue:hypersearch") >= 1  # the queue was not drained by failing trials
+
+    # 1. storage full: both busy workers pause, nothing fails, the queue waits; space returns, training goes on
+    wait_for(lambda: site.running("w1") and site.running("w2"), 60, "both workers two epochs into a trial")
+    filler = fill(site.root)
+    wait_for(paused(2), 30, "the workers to pause")
+    no_fault_blamed()
+    filler.unlink()
+    # 2. storage read-only (remounted): the same
+    wait_for(lambda: any(site.running(w, epoch=1) for w in ("w1", "w2")), 60, "training to go on")
+    seen = site.logs().count("storage full or read-only")
+    subprocess.run(["mount", "-o", "remount,ro", str(site.root)], check=True)
+    try:
+        wait_for(paused(seen + 1), 30, "a worker to pause on the read-only storage")
+        no_fault_blamed()
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(site.root)], check=True)
+
+    assert watcher.wait(180) == 0  # the watch saw the stage to its end
+    watch_log.close()
+    site.outputs.append((site.tmp / "watch.out").read_text())
+    site.assert_every_trial_completed_once()
+    assert "No space left on device" in site.logs() and "Read-only file system" in site.logs()

@@ -21,7 +21,7 @@ from worker.control import (STOP_GRACE_SECONDS, JobInterrupt, RedisControl, Stop
 from worker.spec import TrialSpec
 from worker.states import TrialState
 from worker.store import ExperimentStore, storage_root
-from worker.trainer import run_trial
+from worker.trainer import persist, run_trial
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,9 @@ def train_trial(spec: dict[str, Any]) -> dict[str, Any] | None:
     job = get_current_job()
     if job is None:
         raise RuntimeError("train_trial runs inside an RQ worker (worker start), not on its own")
-    store = ExperimentStore(storage_root(), trial.experiment).ensure()
     control = RedisControl(job.connection, trial.experiment, trial.trial_id, job.worker_name, interrupt=INTERRUPT,
                            job_key=job.key)
+    store = persist(control, ExperimentStore(storage_root(), trial.experiment).ensure)
     try:
         with INTERRUPT.running():
             result = run_trial(trial, store, control, job.worker_name)

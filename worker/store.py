@@ -2,7 +2,9 @@
 atomic writes, checkpoint names, and the one function that moves a trial or a stage between states."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -51,7 +53,14 @@ def probe_writable(directory: Path, root: Path | None = None) -> None:
         with tempfile.TemporaryFile(dir=directory):
             pass
     except OSError as exc:
-        raise StorageError(f"storage {root or directory}: not writable ({exc.strerror or exc})") from None
+        raise storage_error(f"storage {root or directory}: not writable ({exc.strerror or exc})", exc) from None
+
+
+def storage_error(message: str, cause: OSError) -> StorageError:
+    """A StorageError saying ``message`` that keeps ``cause``'s errno (a full or read-only storage is told apart)."""
+    error = StorageError(message)
+    error.errno = cause.errno
+    return error
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -109,8 +118,15 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     line = _json_line(record)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, line)
-        os.fsync(fd)
+        size = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            if os.write(fd, line) != len(line):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            os.fsync(fd)
+        except OSError:
+            with contextlib.suppress(OSError):  # a torn line would glue itself to the next one appended
+                os.ftruncate(fd, size)
+            raise
     finally:
         os.close(fd)
 
@@ -182,7 +198,7 @@ class ExperimentStore:
             for d in (self.trials_dir, self.stages_dir):
                 d.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StorageError(f"storage {self.root}: not writable ({exc.strerror or exc})") from None
+            raise storage_error(f"storage {self.root}: not writable ({exc.strerror or exc})", exc) from None
         probe_writable(self.dir, self.root)
         return self
 

@@ -1,10 +1,11 @@
 """Run one trial: build its data and model, train with a checkpoint every epoch, resume, report, obey stops."""
 from __future__ import annotations
 
+import errno
+import itertools
 import logging
 import time
-from typing import Any
-
+from typing import Any, Callable
 
 from nncore.data import load_dataset_cached
 from nncore.model import build_model
@@ -19,6 +20,24 @@ from worker.store import ExperimentStore
 log = logging.getLogger(__name__)
 
 SOLVER_STATES = {"completed": TrialState.COMPLETED, "diverged": TrialState.DIVERGED, "stopped": TrialState.KILLED}
+STORAGE_FAULTS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT})  # storage's fault, not the trial's or ours
+PAUSE_SECONDS = (1.0, 2.0, 5.0, 10.0)  # back-off while storage is full or read-only (then every 10 s)
+
+
+def persist(control: Any, write: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Make one storage write for a trial confirmed still ours right before it. While storage is full or
+    read-only, pause (say why in one line, back off, try again) instead of failing the trial: the fault is the
+    storage's, so it must neither count against the worker nor drain the queue. Other errors are raised."""
+    for attempt in itertools.count():
+        control.confirm()
+        try:
+            return write(*args, **kwargs)
+        except OSError as exc:
+            if exc.errno not in STORAGE_FAULTS:
+                raise
+            pause = PAUSE_SECONDS[min(attempt, len(PAUSE_SECONDS) - 1)]
+            log.warning("storage full or read-only (%s): paused, next try in %g s", exc, pause)
+            time.sleep(pause)
 
 
 class _StopCheck:
@@ -41,9 +60,9 @@ def run_trial(spec: TrialSpec, store: ExperimentStore, control: Any, worker_name
     tid = spec.trial_id
     spec_dict = spec.to_dict()
     if store.read_spec(tid) != spec_dict:
-        store.write_spec(spec_dict)
-    control.confirm()
-    store.transition(tid, TrialState.RUNNING, f"running on {worker_name}", "started", worker=worker_name)
+        persist(control, store.write_spec, spec_dict)
+    persist(control, store.transition, tid, TrialState.RUNNING, f"running on {worker_name}", "started",
+            worker=worker_name)
     control.report({"state": TrialState.RUNNING.value, "epochs": spec.epochs, "reason": ""})
     solver = None
     sanity: list[dict[str, Any]] | None = None
@@ -63,7 +82,7 @@ def run_trial(spec: TrialSpec, store: ExperimentStore, control: Any, worker_name
         stop = _StopCheck(control)
         solver = Solver(model, data, spec.solver, seed=spec.seed, should_stop=stop)
         solver.callback = lambda metrics: _end_of_epoch(spec, store, control, solver, metrics)
-        start_epoch = _restore(spec, store, solver)
+        start_epoch = _restore(spec, store, solver, control)
         if start_epoch:
             control.report({"epoch": start_epoch})
             log.info("trial %s: resuming at epoch %d of %d", tid, start_epoch, spec.epochs)
@@ -80,7 +99,7 @@ def run_trial(spec: TrialSpec, store: ExperimentStore, control: Any, worker_name
     return finish(state, outcome["reason"])
 
 
-def _restore(spec: TrialSpec, store: ExperimentStore, solver: Solver) -> int:
+def _restore(spec: TrialSpec, store: ExperimentStore, solver: Solver, control: Any) -> int:
     """Load the trial's latest checkpoint, or its parent's (copying the parent's history up to it) when it
     has none; trim history records past the restored epoch. Returns the epoch training resumes after."""
     tid = spec.trial_id
@@ -93,7 +112,8 @@ def _restore(spec: TrialSpec, store: ExperimentStore, solver: Solver) -> int:
         solver.load_state_arrays(store.read_checkpoint(parent)[0])
         epoch = parent.epoch
         history = store.read_history(spec.parent)
-        store.write_checkpoint(tid, epoch, parent.val_acc, solver.state_arrays(), spec.keep, spec.to_dict())
+        persist(control, store.write_checkpoint, tid, epoch, parent.val_acc, solver.state_arrays(), spec.keep,
+                spec.to_dict())
         log.info("trial %s: starting from parent %s at epoch %d", tid, spec.parent, epoch)
     else:
         if spec.parent is not None:
@@ -101,7 +121,7 @@ def _restore(spec: TrialSpec, store: ExperimentStore, solver: Solver) -> int:
         epoch = 0
     kept = [r for r in history if r["epoch"] <= epoch]
     if kept != current:
-        store.write_history(tid, kept)
+        persist(control, store.write_history, tid, kept)
     return epoch
 
 
@@ -109,10 +129,9 @@ def _end_of_epoch(spec: TrialSpec, store: ExperimentStore, control: Any, solver:
                   metrics: dict[str, Any]) -> None:
     """Persist one finished epoch (history line, then checkpoint), the trial still being ours, and publish it."""
     epoch = metrics["epoch"]
-    control.confirm()
-    store.append_history(spec.trial_id, {**metrics, "time": time.time()})
-    store.write_checkpoint(spec.trial_id, epoch, metrics["val_acc"], solver.state_arrays(), spec.keep,
-                           spec.to_dict())
+    persist(control, store.append_history, spec.trial_id, {**metrics, "time": time.time()})
+    persist(control, store.write_checkpoint, spec.trial_id, epoch, metrics["val_acc"], solver.state_arrays(),
+            spec.keep, spec.to_dict())
     control.report({
         "epoch": epoch, "train_loss": metrics["train_loss"], "last_loss": metrics["train_loss"],
         "initial_loss": solver.initial_loss, "train_acc": metrics["train_acc"], "val_acc": metrics["val_acc"],
@@ -124,10 +143,10 @@ def _finish(spec: TrialSpec, store: ExperimentStore, control: Any, solver: Solve
             reason: str, worker_name: str, seconds: float, sanity: list[dict[str, Any]] | None) -> TrialResult:
     """Record the trial's outcome (best = the best checkpoint on disk, so its name, history and result agree),
     the trial still being ours; QUEUED hands it back (its worker is shutting down), to resume elsewhere."""
-    control.confirm()
     best = next(iter(store.checkpoints(spec.trial_id)), None)
-    result = store.transition(
-        spec.trial_id, state, reason, "finished" if state.terminal else "handed back", worker=worker_name,
+    event = "finished" if state.terminal else "handed back"
+    result = persist(
+        control, store.transition, spec.trial_id, state, reason, event, worker=worker_name,
         best_val_acc=best.val_acc if best else 0.0, best_epoch=best.epoch if best else 0,
         epochs_done=solver.epoch if solver is not None else 0, seconds=round(seconds, 6),
         checkpoint=best.path.name if best else None, sanity=sanity)
