@@ -262,3 +262,63 @@ def test_a_full_then_read_only_storage_pauses_the_workers_and_every_trial_finish
     site.outputs.append((site.tmp / "watch.out").read_text())
     site.assert_every_trial_completed_once()
     assert "No space left on device" in site.logs() and "Read-only file system" in site.logs()
+
+
+def test_a_run_that_loses_its_trial_between_writing_and_renaming_writes_nothing(tmp_path, monkeypatch):
+    """The window of a paused zombie: its job is requeued to another worker after its ownership check and before
+    its rename (here: while the file is fsynced). The fence right before the rename forbids it."""
+    import fakeredis
+    import numpy as np
+
+    from worker.control import RedisControl, TrialLost
+
+    conn = fakeredis.FakeRedis()
+    key = "rq:job:hs_zombie__coarse-0000"
+    conn.hset(key, mapping={"status": "started", "worker_name": "w1", "data": "{}"})
+    control = RedisControl(conn, "zombie", "coarse-0000", "w1", job_key=key)
+    store = ExperimentStore(tmp_path, "zombie").ensure().fenced(control.confirm)
+    store.write_checkpoint("coarse-0000", 1, 0.5, {"w": np.zeros(3)}, keep=2)
+    store.append_history("coarse-0000", {"epoch": 1})
+    fsync = os.fsync
+
+    def requeued_meanwhile(fd):
+        fsync(fd)
+        conn.hset(key, mapping={"status": "started", "worker_name": "w2"})  # the master gave it to w2
+
+    monkeypatch.setattr(os, "fsync", requeued_meanwhile)
+    with pytest.raises(TrialLost):
+        store.write_checkpoint("coarse-0000", 2, 0.6, {"w": np.ones(3)}, keep=2)
+    with pytest.raises(TrialLost):
+        store.append_history("coarse-0000", {"epoch": 2})
+    assert [c.epoch for c in store.checkpoints("coarse-0000")] == [1]
+    assert [r["epoch"] for r in store.read_history("coarse-0000")] == [1]
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_paused_worker_that_comes_back_after_its_trial_was_requeued_writes_nothing(tmp_path):
+    site = Site(tmp_path, epochs=300, trials=1)
+    try:
+        site.start_redis()
+        assert site.launch().returncode == 0
+        watch_log = open(site.tmp / "watch.out", "wb")
+        site.procs["watch"] = subprocess.Popen(
+            [sys.executable, "-m", "master.cli", "watch", "--experiment", site.name, "--url", site.url, "--storage",
+             str(site.root)], stdout=watch_log, stderr=subprocess.STDOUT)
+        (tid,) = site.ids
+        zombie = site.worker("w1")
+        wait_for(lambda: site.running("w1"), 60, "w1 two epochs into the trial")
+        zombie.send_signal(signal.SIGSTOP)  # past the watch's 15 s heartbeat timeout
+        site.worker("w2")
+        wait_for(lambda: site.running("w2", epoch=1), 90, "the watch to requeue the trial to w2")
+        zombie.send_signal(signal.SIGCONT)
+        wait_for(lambda: f"trial {tid}: no longer this worker's" in site.logs(), 30, "w1 to let the trial go")
+        assert site.procs["watch"].wait(120) == 0
+        watch_log.close()
+        site.outputs.append((site.tmp / "watch.out").read_text())
+        site.assert_every_trial_completed_once()
+        assert site.store.read_result(tid).worker == "w2"
+        assert any(e["event"] == "requeue" and e["reason"] == "worker w1 lost heartbeat"
+                   for e in site.store.read_events(tid))
+        assert zombie.poll() is None  # w1 lives on, not quarantined, ready for the next job
+    finally:
+        site.stop()

@@ -42,7 +42,7 @@ def train_trial(spec: dict[str, Any]) -> dict[str, Any] | None:
         raise RuntimeError("train_trial runs inside an RQ worker (worker start), not on its own")
     control = RedisControl(job.connection, trial.experiment, trial.trial_id, job.worker_name, interrupt=INTERRUPT,
                            job_key=job.key)
-    store = persist(control, ExperimentStore(storage_root(), trial.experiment).ensure)
+    store = persist(ExperimentStore(storage_root(), trial.experiment).ensure)
     try:
         with INTERRUPT.running():
             result = run_trial(trial, store, control, job.worker_name)

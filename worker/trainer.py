@@ -24,12 +24,11 @@ STORAGE_FAULTS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT})  # storage
 PAUSE_SECONDS = (1.0, 2.0, 5.0, 10.0)  # back-off while storage is full or read-only (then every 10 s)
 
 
-def persist(control: Any, write: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Make one storage write for a trial confirmed still ours right before it. While storage is full or
-    read-only, pause (say why in one line, back off, try again) instead of failing the trial: the fault is the
-    storage's, so it must neither count against the worker nor drain the queue. Other errors are raised."""
+def persist(write: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Make one storage write. While storage is full or read-only, pause (say why in one line, back off, try
+    again) instead of failing the trial: the fault is the storage's, so it must neither count against the worker
+    nor drain the queue. Other errors are raised."""
     for attempt in itertools.count():
-        control.confirm()
         try:
             return write(*args, **kwargs)
         except OSError as exc:
@@ -54,14 +53,16 @@ class _StopCheck:
 
 def run_trial(spec: TrialSpec, store: ExperimentStore, control: Any, worker_name: str = "local") -> TrialResult:
     """Train ``spec`` to its epoch budget (resuming from its own or its parent's latest checkpoint) and
-    return its final record. An exception is recorded as FAILED (StopJob as KILLED) and re-raised; TrialLost
+    return its final record; each write is allowed by ``control.confirm()`` right before its rename or append.
+    An exception is recorded as FAILED (StopJob as KILLED) and re-raised; TrialLost
     (``control`` found the trial's job taken from this worker) ends it at once, writing nothing more."""
     started = time.perf_counter()
+    store = store.fenced(control.confirm)  # ownership checked right before each rename or append
     tid = spec.trial_id
     spec_dict = spec.to_dict()
     if store.read_spec(tid) != spec_dict:
-        persist(control, store.write_spec, spec_dict)
-    persist(control, store.transition, tid, TrialState.RUNNING, f"running on {worker_name}", "started",
+        persist(store.write_spec, spec_dict)
+    persist(store.transition, tid, TrialState.RUNNING, f"running on {worker_name}", "started",
             worker=worker_name)
     control.report({"state": TrialState.RUNNING.value, "epochs": spec.epochs, "reason": ""})
     solver = None
@@ -82,7 +83,7 @@ def run_trial(spec: TrialSpec, store: ExperimentStore, control: Any, worker_name
         stop = _StopCheck(control)
         solver = Solver(model, data, spec.solver, seed=spec.seed, should_stop=stop)
         solver.callback = lambda metrics: _end_of_epoch(spec, store, control, solver, metrics)
-        start_epoch = _restore(spec, store, solver, control)
+        start_epoch = _restore(spec, store, solver)
         if start_epoch:
             control.report({"epoch": start_epoch})
             log.info("trial %s: resuming at epoch %d of %d", tid, start_epoch, spec.epochs)
@@ -99,7 +100,7 @@ def run_trial(spec: TrialSpec, store: ExperimentStore, control: Any, worker_name
     return finish(state, outcome["reason"])
 
 
-def _restore(spec: TrialSpec, store: ExperimentStore, solver: Solver, control: Any) -> int:
+def _restore(spec: TrialSpec, store: ExperimentStore, solver: Solver) -> int:
     """Load the trial's latest checkpoint, or its parent's (copying the parent's history up to it) when it
     has none; trim history records past the restored epoch. Returns the epoch training resumes after."""
     tid = spec.trial_id
@@ -112,7 +113,7 @@ def _restore(spec: TrialSpec, store: ExperimentStore, solver: Solver, control: A
         solver.load_state_arrays(store.read_checkpoint(parent)[0])
         epoch = parent.epoch
         history = store.read_history(spec.parent)
-        persist(control, store.write_checkpoint, tid, epoch, parent.val_acc, solver.state_arrays(), spec.keep,
+        persist(store.write_checkpoint, tid, epoch, parent.val_acc, solver.state_arrays(), spec.keep,
                 spec.to_dict())
         log.info("trial %s: starting from parent %s at epoch %d", tid, spec.parent, epoch)
     else:
@@ -121,7 +122,7 @@ def _restore(spec: TrialSpec, store: ExperimentStore, solver: Solver, control: A
         epoch = 0
     kept = [r for r in history if r["epoch"] <= epoch]
     if kept != current:
-        persist(control, store.write_history, tid, kept)
+        persist(store.write_history, tid, kept)
     return epoch
 
 
@@ -129,8 +130,8 @@ def _end_of_epoch(spec: TrialSpec, store: ExperimentStore, control: Any, solver:
                   metrics: dict[str, Any]) -> None:
     """Persist one finished epoch (history line, then checkpoint), the trial still being ours, and publish it."""
     epoch = metrics["epoch"]
-    persist(control, store.append_history, spec.trial_id, {**metrics, "time": time.time()})
-    persist(control, store.write_checkpoint, spec.trial_id, epoch, metrics["val_acc"], solver.state_arrays(),
+    persist(store.append_history, spec.trial_id, {**metrics, "time": time.time()})
+    persist(store.write_checkpoint, spec.trial_id, epoch, metrics["val_acc"], solver.state_arrays(),
             spec.keep, spec.to_dict())
     control.report({
         "epoch": epoch, "train_loss": metrics["train_loss"], "last_loss": metrics["train_loss"],
@@ -146,7 +147,7 @@ def _finish(spec: TrialSpec, store: ExperimentStore, control: Any, solver: Solve
     best = next(iter(store.checkpoints(spec.trial_id)), None)
     event = "finished" if state.terminal else "handed back"
     result = persist(
-        control, store.transition, spec.trial_id, state, reason, event, worker=worker_name,
+        store.transition, spec.trial_id, state, reason, event, worker=worker_name,
         best_val_acc=best.val_acc if best else 0.0, best_epoch=best.epoch if best else 0,
         epochs_done=solver.epoch if solver is not None else 0, seconds=round(seconds, 6),
         checkpoint=best.path.name if best else None, sanity=sanity)
