@@ -13,35 +13,9 @@ import redis
 from master.embedded import free_port, redis_server_binary
 from worker.store import ExperimentStore
 
-from conftest import wait_for
+from conftest import FAULTS_CONFIG, answers, reap, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-
-CONFIG = """\
-[experiment]
-name = "{name}"
-dataset = "digits"
-seed = 0
-
-[model]
-hidden = [256]
-
-[solver]
-update = "adam"
-batch_size = 8
-
-[stages.coarse]
-epochs = {epochs}
-trials = {trials}
-prune = "none"
-
-[space.solver]
-lr = {{ dist = "loguniform", low = 1e-4, high = 1e-3 }}
-
-[watch]
-heartbeat_seconds = 15
-poll_seconds = 0.5
-"""
 
 
 class Site:
@@ -53,7 +27,7 @@ class Site:
         self.root = tmp_path / "storage"
         self.root.mkdir()
         self.config = tmp_path / f"{name}.toml"
-        self.config.write_text(CONFIG.format(name=name, epochs=epochs, trials=trials))
+        self.config.write_text(FAULTS_CONFIG.format(name=name, epochs=epochs, trials=trials, heartbeat=15))
         self.ids = [f"coarse-{i:04d}" for i in range(trials)]
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
@@ -67,7 +41,7 @@ class Site:
                                         "--save", "", "--appendonly", "no"],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
-        wait_for(lambda: _answers(client), 10, "redis-server")
+        wait_for(lambda: answers(client), 10, "redis-server")
         return client
 
     def kill_redis(self):
@@ -121,20 +95,7 @@ class Site:
         assert not list(self.root.rglob("*.tmp"))
 
     def stop(self):
-        alive = [p for p in self.procs.values() if p.poll() is None]
-        for p in alive:
-            p.send_signal(signal.SIGKILL)
-        for p in alive:
-            p.wait(10)
-        if self.server is not None and self.server.poll() is None:
-            self.kill_redis()
-
-
-def _answers(client):
-    try:
-        return client.ping()
-    except redis.RedisError:
-        return False
+        reap(self.procs.values(), self.server)
 
 
 @pytest.fixture
