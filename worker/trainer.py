@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 SOLVER_STATES = {"completed": TrialState.COMPLETED, "diverged": TrialState.DIVERGED, "stopped": TrialState.KILLED}
 STORAGE_FAULTS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT})  # storage's fault, not the trial's or ours
+HANDED_BACK = "handed back"  # the event of a trial its shutting-down worker recorded QUEUED
 PAUSE_SECONDS = (1.0, 2.0, 5.0, 10.0)  # back-off while storage is full or read-only (then every 10 s)
 
 
@@ -145,7 +146,7 @@ def _finish(spec: TrialSpec, store: ExperimentStore, control: Any, solver: Solve
     """Record the trial's outcome (best = the best checkpoint on disk, so its name, history and result agree),
     the trial still being ours; QUEUED hands it back (its worker is shutting down), to resume elsewhere."""
     best = next(iter(store.checkpoints(spec.trial_id)), None)
-    event = "finished" if state.terminal else "handed back"
+    event = "finished" if state.terminal else HANDED_BACK
     result = persist(
         store.transition, spec.trial_id, state, reason, event, worker=worker_name,
         best_val_acc=best.val_acc if best else 0.0, best_epoch=best.epoch if best else 0,
