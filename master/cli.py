@@ -43,7 +43,7 @@ class CliError(click.ClickException):
 
 
 USER_ERRORS = (ConfigError, SpecError, DataError, StorageError, dispatch.DispatchError,
-               EmbeddedError, EnsembleError, LaunchError, ExperimentError)
+               EmbeddedError, EnsembleError, LaunchError, ExperimentError, OSError)  # OSError: storage full, read-only
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:

@@ -15,7 +15,8 @@ from rq.utils import utcparse
 from rq.worker import Worker
 
 from worker.control import (DEFAULT_QUEUE, DEFAULT_REDIS_URL, KEY_TTL_SECONDS, ControlError, job_key, job_owner,
-                            mask_url, open_redis, read_job_owner, read_progress, redis_url, reset_trial, stop_key)
+                            job_record_key, mask_url, open_redis, read_job_owner, read_progress, redis_url,
+                            reset_trial, stop_key)
 from worker.control import request_stop as _request_stop
 from worker.spec import TrialSpec, check_name
 from worker.states import TrialState
@@ -131,7 +132,7 @@ class Dispatcher:
 
     def _drop_inactive_jobs(self, ids: list[str]) -> None:
         """Delete the jobs (finished, failed, stopped, canceled) among ``ids`` so they can be enqueued afresh."""
-        for job in Job.fetch_many(ids, connection=self.conn, serializer=JSONSerializer):
+        for job in self._fetch(ids):
             if job is None:
                 continue
             if job.get_status(refresh=False) in ACTIVE_STATUSES:
@@ -140,10 +141,19 @@ class Dispatcher:
                 job.delete()
 
     def _missing(self, ids: list[str]) -> list[str]:
+        """The ids among ``ids`` without a job record RQ can read (no key, or a fragment such as the lone
+        ``last_heartbeat`` an old worker's heartbeat left after Redis restarted empty): those trials need a job."""
         with self.conn.pipeline(transaction=False) as pipe:
             for jid in ids:
-                pipe.exists(Job.key_for(jid))
+                job_record_key(pipe, Job.key_for(jid))
             return [jid for jid, found in zip(ids, pipe.execute()) if not found]
+
+    def _fetch(self, ids: list[str]) -> list[Job | None]:
+        """The jobs of ``ids`` (None where ``_missing``: a fragment counts as no job, it never raises)."""
+        missing = set(self._missing(ids))
+        known = [jid for jid in ids if jid not in missing]
+        jobs = dict(zip(known, Job.fetch_many(known, connection=self.conn, serializer=JSONSerializer)))
+        return [jobs.get(jid) for jid in ids]
 
     def _enqueue_missing(self, wanted: dict[str, TrialSpec],
                          on_enqueue: Callable[[list[TrialSpec]], None] | None) -> list[str]:
@@ -162,6 +172,7 @@ class Dispatcher:
                     if on_enqueue is not None:
                         on_enqueue(specs)
                     pipe.multi()
+                    pipe.delete(*[Job.key_for(jid) for jid in missing])  # fragments RQ could not read
                     for s in specs:
                         reset_trial(pipe, s.experiment, s.trial_id, s.epochs)
                     self.queue.enqueue_many([self._job_data(jid, s) for jid, s in zip(missing, specs)], pipeline=pipe)
@@ -234,11 +245,13 @@ class Dispatcher:
         trial being stopped still ends with its reason."""
         ids = [job_id(s.experiment, s.trial_id) for s in specs]
         stops = {s.trial_id: self.conn.get(stop_key(s.experiment, s.trial_id)) for s in specs}
-        old_jobs = Job.fetch_many(ids, connection=self.conn, serializer=JSONSerializer)
+        old_jobs = self._fetch(ids)
         with self.conn.pipeline() as pipe:
-            for job in old_jobs:
+            for jid, job in zip(ids, old_jobs):
                 if job is not None:
                     job.delete(pipeline=pipe)
+                else:
+                    pipe.delete(Job.key_for(jid))  # a fragment RQ could not read
             for s in specs:
                 reset_trial(pipe, s.experiment, s.trial_id, s.epochs)
                 if stops[s.trial_id] is not None:

@@ -30,6 +30,7 @@ from worker.records import ExperimentRecord, StageRecord, TrialResult
 from worker.spec import SpecError, TrialSpec
 from worker.states import StageStatus, TrialState
 from worker.store import ExperimentStore, now_iso, probe_writable, storage_root
+from worker.trainer import HANDED_BACK
 
 log = logging.getLogger(__name__)
 
@@ -401,10 +402,16 @@ def stop_trials(store: ExperimentStore, dispatcher: dispatch.Dispatcher, specs: 
 
 def requeue_interrupted(store: ExperimentStore, specs: list[TrialSpec]) -> None:
     """Trials that stopped because the user interrupted the launch are unfinished, not killed: they go back to
-    QUEUED (the reason kept), so launching again resumes them from their checkpoints."""
+    QUEUED (the reason kept), so launching again resumes them from their checkpoints. A local worker that got
+    the Ctrl-C itself handed its trial back QUEUED ("shutting down"): recorded as interrupted too."""
     for spec in specs:
         result = store.read_result(spec.trial_id)
-        if result is not None and result.state is TrialState.KILLED and result.reason == INTERRUPTED_REASON:
+        if result is None:
+            continue
+        killed = result.state is TrialState.KILLED and result.reason == INTERRUPTED_REASON
+        handed_back = result.state is TrialState.QUEUED and \
+            (store.read_events(spec.trial_id) or [{}])[-1].get("event") == HANDED_BACK
+        if killed or handed_back:
             store.transition(spec.trial_id, TrialState.QUEUED, INTERRUPTED_REASON, "interrupted")
 
 

@@ -287,6 +287,8 @@ def watch(monitor: Monitor, *, until_done: bool = True, on_event: Callable[[Even
                     on_event(event)
             except RedisError as exc:
                 log.warning("cannot reach Redis this time: %s", exc)
+            except OSError as exc:  # storage full, read-only or gone: the next tick tries again
+                log.warning("cannot write to shared storage this time: %s", exc)
             wait = next_look(monitor.watch.poll_seconds, time.monotonic() - started)
             next_tick = time.monotonic() + wait
         if look is None:

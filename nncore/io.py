@@ -1,6 +1,7 @@
 """Atomic file writes (temp file, fsync, rename) shared by nncore checkpoints and the worker's storage."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -8,11 +9,13 @@ from typing import Any, Callable
 import numpy as np
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Any], Any]) -> None:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Any], Any],
+                 fence: Callable[[], None] | None = None) -> None:
     """Write through ``write(fileobj)`` into ``<path>.<random>.tmp``, fsync it, then rename it over ``path``.
 
     Readers never see a partial file; on any error the temp file is removed and ``path`` is untouched. The
-    temp name is unique per call, so two writers of one file never write through the same temp file.
+    temp name is unique per call, so two writers of one file never write through the same temp file. ``fence``
+    runs right before the rename and may raise to forbid it (a writer that lost ownership of the file).
     """
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.urandom(4).hex()}.tmp")
@@ -21,12 +24,17 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Any], Any]) -> N
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if fence is not None:
+            fence()
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # on a read-only or vanished folder, keep the first error, not this one
+            tmp.unlink(missing_ok=True)
         raise
 
 
-def atomic_write_npz(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]) -> None:
-    """Save ``arrays`` as an uncompressed ``.npz`` atomically, refusing object arrays (no pickle)."""
-    atomic_write(path, lambda f: np.savez(f, allow_pickle=False, **arrays))
+def atomic_write_npz(path: str | os.PathLike[str], arrays: dict[str, np.ndarray],
+                     fence: Callable[[], None] | None = None) -> None:
+    """Save ``arrays`` as an uncompressed ``.npz`` atomically, refusing object arrays (no pickle); ``fence`` as
+    in ``atomic_write``."""
+    atomic_write(path, lambda f: np.savez(f, allow_pickle=False, **arrays), fence)

@@ -42,6 +42,50 @@ hidden = {{ dist = "choice", values = [[32], [64]] }}
 """
 
 
+FAULTS_CONFIG = """\
+[experiment]
+name = "{name}"
+dataset = "digits"
+seed = 0
+
+[model]
+hidden = [256]
+
+[solver]
+update = "adam"
+batch_size = 8
+
+[stages.coarse]
+epochs = {epochs}
+trials = {trials}
+prune = "none"
+
+[space.solver]
+lr = {{ dist = "loguniform", low = 1e-4, high = 1e-3 }}
+
+[watch]
+heartbeat_seconds = {heartbeat}
+poll_seconds = 0.5
+"""  # the fault tests' stage: small batches, so a trial of a few dozen epochs lasts seconds
+
+
+def answers(client) -> bool:
+    """Whether the Redis server behind ``client`` answers PING."""
+    try:
+        return client.ping()
+    except redis.RedisError:
+        return False
+
+
+def reap(procs, server=None) -> None:
+    """SIGKILL the processes of ``procs`` still running and the Redis ``server`` (a Popen or None); wait for each."""
+    alive = [p for p in [*procs, server] if p is not None and p.poll() is None]
+    for p in alive:
+        p.send_signal(signal.SIGKILL)
+    for p in alive:
+        p.wait(10)
+
+
 def wait_for(predicate, timeout: float = 30.0, what: str = "the condition", interval: float = 0.05) -> None:
     """Poll ``predicate`` every ``interval`` seconds until it is true; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -2,7 +2,6 @@
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from master.embedded import free_port, redis_server_binary
 from master.leaderboard import build_leaderboard
 from worker.store import Checkpoint, ExperimentStore, load_npz
 
-from conftest import outcome, wait_for
+from conftest import FAULTS_CONFIG, answers, reap, outcome, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns, pytest.mark.timeout(300)]
 
@@ -24,31 +23,7 @@ TRIALS, EPOCHS = 24, 40  # ~2 s of training each: the stage outlasts the kill an
 PARTITION_SECONDS = 20
 HEARTBEAT_SECONDS = 15  # [watch]: above the workers' 10 s heartbeat, below the partition
 
-CONFIG = f"""\
-[experiment]
-name = "faults"
-dataset = "digits"
-seed = 0
-
-[model]
-hidden = [256]
-
-[solver]
-update = "adam"
-batch_size = 8
-
-[stages.coarse]
-epochs = {EPOCHS}
-trials = {TRIALS}
-prune = "none"
-
-[space.solver]
-lr = {{ dist = "loguniform", low = 1e-4, high = 1e-3 }}
-
-[watch]
-heartbeat_seconds = {HEARTBEAT_SECONDS}
-poll_seconds = 0.5
-"""
+CONFIG = FAULTS_CONFIG.format(name="faults", epochs=EPOCHS, trials=TRIALS, heartbeat=HEARTBEAT_SECONDS)
 
 
 def ip(*args, check=True):
@@ -127,7 +102,7 @@ class Cluster:
              "--appendonly", "yes", "--save", "", "--dir", str(self.redis_dir), "--logfile", "redis.log"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis.from_url(self.url(), socket_connect_timeout=0.5)
-        wait_for(lambda: _answers(client), 10, "redis-server")
+        wait_for(lambda: answers(client), 10, "redis-server")
 
     def restart_redis(self):
         """SHUTDOWN (the append-only file is flushed) and start the same server again."""
@@ -160,21 +135,7 @@ class Cluster:
         return {p.stem: p.read_text(errors="replace") for p in sorted(self.tmp.glob("*.log"))}
 
     def stop(self):
-        alive = [p for p in self.procs.values() if p.poll() is None]
-        for p in alive:
-            p.send_signal(signal.SIGKILL)
-        for p in alive:
-            p.wait(10)
-        if self.server is not None and self.server.poll() is None:
-            self.server.kill()
-            self.server.wait(10)
-
-
-def _answers(client):
-    try:
-        return client.ping()
-    except redis.RedisError:
-        return False
+        reap(self.procs.values(), self.server)
 
 
 @pytest.fixture

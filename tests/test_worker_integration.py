@@ -142,7 +142,8 @@ def test_stops_reach_trials_in_other_processes(rq_redis, workers, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.redis
-def test_sigterm_is_a_warm_shutdown(rq_redis, workers, tmp_path):
+def test_sigterm_hands_the_running_trial_back_and_the_worker_exits_within_two_seconds(rq_redis, workers, tmp_path):
+    # issue 16 changed this: a busy worker used to finish its trial first (a warm shutdown of minutes)
     url, conn, tag = rq_redis
     experiment, queue, storage = f"it-{tag}", f"hs-it-{tag}", tmp_path / "storage"
     dispatcher = Dispatcher(conn, queue)
@@ -151,12 +152,23 @@ def test_sigterm_is_a_warm_shutdown(rq_redis, workers, tmp_path):
     proc = workers.start(worker_command(url, storage, queue, f"it-{tag}-1"))  # not --burst
     wait_for(lambda: dispatcher.progress(experiment).get(spec.trial_id, {}).get("epoch", 0) >= 1, 60,
              "the trial to run")
+    asked = time.monotonic()
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(120) == 0, workers.logs()
+    assert proc.wait(10) == 0, workers.logs()
+    assert time.monotonic() - asked < 2.0
     store = ExperimentStore(storage, experiment)
-    assert store.read_result(spec.trial_id).state == "COMPLETED"  # the running trial was finished
+    result = store.read_result(spec.trial_id)
+    assert (result.state, result.reason) == ("QUEUED", f"worker it-{tag}-1 shutting down")  # handed back, not KILLED
+    kept = store.latest_checkpoint(spec.trial_id).epoch
+    assert 1 <= kept < spec.epochs
     assert store.read_result("coarse-0001") is None  # and no new one was started (never recorded RUNNING)
-    assert dispatcher.counts(experiment)["queued"] == 1
+    assert dispatcher.counts(experiment)["queued"] == 2  # both jobs wait in the queue: no master needed
+
+    assert workers.start(worker_command(url, storage, queue, f"it-{tag}-2", "--burst")).wait(120) == 0
+    result = store.read_result(spec.trial_id)
+    assert (result.state, result.epochs_done, result.worker) == ("COMPLETED", spec.epochs, f"it-{tag}-2")
+    assert [r["epoch"] for r in store.read_history(spec.trial_id)] == list(range(1, spec.epochs + 1))
+    assert [e["event"] for e in store.read_events(spec.trial_id)].count("finished") == 1
 
 
 @pytest.mark.slow

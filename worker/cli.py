@@ -47,7 +47,8 @@ def main() -> None:
               help="BLAS threads for this worker (N workers x 1 thread use N cores).")
 @click.option("--burst", is_flag=True, help="Quit when the queue is empty.")
 def start(url: str | None, storage: str | None, queue: str, name: str | None, threads: int, burst: bool) -> None:
-    """Run a worker: one trial at a time, in this process; Ctrl-C / SIGTERM finishes the trial, then quits."""
+    """Run a worker: one trial at a time, in this process; Ctrl-C / SIGTERM hands the running trial back to the
+    queue at its next batch (it resumes from its last checkpoint elsewhere), then quits."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     url = redis_url(url) or DEFAULT_REDIS_URL

@@ -106,12 +106,12 @@ def request_stop(conn: redis.Redis, experiment: str, trial_id: str, reason: str,
 
 def stop_request(reason: str, state: TrialState = TrialState.KILLED) -> str:
     """A stop request as its key holds it: the reason (KILLED), or a JSON object naming the state (``stopped_as``
-    reads both)."""
+    reads both). QUEUED hands the trial back (its worker is shutting down): it resumes elsewhere."""
     reason = reason or "stopped by user"
-    if state is TrialState.DIVERGED:
+    if state in (TrialState.DIVERGED, TrialState.QUEUED):
         return json.dumps({"state": state.value, "reason": reason})
     if state is not TrialState.KILLED:
-        raise ValueError(f"a stop request ends a trial KILLED or DIVERGED, not {state.value}")
+        raise ValueError(f"a stop request ends a trial KILLED or DIVERGED, not {state.value} (QUEUED hands it back)")
     return reason
 
 
@@ -176,6 +176,27 @@ def job_key(rq_job_id: str) -> str:
     return Job.key_for(rq_job_id)
 
 
+def touch_job(conn: redis.Redis, key: str, field: str, value: str) -> None:
+    """Set one field of the RQ job hash at ``key`` only while that hash exists (checked and set in one
+    transaction): a worker must never recreate a job key that Redis lost or the master deleted, as RQ's
+    heartbeat would (a hash holding that one field, which RQ cannot read back)."""
+    with conn.pipeline() as pipe:
+        try:
+            pipe.watch(key)
+            if pipe.exists(key):
+                pipe.multi()
+                pipe.hset(key, field, value)
+                pipe.execute()
+        except redis.WatchError:
+            pass  # the job changed meanwhile (the master requeued it): not ours to stamp
+
+
+def job_record_key(conn: Any, key: str) -> Any:
+    """Queue a check that the hash at ``key`` is a whole RQ job record (it holds the job's data), not a
+    fragment left by a heartbeat; on a pipeline, its slot in the results."""
+    return conn.hexists(key, "data")
+
+
 def read_job_owner(conn: Any, key: str) -> Any:
     """Queue a read of (status, worker name) of the RQ job hash at ``key`` on ``conn`` (a client: the answer;
     a pipeline: its slot in the pipeline's results). ``job_owner`` decodes the answer."""
@@ -203,16 +224,22 @@ class JobInterrupt:
     asynchronously in the job's thread if it is still running ``grace`` seconds later."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: a signal handler may request a stop while the thread holds it
         self._thread: int | None = None
         self._timer: threading.Timer | None = None
         self.reason: str | None = None
+        self.handed_back = False  # the job's trial was handed back QUEUED on this request: requeue the job
 
     def clear(self) -> None:
         """Forget any request (a new job is about to start)."""
         with self._lock:
             self.reason = None
+            self.handed_back = False
             self._cancel_timer()
+
+    def hands_back(self) -> bool:
+        """Whether the request asks to hand the trial back to the queue (its worker is shutting down)."""
+        return self.reason is not None and stopped_as(self.reason)[0] is TrialState.QUEUED
 
     @contextlib.contextmanager
     def running(self) -> Iterator[JobInterrupt]:

@@ -10,17 +10,18 @@ from typing import Any
 import redis
 from rq import get_current_job
 from rq.exceptions import DeserializationError
-from rq.job import Job
+from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
+from rq.utils import utcformat
 from rq.worker import BaseWorker, SimpleWorker
 
 from worker.control import (STOP_GRACE_SECONDS, JobInterrupt, RedisControl, StopJob, TrialLost, job_owner_problem,
-                            read_job_owner)
+                            read_job_owner, stop_request, touch_job)
 from worker.spec import TrialSpec
 from worker.states import TrialState
 from worker.store import ExperimentStore, storage_root
-from worker.trainer import run_trial
+from worker.trainer import persist, run_trial
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +40,21 @@ def train_trial(spec: dict[str, Any]) -> dict[str, Any] | None:
     job = get_current_job()
     if job is None:
         raise RuntimeError("train_trial runs inside an RQ worker (worker start), not on its own")
-    store = ExperimentStore(storage_root(), trial.experiment).ensure()
     control = RedisControl(job.connection, trial.experiment, trial.trial_id, job.worker_name, interrupt=INTERRUPT,
                            job_key=job.key)
+    store = persist(ExperimentStore(storage_root(), trial.experiment).ensure)
     try:
         with INTERRUPT.running():
             result = run_trial(trial, store, control, job.worker_name)
     except TrialLost as exc:
         log.warning("%s", exc)
         return None
+    except StopJob:
+        INTERRUPT.handed_back = INTERRUPT.hands_back()  # recorded QUEUED by the trainer on its way out
+        raise
+    if result.state is TrialState.QUEUED:
+        INTERRUPT.handed_back = True
+        return result.to_dict()
     if INTERRUPT.reason is not None and result.state is TrialState.KILLED:
         raise StopJob(result.reason)  # RQ's stop-job command: the job ends STOPPED, as with RQ's forking worker
     return result.to_dict()
@@ -67,6 +74,22 @@ def refusal(job: Job, allowed: frozenset[str] = ALLOWED_FUNCTIONS) -> str | None
         if name is not None and name not in allowed:
             return f"refused: {name!r} is not an allowed job function"
     return None
+
+
+class TrialJob(Job):
+    """An RQ job whose heartbeat never recreates its hash: RQ's sets ``last_heartbeat`` whether or not the hash
+    exists, so after Redis restarted empty a worker left a key the master could neither read nor replace."""
+
+    def heartbeat(self, timestamp: Any, ttl: int, pipeline: Any = None, xx: bool = False) -> None:
+        """Stamp the job's heartbeat while its hash exists. Inside RQ's transactions (taking a job, the periodic
+        heartbeat) nothing can be checked first, so the hash is left alone there (RQ 3 reads a running job's
+        liveness from its execution and its worker, never from this field) and RQ gets the field count in place
+        of HSET's answer: RQ deletes the key when that answer is 1, which only a one-field fragment gives."""
+        self.last_heartbeat = timestamp
+        if pipeline is not None:
+            pipeline.hlen(self.key)
+        else:
+            touch_job(self.connection, self.key, "last_heartbeat", utcformat(timestamp))
 
 
 class _Heartbeat(threading.Thread):
@@ -111,6 +134,7 @@ class TrialWorker(SimpleWorker):
     heartbeat thread keeps the worker visible during long jobs.
     """
 
+    job_class = TrialJob
     get_heartbeat_ttl = BaseWorker.get_heartbeat_ttl  # heartbeats arrive while a job runs, as with forking
     log_result_lifespan = False  # the master sets how long results live; no line per job about it
 
@@ -151,7 +175,10 @@ class TrialWorker(SimpleWorker):
                                                        exception_handler=self._pubsub_exception_handler)
 
     def request_stop(self, signum: Any, frame: Any) -> None:
-        """SIGINT / SIGTERM (RQ's shutdown command sends SIGINT): remember that quitting was asked for."""
+        """SIGINT / SIGTERM (RQ's shutdown command sends SIGINT): quit after the running trial's next batch, which
+        hands the trial back QUEUED (it resumes from its last checkpoint on another worker)."""
+        if not self.stop_asked:
+            INTERRUPT.request(stop_request(f"worker {self.name} shutting down", TrialState.QUEUED), self.stop_grace)
         self.stop_asked = True
         super().request_stop(signum, frame)
 
@@ -183,12 +210,25 @@ class TrialWorker(SimpleWorker):
             self._heartbeat.watch(None)
 
     def handle_job_success(self, job: Job, queue: Queue, *args: Any, **kwargs: Any) -> None:
-        if not self._taken(job, kwargs.get("execution")):
+        if not self._taken(job, kwargs.get("execution")) and not self._hand_back(job, queue, kwargs.get("execution")):
             super().handle_job_success(job, queue, *args, **kwargs)
 
     def handle_job_failure(self, job: Job, queue: Queue, *args: Any, **kwargs: Any) -> None:
-        if not self._taken(job, kwargs.get("execution")):
+        if not self._taken(job, kwargs.get("execution")) and not self._hand_back(job, queue, kwargs.get("execution")):
             super().handle_job_failure(job, queue, *args, **kwargs)
+
+    def _hand_back(self, job: Job, queue: Queue, execution: Any) -> bool:
+        """Put the job of a trial handed back on shutdown (recorded QUEUED) at the front of its queue, so another
+        worker resumes it from its last checkpoint with no master involved; False when it was not handed back."""
+        if not INTERRUPT.handed_back:
+            return False
+        with self.connection.pipeline() as pipe:
+            self.cleanup_execution(job, pipe, execution)
+            job.set_status(JobStatus.QUEUED, pipeline=pipe)
+            queue.push_job_id(job.id, pipeline=pipe, at_front=True)
+            pipe.execute()
+        log.info("job %s: handed back to queue %s (worker %s shutting down)", job.id, queue.name, self.name)
+        return True
 
     def _taken(self, job: Job, execution: Any) -> bool:
         """Whether ``job`` was taken from this worker while it ran (the master requeued it when it could not hear

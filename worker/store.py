@@ -2,7 +2,10 @@
 atomic writes, checkpoint names, and the one function that moves a trial or a stage between states."""
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -13,7 +16,7 @@ import zipfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -51,15 +54,27 @@ def probe_writable(directory: Path, root: Path | None = None) -> None:
         with tempfile.TemporaryFile(dir=directory):
             pass
     except OSError as exc:
-        raise StorageError(f"storage {root or directory}: not writable ({exc.strerror or exc})") from None
+        raise storage_error(f"storage {root or directory}: not writable ({exc.strerror or exc})", exc) from None
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_write(path, lambda f: f.write(data))
+def storage_error(message: str, cause: OSError) -> StorageError:
+    """A StorageError saying ``message`` that keeps ``cause``'s errno (a full or read-only storage is told apart)."""
+    error = StorageError(message)
+    error.errno = cause.errno
+    return error
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
+Fence = Callable[[], None]  # runs right before a trial file is replaced or appended to; raises to forbid it
+
+
+def atomic_write_bytes(path: Path, data: bytes, fence: Fence | None = None) -> None:
+    """Write ``data`` to ``path`` atomically (``fence`` right before the rename)."""
+    atomic_write(path, lambda f: f.write(data), fence)
+
+
+def atomic_write_json(path: Path, obj: Any, fence: Fence | None = None) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically (``fence`` right before the rename)."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode(), fence)
 
 
 def read_json(path: Path) -> Any | None:
@@ -98,19 +113,28 @@ def _json_line(record: dict[str, Any]) -> bytes:
     return (json.dumps(record, sort_keys=True, allow_nan=False) + "\n").encode()
 
 
-def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+def write_jsonl(path: Path, records: list[dict[str, Any]], fence: Fence | None = None) -> None:
     """Write one JSON object per line, atomically."""
-    atomic_write_bytes(path, b"".join(map(_json_line, records)))
+    atomic_write_bytes(path, b"".join(map(_json_line, records)), fence)
 
 
-def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+def append_jsonl(path: Path, record: dict[str, Any], fence: Fence | None = None) -> None:
     """Append one JSON line, flushed and fsynced (one write of a whole line: a reader sees it whole or not at
-    all, and a torn last line after a crash is skipped as corrupt)."""
+    all, and a torn last line after a crash is skipped as corrupt); ``fence`` right before the write."""
     line = _json_line(record)
+    if fence is not None:
+        fence()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, line)
-        os.fsync(fd)
+        size = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            if os.write(fd, line) != len(line):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            os.fsync(fd)
+        except OSError:
+            with contextlib.suppress(OSError):  # a torn line would glue itself to the next one appended
+                os.ftruncate(fd, size)
+            raise
     finally:
         os.close(fd)
 
@@ -175,6 +199,14 @@ class ExperimentStore:
         self.ensembles_dir = self.dir / "ensembles"
         self.report_dir = self.dir / "report"
         self.local_dir = self.dir / LOCAL_DIR
+        self.fence: Fence | None = None  # see fenced()
+
+    def fenced(self, fence: Fence) -> ExperimentStore:
+        """This store, writing each trial file only after ``fence()`` (called right before the rename or the
+        append) allowed it: a worker passes its ownership check, so a run that lost its trial writes nothing."""
+        clone = copy.copy(self)
+        clone.fence = fence
+        return clone
 
     def ensure(self) -> ExperimentStore:
         """Create the folders; StorageError naming the path when storage is missing or unwritable."""
@@ -182,7 +214,7 @@ class ExperimentStore:
             for d in (self.trials_dir, self.stages_dir):
                 d.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StorageError(f"storage {self.root}: not writable ({exc.strerror or exc})") from None
+            raise storage_error(f"storage {self.root}: not writable ({exc.strerror or exc})", exc) from None
         probe_writable(self.dir, self.root)
         return self
 
@@ -231,7 +263,7 @@ class ExperimentStore:
     def write_spec(self, spec: dict[str, Any]) -> None:
         d = self.trial_dir(spec["trial_id"])
         d.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(d / "spec.json", spec)
+        atomic_write_json(d / "spec.json", spec, self.fence)
 
     def read_spec(self, trial_id: str) -> dict[str, Any] | None:
         return read_json(self.trial_dir(trial_id) / "spec.json")
@@ -253,7 +285,7 @@ class ExperimentStore:
                                      **{"finished_at": now if to.terminal else None, **fields})
         d = self.trial_dir(trial_id)
         d.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(d / "result.json", record.to_dict())
+        atomic_write_json(d / "result.json", record.to_dict(), self.fence)
         self.append_event(trial_id, {"time": now, "event": event, "state": to.value, "reason": reason,
                                      **(details or {})})
         return record
@@ -273,11 +305,11 @@ class ExperimentStore:
 
     def write_history(self, trial_id: str, records: list[dict[str, Any]]) -> None:
         """Replace the whole history (a resumed trial trims the epochs after its checkpoint)."""
-        write_jsonl(self.trial_dir(trial_id) / "history.jsonl", records)
+        write_jsonl(self.trial_dir(trial_id) / "history.jsonl", records, self.fence)
 
     def append_history(self, trial_id: str, record: dict[str, Any]) -> None:
         """Add one epoch's record at the end (one fsynced line; nothing else of the file is rewritten)."""
-        append_jsonl(self.trial_dir(trial_id) / "history.jsonl", record)
+        append_jsonl(self.trial_dir(trial_id) / "history.jsonl", record, self.fence)
 
     # events (what happened to a trial and why: queued, started, finished, requeued, stop requested) ---
     def read_events(self, trial_id: str) -> list[dict[str, Any]]:
@@ -285,7 +317,7 @@ class ExperimentStore:
 
     def append_event(self, trial_id: str, event: dict[str, Any]) -> None:
         """Record an event that is not a move between states (a stop request); transitions record their own."""
-        append_jsonl(self.trial_dir(trial_id) / "events.jsonl", event)
+        append_jsonl(self.trial_dir(trial_id) / "events.jsonl", event, self.fence)
 
     # checkpoints -------------------------------------------------------------------------
     def checkpoints(self, trial_id: str) -> list[Checkpoint]:
@@ -306,11 +338,11 @@ class ExperimentStore:
         d = self.trial_dir(trial_id)
         d.mkdir(parents=True, exist_ok=True)
         path = d / Checkpoint.filename(val_acc, epoch)
+        carried = {SPEC_ARRAY: np.array(json.dumps(spec, sort_keys=True))} if spec is not None else {}
+        atomic_write_npz(path, {**arrays, **carried}, self.fence)
         for old in self.checkpoints(trial_id):  # a re-run epoch replaces its earlier file
             if old.epoch == epoch and old.path != path:
                 old.path.unlink(missing_ok=True)
-        carried = {SPEC_ARRAY: np.array(json.dumps(spec, sort_keys=True))} if spec is not None else {}
-        atomic_write_npz(path, {**arrays, **carried})
         self.prune_checkpoints(trial_id, keep)
         return Checkpoint.parse(path)
 

@@ -1,10 +1,11 @@
 """Run one trial: build its data and model, train with a checkpoint every epoch, resume, report, obey stops."""
 from __future__ import annotations
 
+import errno
+import itertools
 import logging
 import time
-from typing import Any
-
+from typing import Any, Callable
 
 from nncore.data import load_dataset_cached
 from nncore.model import build_model
@@ -19,6 +20,24 @@ from worker.store import ExperimentStore
 log = logging.getLogger(__name__)
 
 SOLVER_STATES = {"completed": TrialState.COMPLETED, "diverged": TrialState.DIVERGED, "stopped": TrialState.KILLED}
+STORAGE_FAULTS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT})  # storage's fault, not the trial's or ours
+HANDED_BACK = "handed back"  # the event of a trial its shutting-down worker recorded QUEUED
+PAUSE_SECONDS = (1.0, 2.0, 5.0, 10.0)  # back-off while storage is full or read-only (then every 10 s)
+
+
+def persist(write: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Make one storage write. While storage is full or read-only, pause (say why in one line, back off, try
+    again) instead of failing the trial: the fault is the storage's, so it must neither count against the worker
+    nor drain the queue. Other errors are raised."""
+    for attempt in itertools.count():
+        try:
+            return write(*args, **kwargs)
+        except OSError as exc:
+            if exc.errno not in STORAGE_FAULTS:
+                raise
+            pause = PAUSE_SECONDS[min(attempt, len(PAUSE_SECONDS) - 1)]
+            log.warning("storage full or read-only (%s): paused, next try in %g s", exc, pause)
+            time.sleep(pause)
 
 
 class _StopCheck:
@@ -35,15 +54,17 @@ class _StopCheck:
 
 def run_trial(spec: TrialSpec, store: ExperimentStore, control: Any, worker_name: str = "local") -> TrialResult:
     """Train ``spec`` to its epoch budget (resuming from its own or its parent's latest checkpoint) and
-    return its final record. An exception is recorded as FAILED (StopJob as KILLED) and re-raised; TrialLost
+    return its final record; each write is allowed by ``control.confirm()`` right before its rename or append.
+    An exception is recorded as FAILED (StopJob as KILLED) and re-raised; TrialLost
     (``control`` found the trial's job taken from this worker) ends it at once, writing nothing more."""
     started = time.perf_counter()
+    store = store.fenced(control.confirm)  # ownership checked right before each rename or append
     tid = spec.trial_id
     spec_dict = spec.to_dict()
     if store.read_spec(tid) != spec_dict:
-        store.write_spec(spec_dict)
-    control.confirm()
-    store.transition(tid, TrialState.RUNNING, f"running on {worker_name}", "started", worker=worker_name)
+        persist(store.write_spec, spec_dict)
+    persist(store.transition, tid, TrialState.RUNNING, f"running on {worker_name}", "started",
+            worker=worker_name)
     control.report({"state": TrialState.RUNNING.value, "epochs": spec.epochs, "reason": ""})
     solver = None
     sanity: list[dict[str, Any]] | None = None
@@ -93,7 +114,8 @@ def _restore(spec: TrialSpec, store: ExperimentStore, solver: Solver) -> int:
         solver.load_state_arrays(store.read_checkpoint(parent)[0])
         epoch = parent.epoch
         history = store.read_history(spec.parent)
-        store.write_checkpoint(tid, epoch, parent.val_acc, solver.state_arrays(), spec.keep, spec.to_dict())
+        persist(store.write_checkpoint, tid, epoch, parent.val_acc, solver.state_arrays(), spec.keep,
+                spec.to_dict())
         log.info("trial %s: starting from parent %s at epoch %d", tid, spec.parent, epoch)
     else:
         if spec.parent is not None:
@@ -101,7 +123,7 @@ def _restore(spec: TrialSpec, store: ExperimentStore, solver: Solver) -> int:
         epoch = 0
     kept = [r for r in history if r["epoch"] <= epoch]
     if kept != current:
-        store.write_history(tid, kept)
+        persist(store.write_history, tid, kept)
     return epoch
 
 
@@ -109,10 +131,9 @@ def _end_of_epoch(spec: TrialSpec, store: ExperimentStore, control: Any, solver:
                   metrics: dict[str, Any]) -> None:
     """Persist one finished epoch (history line, then checkpoint), the trial still being ours, and publish it."""
     epoch = metrics["epoch"]
-    control.confirm()
-    store.append_history(spec.trial_id, {**metrics, "time": time.time()})
-    store.write_checkpoint(spec.trial_id, epoch, metrics["val_acc"], solver.state_arrays(), spec.keep,
-                           spec.to_dict())
+    persist(store.append_history, spec.trial_id, {**metrics, "time": time.time()})
+    persist(store.write_checkpoint, spec.trial_id, epoch, metrics["val_acc"], solver.state_arrays(),
+            spec.keep, spec.to_dict())
     control.report({
         "epoch": epoch, "train_loss": metrics["train_loss"], "last_loss": metrics["train_loss"],
         "initial_loss": solver.initial_loss, "train_acc": metrics["train_acc"], "val_acc": metrics["val_acc"],
@@ -123,11 +144,11 @@ def _end_of_epoch(spec: TrialSpec, store: ExperimentStore, control: Any, solver:
 def _finish(spec: TrialSpec, store: ExperimentStore, control: Any, solver: Solver | None, state: TrialState,
             reason: str, worker_name: str, seconds: float, sanity: list[dict[str, Any]] | None) -> TrialResult:
     """Record the trial's outcome (best = the best checkpoint on disk, so its name, history and result agree),
-    the trial still being ours."""
-    control.confirm()
+    the trial still being ours; QUEUED hands it back (its worker is shutting down), to resume elsewhere."""
     best = next(iter(store.checkpoints(spec.trial_id)), None)
-    result = store.transition(
-        spec.trial_id, state, reason, "finished", worker=worker_name,
+    event = "finished" if state.terminal else HANDED_BACK
+    result = persist(
+        store.transition, spec.trial_id, state, reason, event, worker=worker_name,
         best_val_acc=best.val_acc if best else 0.0, best_epoch=best.epoch if best else 0,
         epochs_done=solver.epoch if solver is not None else 0, seconds=round(seconds, 6),
         checkpoint=best.path.name if best else None, sanity=sanity)
