@@ -20,8 +20,8 @@ from master import dispatch
 from master.embedded import EmbeddedError
 from master.ensemble import METHODS as ENSEMBLE_METHODS, EnsembleError, build_ensemble, render_ensemble
 from master.ensemble import predict as run_prediction
-from master.experiment import (ExperimentError, experiment_config, kill_trial, open_dispatcher, open_experiment,
-                               redis_of, watch_findings)
+from master.experiment import (ExperimentError, experiment_config, kill_trial, live_dispatcher, live_progress,
+                               open_dispatcher, open_experiment, watch_findings)
 from master.launcher import EXIT_INTERRUPTED, LaunchError, Reporter, launch as run_launch, plan_lines, prepare
 from master.leaderboard import build_leaderboard, render_table, running_table, state_counts
 from master.monitor import Event, Monitor, watch as watch_loop
@@ -123,8 +123,6 @@ def main(verbose: int) -> None:
                         handlers=[RichHandler(console=Console(stderr=True), show_path=False)])
 
 
-
-
 # launch -------------------------------------------------------------------------------------
 @main.command()
 @click.option("--stage", default=None,
@@ -194,16 +192,9 @@ def status(experiment: str | None, storage: Path | None, url: str | None, queue:
     Works from shared storage alone when Redis is absent or unreachable.
     """
     store = open_experiment(storage, experiment).snapshot()  # leaderboard, flags, quarantine: each file read once
-    live, workers, note = None, None, None
-    url = redis_of(store, url)
-    if url is None:
-        note = "no Redis given (--url / $REDIS_URL): showing shared storage only"
-    else:
-        try:
-            dispatcher = dispatch.Dispatcher(dispatch.connect(url), queue)
-            live, workers = dispatcher.progress(store.experiment), dispatcher.workers()
-        except (dispatch.DispatchError, dispatch.RedisError) as exc:
-            note = f"Redis unreachable, showing shared storage only ({exc})"
+    dispatcher, note = live_dispatcher(store, url, queue)
+    live, workers, failed = live_progress(dispatcher, store.experiment)
+    note = note or failed
 
     df = build_leaderboard(store, live)
     console.print(f"experiment [bold]{store.experiment}[/] in {store.dir}")
@@ -336,6 +327,22 @@ def predict(experiment: str | None, storage: Path | None, ensemble_name: str | N
     out = run_prediction(store, input_path, output_path, ensemble=ensemble_name, trial=trial, ema=ema)
     console.print(f"wrote {len(out['pred'])} predictions ({out['proba'].shape[1]} classes) to {output_path}")
 
+
+@main.command()
+@experiment_option
+@storage_option
+@url_option
+@queue_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (this machine only).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8265, show_default=True, help="Port (0: any free).")
+@click.option("--allow-actions", is_flag=True, help="Allow kill and launch from the page, with a token printed here.")
+@user_errors
+def serve(experiment: str | None, storage: Path | None, url: str | None, queue: str, host: str, port: int,
+          allow_actions: bool) -> None:
+    """A live dashboard of one experiment (--experiment) or of every one in storage, refreshing on its own; Redis
+    when it answers, storage alone otherwise; read-only unless --allow-actions. Pages: add ?refresh=SECONDS."""
+    from master.dashboard import serve as run_dashboard  # Flask is imported only when a dashboard is served
+    run_dashboard(storage, experiment, url, queue, host, port, allow_actions, say=console.print)
 
 if __name__ == "__main__":
     main()

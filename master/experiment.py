@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from master import dispatch
 from master.config import ConfigError, ExperimentConfig, parse_config
@@ -65,6 +66,27 @@ def open_dispatcher(store: ExperimentStore, url: str | None, queue: str) -> tupl
         raise ExperimentError("no Redis to watch: give --url or $REDIS_URL (or run this while `master launch` runs "
                               "its embedded Redis)")
     return dispatch.Dispatcher(dispatch.connect(url), queue), dispatch.mask_url(url)
+
+
+def live_dispatcher(store: ExperimentStore, url: str | None, queue: str) -> tuple[dispatch.Dispatcher | None, str]:
+    """A dispatcher on the experiment's Redis (see redis_of) and "", or None and why storage alone is shown."""
+    url = redis_of(store, url)
+    if url is None:
+        return None, "no Redis given (--url / $REDIS_URL): showing shared storage only"
+    try:
+        return dispatch.Dispatcher(dispatch.connect(url), queue), ""
+    except dispatch.DispatchError as exc:
+        return None, f"Redis unreachable, showing shared storage only ({exc})"
+
+
+def live_progress(dispatcher: dispatch.Dispatcher | None, experiment: str) -> tuple[Any, Any, str]:
+    """(live progress by trial, workers, "") from Redis; (None, None, why) when there is none or it went away."""
+    if dispatcher is None:
+        return None, None, ""
+    try:
+        return dispatcher.progress(experiment), dispatcher.workers(), ""
+    except dispatch.RedisError as exc:
+        return None, None, f"Redis unreachable, showing shared storage only ({exc})"
 
 
 def watch_findings(store: ExperimentStore, config: ExperimentConfig) -> list[tuple[str, str]]:
