@@ -342,7 +342,8 @@ def serve(experiment: str | None, storage: Path | None, url: str | None, queue: 
     """A live dashboard of one experiment (--experiment) or of every one in storage, refreshing on its own; Redis
     when it answers, storage alone otherwise; read-only unless --allow-actions. Pages: add ?refresh=SECONDS."""
     from master.dashboard import serve as run_dashboard  # Flask is imported only when a dashboard is served
-    run_dashboard(storage, experiment, url, queue, host, port, allow_actions, say=console.print)
+    say = functools.partial(console.print, soft_wrap=True)  # an address or token is never cut in two
+    run_dashboard(storage, experiment, url, queue, host, port, allow_actions, say=say)
 
 if __name__ == "__main__":
     main()

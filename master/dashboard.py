@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import secrets
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ TOP_CURVES = 5  # finished trials whose curves are sent
 SLOW_SECONDS = 5.0  # border flags, quarantine and ensembles are recomputed at most this often
 REDIS_RETRY_SECONDS = 10.0
 MAX_ROWS = 1000
+RACY_NS = 2_000_000_000  # a file changed this recently is read again (coarse and skewed clocks)
 
 
 class DashboardError(ExperimentError):
@@ -63,6 +65,7 @@ class LiveStore(ExperimentStore):
     def __init__(self, root: str | os.PathLike[str], experiment: str):
         super().__init__(root, experiment)
         self._dirs: dict[str, int] = {}
+        self._now = 0
         self._ids: list[str] = []
         self._spec: dict[str, tuple[int, Any]] = {}
         self._result: dict[str, tuple[int, TrialResult | None]] = {}
@@ -80,7 +83,7 @@ class LiveStore(ExperimentStore):
                         continue
         except (FileNotFoundError, NotADirectoryError):
             pass
-        self._dirs = dirs
+        self._dirs, self._now = dirs, time.time_ns()
         for cache in (self._spec, self._result, self._history):
             for gone in set(cache) - set(dirs):
                 del cache[gone]
@@ -89,12 +92,16 @@ class LiveStore(ExperimentStore):
     def trial_ids(self) -> list[str]:
         return list(self._ids)
 
-    def folder_sig(self, trial_id: str) -> int:
-        return self._dirs.get(trial_id, -1)
+    def folder_sig(self, trial_id: str) -> int | None:
+        """The folder's modification time; None (read afresh) when unknown or so recent that a change within the
+        same clock tick could hide behind it (file systems stamp times coarsely, NFS clocks differ)."""
+        sig = self._dirs.get(trial_id)
+        return None if sig is None or self._now - sig < RACY_NS else sig
 
     def _cached(self, cache: dict[str, tuple[Any, Any]], key: Any, trial_id: str, read: Callable[[str], Any]) -> Any:
+        key = ("refresh", self._now) if key is None else key  # untrusted: read once per refresh
         hit = cache.get(trial_id)
-        if hit is not None and hit[0] == key and key != -1:
+        if hit is not None and hit[0] == key:
             return hit[1]
         value = read(trial_id)
         cache[trial_id] = (key, value)
@@ -107,15 +114,16 @@ class LiveStore(ExperimentStore):
         return self._cached(self._result, self.folder_sig(trial_id), trial_id, super().read_result)
 
     def history_sig(self, trial_id: str) -> Any:
-        """What tells a changed history: nothing more than the folder for a finished trial, else the file's stat."""
+        """What tells a changed history: the folder alone for a finished trial, else the file's time and size."""
         result = self.read_result(trial_id)
+        folder = self.folder_sig(trial_id)
         if result is not None and result.terminal:
-            return "final", self.folder_sig(trial_id)
+            return None if folder is None else ("final", folder)
         try:
             st = (self.trial_dir(trial_id) / "history.jsonl").stat()
         except OSError:
-            return None, self.folder_sig(trial_id)
-        return st.st_mtime_ns, st.st_size
+            return None if folder is None else ("none", folder)
+        return None if self._now - st.st_mtime_ns < RACY_NS else (st.st_mtime_ns, st.st_size)
 
     def read_history(self, trial_id: str) -> list[dict[str, Any]]:
         return self._cached(self._history, self.history_sig(trial_id), trial_id, super().read_history)
@@ -179,7 +187,7 @@ class Board:
             live = progress.get(tid)
             key = (store.folder_sig(tid), store.history_sig(tid), json.dumps(live, sort_keys=True, default=str))
             hit = self.rows.get(tid)
-            if hit is None or hit[0] != key:
+            if hit is None or hit[0] != key or None in key[:2]:
                 row = {k: _finite(v) for k, v in trial_row(store, tid, store.read_spec(tid), live).items()}
                 hit = self.rows[tid] = (key, row)
             out.append(hit[1])
@@ -501,8 +509,10 @@ def serve(storage: str | os.PathLike[str] | None, experiment: str | None, url: s
 
     token = new_token() if allow_actions else None
     app = create_app(Dashboard(storage, experiment, url, queue), token, refresh)
-    try:
-        server = make_server(host, port, app, threaded=True)
+    try:  # bound here, not by werkzeug, which exits the process when the port is taken
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.create_server((host, port), family=family) as listening:
+            server = make_server(host, port, app, threaded=True, fd=listening.fileno())
     except OSError as exc:
         raise DashboardError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc})") from None
     address = f"http://{host if ':' not in host else f'[{host}]'}:{server.server_port}/"
