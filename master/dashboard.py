@@ -461,7 +461,8 @@ def create_app(dashboard: Dashboard, token: str | None = None, refresh: float = 
         board = dashboard.board(experiment)
         reason = str((request.get_json(silent=True) or {}).get("reason") or "stopped by user (dashboard)")
         try:
-            killed = kill_trial(board.store, trial, reason, board.url, board.queue)
+            fresh = ExperimentStore(board.store.root, experiment)  # waits for the outcome: reads past the cache
+            killed = kill_trial(fresh, trial, reason, board.url, board.queue)
         except (ExperimentError, dispatch.DispatchError, dispatch.RedisError) as exc:
             abort(409, description=str(exc))
         result = killed.result
@@ -515,7 +516,7 @@ def serve(storage: str | os.PathLike[str] | None, experiment: str | None, url: s
             server = make_server(host, port, app, threaded=True, fd=listening.fileno())
     except OSError as exc:
         raise DashboardError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc})") from None
-    address = f"http://{host if ':' not in host else f'[{host}]'}:{server.server_port}/"
+    address = f"http://{host if ':' not in host else f'[{host}]'}:{server.port}/"
     say(f"dashboard of {experiment or 'every experiment in ' + str(storage_root(storage))} at {address} "
         f"({'actions allowed with the token below' if token else 'read-only'}); Ctrl-C stops it")
     if token:

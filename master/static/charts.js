@@ -77,7 +77,7 @@ function lineChart(svg, series, opts) {
     const d = pts.map((p, j) => `${j ? "L" : "M"}${f.x(p[0]).toFixed(1)},${f.y(p[1]).toFixed(1)}`).join("");
     const path = el("path", {d: d || "M0,0", fill: "none", stroke: color, "stroke-width": s.bold ? 2.2 : 1.4,
                              "stroke-dasharray": s.dashed ? "4 3" : "none", "data-trial": s.name,
-                             "data-points": pts.length, class: "curve"}, svg);
+                             "data-points": pts.length, class: s.bold ? "curve bold" : "curve"}, svg);
     el("title", {}, path).textContent = s.name;
     for (const p of pts.length < 60 ? pts : []) el("circle", {cx: f.x(p[0]), cy: f.y(p[1]), r: 1.8, fill: color}, svg);
   });
