@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import heapq
 import hmac
 import json
 import logging
@@ -43,6 +44,7 @@ TOP_CURVES = 5  # finished trials whose curves are sent
 SLOW_SECONDS = 5.0  # border flags, quarantine and ensembles are recomputed at most this often
 REDIS_RETRY_SECONDS = 10.0
 MAX_ROWS = 1000
+FULL_SCAN_SECONDS = 10.0  # every trial folder is looked at again this often (a finished trial queued again)
 RACY_NS = 2_000_000_000  # a file changed this recently is read again (coarse and skewed clocks)
 
 
@@ -65,14 +67,43 @@ class LiveStore(ExperimentStore):
     def __init__(self, root: str | os.PathLike[str], experiment: str):
         super().__init__(root, experiment)
         self._dirs: dict[str, int] = {}
-        self._now = 0
+        self._now = self._full_at = 0
+        self._listing: int | None = -1
+        self._hot: list[str] = []
+        self.changed: list[str] = []  # the trials the last refresh looked at again
+        self._hsig: dict[str, tuple[int, Any]] = {}
+        self._hfile: dict[str, tuple[int, bool]] = {}
         self._ids: list[str] = []
         self._spec: dict[str, tuple[int, Any]] = {}
         self._result: dict[str, tuple[int, TrialResult | None]] = {}
         self._history: dict[str, tuple[Any, list[dict[str, Any]]]] = {}
 
     def refresh(self) -> None:
-        """Look at every trial folder's modification time (one stat each; no file is opened)."""
+        """Look again at the trial folders that may change (unfinished, or changed within the racy window) and set
+        ``changed`` to them; every folder (one stat each, no file opened) when the trial list changed or the last
+        full look is FULL_SCAN_SECONDS old (a finished trial changes again only when it is queued again)."""
+        now = time.time_ns()
+        try:
+            listing = os.stat(self.trials_dir).st_mtime_ns
+        except OSError:
+            listing = None
+        full = listing != self._listing or now - self._full_at > FULL_SCAN_SECONDS * 1e9 or now - listing < RACY_NS
+        self._now = now
+        if full:
+            self._scan_all()
+            self._listing, self._full_at = listing, now
+            self.changed = self._ids
+        else:
+            for tid in self._hot:
+                try:
+                    self._dirs[tid] = os.stat(f"{self.trials_dir}/{tid}").st_mtime_ns
+                except OSError:
+                    self._dirs.pop(tid, None)
+            self.changed = [t for t in self._hot if t in self._dirs]
+        self._hot = [t for t in self.changed if self.folder_sig(t) is None
+                     or not ((r := self.read_result(t)) is not None and r.terminal)]
+
+    def _scan_all(self) -> None:
         dirs: dict[str, int] = {}
         try:
             with os.scandir(self.trials_dir) as entries:
@@ -83,14 +114,14 @@ class LiveStore(ExperimentStore):
                         continue
         except (FileNotFoundError, NotADirectoryError):
             pass
-        self._dirs, self._now = dirs, time.time_ns()
-        for cache in (self._spec, self._result, self._history):
+        self._dirs = dirs
+        for cache in (self._spec, self._result, self._history, self._hsig, self._hfile):
             for gone in set(cache) - set(dirs):
                 del cache[gone]
         self._ids = sorted(t for t in dirs if NAME_RE.match(t) and self.read_spec(t) is not None)
 
     def trial_ids(self) -> list[str]:
-        return list(self._ids)
+        return self._ids
 
     def folder_sig(self, trial_id: str) -> int | None:
         """The folder's modification time; None (read afresh) when unknown or so recent that a change within the
@@ -114,16 +145,29 @@ class LiveStore(ExperimentStore):
         return self._cached(self._result, self.folder_sig(trial_id), trial_id, super().read_result)
 
     def history_sig(self, trial_id: str) -> Any:
-        """What tells a changed history: the folder alone for a finished trial, else the file's time and size."""
+        """What tells a changed history: the folder alone for a finished trial or one without a history (creating
+        the file changes the folder), else the file's time and size (it is appended to); once per refresh."""
+        known = self._hsig.get(trial_id)
+        if known is not None and known[0] == self._now:
+            return known[1]
         result = self.read_result(trial_id)
         folder = self.folder_sig(trial_id)
-        if result is not None and result.terminal:
-            return None if folder is None else ("final", folder)
-        try:
-            st = (self.trial_dir(trial_id) / "history.jsonl").stat()
-        except OSError:
-            return None if folder is None else ("none", folder)
-        return None if self._now - st.st_mtime_ns < RACY_NS else (st.st_mtime_ns, st.st_size)
+        sig: Any = None if folder is None else ("folder", folder)
+        if sig is not None and not (result is not None and result.terminal) and self._has_history(trial_id, folder):
+            try:
+                st = os.stat(f"{self.trials_dir}/{trial_id}/history.jsonl")
+                sig = None if self._now - st.st_mtime_ns < RACY_NS else (st.st_mtime_ns, st.st_size)
+            except OSError:
+                sig = None
+        self._hsig[trial_id] = (self._now, sig)
+        return sig
+
+    def _has_history(self, trial_id: str, folder: int) -> bool:
+        """Whether the trial has a history file, looked at again only when its folder changed."""
+        known = self._hfile.get(trial_id)
+        if known is None or known[0] != folder:
+            known = self._hfile[trial_id] = (folder, os.path.exists(f"{self.trials_dir}/{trial_id}/history.jsonl"))
+        return known[1]
 
     def read_history(self, trial_id: str) -> list[dict[str, Any]]:
         return self._cached(self._history, self.history_sig(trial_id), trial_id, super().read_history)
@@ -180,18 +224,21 @@ class Board:
 
     # rows --------------------------------------------------------------------------------------------------
     def leaderboard_rows(self, progress: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-        """Every trial's leaderboard row (master.leaderboard.trial_row), recomputed only where a file changed."""
+        """Every trial's leaderboard row (master.leaderboard.trial_row, in trial id order), recomputed only for the
+        trials the last refresh looked at again whose files or live progress changed."""
         store = self.store
-        out = []
-        for tid in store.trial_ids():
+        for tid in store.changed:
             live = progress.get(tid)
-            key = (store.folder_sig(tid), store.history_sig(tid), json.dumps(live, sort_keys=True, default=str))
+            key = (store.folder_sig(tid), store.history_sig(tid),
+                   live and json.dumps(live, sort_keys=True, default=str))
             hit = self.rows.get(tid)
             if hit is None or hit[0] != key or None in key[:2]:
                 row = {k: _finite(v) for k, v in trial_row(store, tid, store.read_spec(tid), live).items()}
-                hit = self.rows[tid] = (key, row)
-            out.append(hit[1])
-        return out
+                self.rows[tid] = (key, row)
+        ids = store.trial_ids()
+        if len(self.rows) > len(ids):
+            self.rows = {tid: self.rows[tid] for tid in ids}
+        return [self.rows[tid][1] for tid in ids]
 
     def slow_parts(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Findings (quarantine, border flags), flags per parameter and ensembles, recomputed every SLOW_SECONDS."""
@@ -217,6 +264,7 @@ class Board:
         ensembles = [{"name": r["name"], "method": r.get("method"), "top": r.get("top"), "ema": r.get("ema"),
                       "trials": r.get("trials"), "scores": r.get("scores")} for r in read_ensembles(store)]
         parts = {"findings": findings, "flags": flags, "ensembles": ensembles,
+                 "storage_workers": worker_lines(store, None, rows, quarantined),
                  "quarantined": {w: {"at": at_, "reason": why} for w, (at_, why) in quarantined.items()}}
         self.slow = (time.monotonic(), parts)
         return parts
@@ -224,10 +272,11 @@ class Board:
     def curves(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Learning curves of the running trials and of the best finished ones."""
         running = [r for r in rows if r["state"] == TrialState.RUNNING.value][:RUNNING_CURVES]
-        finished = [r for r in rows if r["state"] in TERMINAL and r["val_acc"] is not None]
-        finished.sort(key=lambda r: (-r["val_acc"], r["trial"]))
-        return [{"trial": r["trial"], "state": r["state"], "stage": r["stage"], "running": r in running,
-                 **compact_history(self.store.read_history(r["trial"]))} for r in running + finished[:TOP_CURVES]]
+        finished = heapq.nsmallest(TOP_CURVES, (r for r in rows if r["state"] in TERMINAL and r["val_acc"] is not None),
+                                   key=lambda r: (-r["val_acc"], r["trial"]))
+        return [{"trial": r["trial"], "state": r["state"], "stage": r["stage"], "running": i < len(running),
+                 **compact_history(self.store.read_history(r["trial"]))}
+                for i, r in enumerate(running + finished)]
 
     def state(self, args: dict[str, str]) -> dict[str, Any]:
         """Everything the experiment page shows, with the leaderboard sorted, filtered and cut as ``args`` ask."""
@@ -245,7 +294,8 @@ class Board:
             "connected": self.dispatcher is not None, "total": len(rows),
             "finished": sum(r["state"] in TERMINAL for r in rows),
             "states": list(counts.columns), "funnel": [self.stage_line(s, counts) for s in counts.index],
-            "workers": worker_lines(self.store, workers, rows, slow["quarantined"]),
+            "workers": worker_lines(self.store, workers, rows, slow["quarantined"]) if workers is not None
+                       else slow["storage_workers"],
             "leaderboard": select_rows(rows, args), "params": param_names(rows), "curves": curves,
             "findings": slow["findings"], "ensembles": slow["ensembles"], "stages": stages,
             "next_stage": self.next_stage_name(),
@@ -332,9 +382,12 @@ def select_rows(rows: list[dict[str, Any]], args: dict[str, str]) -> dict[str, A
     except ValueError:
         abort(400, description=f"limit: expected a number, got {args.get('limit')!r}")
     chosen = [r for r in rows if (stage is None or r["stage"] == stage) and (state is None or r["state"] == state)]
-    present = sorted((r for r in chosen if r.get(sort) is not None), key=lambda r: r["trial"])
-    present.sort(key=lambda r: sortable(r[sort]), reverse=descending)  # stable: ties stay in trial order
-    missing = sorted((r for r in chosen if r.get(sort) is None), key=lambda r: r["trial"])
+    present = [r for r in chosen if r.get(sort) is not None]  # rows come in trial order
+    try:
+        present.sort(key=lambda r: r[sort], reverse=descending)
+    except TypeError:  # mixed kinds (numbers and text, lists)
+        present.sort(key=lambda r: sortable(r[sort]), reverse=descending)
+    missing = [r for r in chosen if r.get(sort) is None]  # stable sorts: ties stay in trial order
     return {"matching": len(chosen), "sort": sort, "order": "desc" if descending else "asc",
             "rows": (present + missing)[:limit]}
 
