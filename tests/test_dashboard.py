@@ -214,3 +214,17 @@ def test_serve_refuses_bad_input_with_one_line(store, tmp_path):
         taken.listen()
         result = runner.invoke(main, ["serve", "--storage", str(store.root), "--port", str(taken.getsockname()[1])])
     assert result.exit_code == 2 and "cannot listen there" in result.output
+
+
+def test_a_new_trial_shows_at_once_and_a_finished_one_queued_again_at_the_next_full_look(store, monkeypatch):
+    age(store)
+    c = client(store)
+    assert c.get("/api/e/dash/state").get_json()["total"] == 4
+    store.write_spec({"experiment": "dash", "trial_id": "coarse-0004", "stage": "coarse", "params": {}})
+    assert c.get("/api/e/dash/state").get_json()["total"] == 5  # the trials folder changed: listed again
+    age(store)
+    c.get("/api/e/dash/state")
+    store.transition("coarse-0000", TrialState.QUEUED, "retry", "queued")
+    state = lambda: {r["trial"]: r["state"] for r in c.get("/api/e/dash/state").get_json()["leaderboard"]["rows"]}  # noqa
+    monkeypatch.setattr(dashboard, "FULL_SCAN_SECONDS", 0.0)
+    assert state()["coarse-0000"] == "QUEUED"
