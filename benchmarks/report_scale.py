@@ -45,7 +45,8 @@ def generate(root: Path, trials: int, seed: int = 0) -> ExperimentStore:
             ranges = {f"{s}.{k}": d for s, entries in SPACE.items() for k, d in entries.items()}
             flags = ({"name": "solver.lr", "side": "upper", "best": 0.09, "low": 1e-4, "high": 0.1,
                       "new_low": 1e-3, "new_high": 0.4},) if name == "coarse" else ()
-            store.write_stage(StageRecord(name, "random", hi, 0, (), StageStatus.COMPLETED, ranges=ranges, flags=flags))
+            store.write_stage(StageRecord(name, "random", hi, 0, (), StageStatus.LAUNCHED, ranges=ranges))
+            store.set_stage_status(name, StageStatus.COMPLETED, flags=flags)
             for i in range(round(share * trials)):
                 _trial(store, f"{name}-{i:05d}", name, int(rng.integers(lo, hi + 1)), rng)
     return store

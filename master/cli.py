@@ -2,35 +2,30 @@
 trials, status, report, ensemble, predict."""
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import click
-import pandas as pd
-from rich.console import Console, Group
-from rich.live import Live
+from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.text import Text
 
 from master import dispatch
 from master.catalog import best_text, experiments_table
+from master.console import ConsoleReporter, console
 from master.embedded import EmbeddedError
 from master.ensemble import METHODS as ENSEMBLE_METHODS, EnsembleError, build_ensemble, render_ensemble
 from master.ensemble import predict as run_prediction
-from master.experiment import (ExperimentError, experiment_config, kill_trial, live_progress, open_dispatcher,
-                               open_experiment, watch_findings)
-from master.launcher import EXIT_INTERRUPTED, LaunchError, Reporter, launch as run_launch, prepare
+from master.experiment import (ExperimentError, experiment_config, job_counts, kill_trial, live_dispatcher,
+                               live_progress, open_dispatcher, open_experiment, watch_findings)
+from master.launcher import EXIT_INTERRUPTED, LaunchError, launch as run_launch, prepare
 from master.leaderboard import build_leaderboard, collapse_runs, render_table, running_table, state_counts
 from master.monitor import Monitor, watch as watch_loop
 from nncore.errors import ConfigError, DataError
 from worker.spec import SpecError
 from worker.store import StorageError, storage_root
 
-console = Console(highlight=False)
 
 
 class CliError(click.ClickException):
@@ -57,41 +52,6 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-class ConsoleReporter(Reporter):
-    """A launch told on the terminal: messages, border flags in yellow, a live progress bar, leaderboards."""
-
-    def message(self, text: str) -> None:
-        console.print(text)
-
-    def warning(self, text: str) -> None:
-        console.print(f"[yellow]{text}[/]")
-
-    def line(self, text: str, kind: str) -> None:
-        """Border flags in yellow, the watch loop's actions dimmed above the progress, the plan plain."""
-        console.print(f"[yellow]{text}[/]" if kind == "flag" else text if kind == "plan" else f"[dim]{text}[/]")
-
-    def leaderboard(self, df: pd.DataFrame, title: str) -> None:
-        console.print(render_table(df, top=10, title=title))
-
-    @contextlib.contextmanager
-    def following(self, label: str, total: int) -> Iterator[Callable[[int, int, str], None]]:
-        if not console.is_terminal:  # a log, not a screen: a line per change instead of a live bar
-            with super().following(label, total) as update:
-                yield update
-            return
-        progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), TextColumn("{task.fields[detail]}"), console=console)
-        task = progress.add_task(label, total=total, detail="")
-        best = Text("best so far: -")
-
-        def update(finished: int, running: int, best_line: str) -> None:
-            progress.update(task, completed=finished, detail=f"{running} running")
-            best.plain = best_line
-
-        with Live(Group(progress, best), console=console, refresh_per_second=4):
-            yield update
-
-
 # options shared by several commands, defined once ----------------------------------------
 storage_option = click.option(
     "--storage", type=click.Path(path_type=Path, file_okay=True), default=None,
@@ -116,8 +76,6 @@ def main(verbose: int) -> None:
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
     logging.basicConfig(level=level, format="%(name)s: %(message)s", datefmt="[%X]",
                         handlers=[RichHandler(console=Console(stderr=True), show_path=False)])
-
-
 
 
 # launch -------------------------------------------------------------------------------------
@@ -187,7 +145,9 @@ def status(experiment: str | None, storage: Path | None, url: str | None, queue:
     """Trials by stage and state, live progress when Redis answers, and the current leaderboard (one row per run).
     Works from shared storage alone when Redis is absent or unreachable."""
     store = open_experiment(storage, experiment).snapshot()  # leaderboard, flags, quarantine: each file read once
-    live, workers, jobs, note = live_progress(store, url, queue)
+    dispatcher, note = live_dispatcher(store, url, queue)
+    live, workers, failed = live_progress(dispatcher, store.experiment)
+    note, jobs = note or failed, job_counts(dispatcher, store.experiment)
     df = build_leaderboard(store, live)
     console.print(f"experiment [bold]{store.experiment}[/] in {store.dir}")
     if note:
@@ -344,6 +304,23 @@ def predict(experiment: str | None, storage: Path | None, ensemble_name: str | N
     out = run_prediction(store, input_path, output_path, ensemble=ensemble_name, trial=trial, ema=ema)
     console.print(f"wrote {len(out['pred'])} predictions ({out['proba'].shape[1]} classes) to {output_path}")
 
+
+@main.command()
+@experiment_option
+@storage_option
+@url_option
+@queue_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (this machine only).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8265, show_default=True, help="Port (0: any free).")
+@click.option("--allow-actions", is_flag=True, help="Allow kill and launch from the page, with a token printed here.")
+@user_errors
+def serve(experiment: str | None, storage: Path | None, url: str | None, queue: str, host: str, port: int,
+          allow_actions: bool) -> None:
+    """A live dashboard of one experiment (--experiment) or of every one in storage, refreshing on its own; Redis
+    when it answers, storage alone otherwise; read-only unless --allow-actions. Pages: add ?refresh=SECONDS."""
+    from master.dashboard import serve as run_dashboard  # Flask is imported only when a dashboard is served
+    say = functools.partial(console.print, soft_wrap=True)  # an address or token is never cut in two
+    run_dashboard(storage, experiment, url, queue, host, port, allow_actions, say=say)
 
 if __name__ == "__main__":
     main()

@@ -263,17 +263,13 @@ def read_input(path: Path) -> np.ndarray:
     return x
 
 
-def predict(store: ExperimentStore, input_path: Path, output_path: Path, *, ensemble: str | None = None,
-            trial: str | None = None, ema: bool = False) -> dict[str, np.ndarray]:
-    """Run an ensemble (or one trial's best checkpoint) on the raw samples ``x`` of ``input_path``,
-    preprocessed like its training data; write ``proba`` (samples, classes), ``classes`` (the label of each
-    column of proba, as the dataset spelled it) and ``pred`` (the predicted labels, from ``classes``)."""
+def resolve_members(store: ExperimentStore, *, ensemble: str | None = None, trial: str | None = None,
+                    ema: bool = False) -> list[tuple[Member, float]]:
+    """(member, weight) of a recorded ensemble, or of one trial's best checkpoint (weight 1)."""
     if (ensemble is None) == (trial is None):
         raise EnsembleError("give exactly one of --ensemble NAME or --trial ID")
     if ensemble is not None and ema:
         raise EnsembleError("--ema applies to --trial; an ensemble runs with the parameters it was built with")
-    if not output_path.parent.is_dir():
-        raise EnsembleError(f"{output_path}: directory {output_path.parent} does not exist")
     if ensemble is not None:
         weighted = _ensemble_members(store, ensemble)
     else:
@@ -281,20 +277,36 @@ def predict(store: ExperimentStore, input_path: Path, output_path: Path, *, ense
         if not found:
             raise EnsembleError(f"trial {trial}: no readable checkpoint in {store.trial_dir(trial)}")
         weighted = [(found[0], 1.0)]
-    members = [m for m, _ in weighted]
-    check_same_data(members)
-    x = read_input(input_path)
-    expected = members[0].data.input_shape
+    check_same_data([m for m, _ in weighted])
+    return weighted
+
+
+def predict_raw(weighted: list[tuple[Member, float]], x: np.ndarray, where: str = "x") -> dict[str, np.ndarray]:
+    """``proba``, ``classes`` and ``pred`` of the weighted members on raw samples ``x`` (preprocessed here like
+    their training data); EnsembleError naming ``where`` when the samples do not fit the model."""
+    first = weighted[0][0]
+    expected = first.data.input_shape
     if x.shape[1:] != expected:
-        raise EnsembleError(f"{input_path}: x has samples of shape {x.shape[1:]}, the model expects {expected}")
-    spec = members[0].spec
+        raise EnsembleError(f"{where}: x has samples of shape {x.shape[1:]}, the model expects {expected}")
+    spec = first.spec
     raw = load_dataset_cached(spec.dataset, **{**spec.data, "preprocess": "none"})
     x = x.astype(np.float32)
     apply_preprocessing(x, *preprocessing_stats(raw.x_train, spec.data["preprocess"]))
-    probas = np.stack([m.proba(x) for m in members])
+    probas = np.stack([m.proba(x) for m, _ in weighted])
     proba = combine(probas, np.array([w for _, w in weighted], dtype=float)).astype(np.float32)
-    data = members[0].data
+    data = first.data
     classes = np.arange(data.num_classes, dtype=np.int64) if data.classes is None else data.classes
-    out = {"proba": proba, "classes": classes, "pred": classes[proba.argmax(axis=1)]}
+    return {"proba": proba, "classes": classes, "pred": classes[proba.argmax(axis=1)]}
+
+
+def predict(store: ExperimentStore, input_path: Path, output_path: Path, *, ensemble: str | None = None,
+            trial: str | None = None, ema: bool = False) -> dict[str, np.ndarray]:
+    """Run an ensemble (or one trial's best checkpoint) on the raw samples ``x`` of ``input_path``,
+    preprocessed like its training data; write ``proba`` (samples, classes), ``classes`` (the label of each
+    column of proba, as the dataset spelled it) and ``pred`` (the predicted labels, from ``classes``)."""
+    if not output_path.parent.is_dir():
+        raise EnsembleError(f"{output_path}: directory {output_path.parent} does not exist")
+    weighted = resolve_members(store, ensemble=ensemble, trial=trial, ema=ema)
+    out = predict_raw(weighted, read_input(input_path), str(input_path))
     atomic_write_npz(output_path, out)
     return out

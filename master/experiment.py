@@ -54,20 +54,6 @@ def experiment_config(store: ExperimentStore) -> ExperimentConfig:
                               f"({exc})") from None
 
 
-def live_progress(store: ExperimentStore, url: str | None, queue: str) -> tuple[Any, Any, dict[str, int], str | None]:
-    """(live progress per trial, workers, RQ job counts, None) from Redis, or (None, None, {}, why storage alone
-    is shown)."""
-    url = redis_of(store, url)
-    if url is None:
-        return None, None, {}, "no Redis given (--url / $REDIS_URL): showing shared storage only"
-    try:
-        dispatcher = dispatch.Dispatcher(dispatch.connect(url), queue)
-        return (dispatcher.progress(store.experiment), dispatcher.workers(), dispatcher.counts(store.experiment),
-                None)
-    except (dispatch.DispatchError, dispatch.RedisError) as exc:
-        return None, None, {}, f"Redis unreachable, showing shared storage only ({exc})"
-
-
 def redis_of(store: ExperimentStore, url: str | None) -> str | None:
     """The Redis to use for ``store``: ``url``, else $REDIS_URL, else a running launch's embedded Redis."""
     return dispatch.redis_url(url) or running_server_url(store.local_dir)
@@ -80,6 +66,37 @@ def open_dispatcher(store: ExperimentStore, url: str | None, queue: str) -> tupl
         raise ExperimentError("no Redis to watch: give --url or $REDIS_URL (or run this while `master launch` runs "
                               "its embedded Redis)")
     return dispatch.Dispatcher(dispatch.connect(url), queue), dispatch.mask_url(url)
+
+
+def live_dispatcher(store: ExperimentStore, url: str | None, queue: str) -> tuple[dispatch.Dispatcher | None, str]:
+    """A dispatcher on the experiment's Redis (see redis_of) and "", or None and why storage alone is shown."""
+    url = redis_of(store, url)
+    if url is None:
+        return None, "no Redis given (--url / $REDIS_URL): showing shared storage only"
+    try:
+        return dispatch.Dispatcher(dispatch.connect(url), queue), ""
+    except dispatch.DispatchError as exc:
+        return None, f"Redis unreachable, showing shared storage only ({exc})"
+
+
+def live_progress(dispatcher: dispatch.Dispatcher | None, experiment: str) -> tuple[Any, Any, str]:
+    """(live progress by trial, workers, "") from Redis; (None, None, why) when there is none or it went away."""
+    if dispatcher is None:
+        return None, None, ""
+    try:
+        return dispatcher.progress(experiment), dispatcher.workers(), ""
+    except dispatch.RedisError as exc:
+        return None, None, f"Redis unreachable, showing shared storage only ({exc})"
+
+
+def job_counts(dispatcher: dispatch.Dispatcher | None, experiment: str) -> dict[str, int]:
+    """How many of the experiment's RQ jobs are queued, started, finished, failed, stopped ({} without Redis)."""
+    if dispatcher is None:
+        return {}
+    try:
+        return dispatcher.counts(experiment)
+    except dispatch.RedisError:
+        return {}
 
 
 def watch_findings(store: ExperimentStore, config: ExperimentConfig) -> list[tuple[str, str]]:

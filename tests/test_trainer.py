@@ -8,6 +8,7 @@ from nncore.errors import DataError
 from worker.control import StopJob
 from conftest import NullControl, record_result
 from worker.spec import TrialSpec
+from worker.states import TrialState
 from worker.store import ExperimentStore
 from worker.trainer import run_trial
 
@@ -209,3 +210,16 @@ def test_a_stale_result_is_cleared_while_the_trial_runs(store):
 
     run_trial(make_spec(epochs=1), store, Peek())
     assert seen[0].state == "RUNNING" and store.read_result("coarse-0001").state == "COMPLETED"
+
+
+def test_temp_files_a_killed_writer_left_are_removed_when_the_trial_starts_again(store):
+    spec = make_spec()
+    run_trial(spec, store, NullControl())
+    d = store.trial_dir(spec.trial_id)
+    stale = [d / "val0.5000_ep001.npz.0a1b2c3d.tmp", d / "result.json.ffffffff.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a write")  # what a SIGKILLed worker leaves between writing and renaming
+    store.transition(spec.trial_id, TrialState.QUEUED, "requeued", "requeue")
+    run_trial(spec, store, NullControl())
+    assert not any(path.exists() for path in stale) and not list(d.glob("*.tmp"))
+    assert store.read_result(spec.trial_id).state == "COMPLETED"

@@ -357,6 +357,15 @@ class ExperimentStore:
             raise StorageError(f"{checkpoint.path}: unreadable trial spec in the checkpoint") from None
         return arrays, spec if isinstance(spec, dict) else None
 
+    def remove_temp_files(self, trial_id: str) -> list[Path]:
+        """Delete the temp files (``*.tmp``) in the trial's folder, left by a writer killed between writing and
+        renaming; call it only while owning the trial. Returns what was removed."""
+        d = self.trial_dir(trial_id)
+        stale = sorted(d.glob("*.tmp")) if d.is_dir() else []
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return stale
+
     def prune_checkpoints(self, trial_id: str, keep: int) -> None:
         ckpts = self.checkpoints(trial_id)
         latest = max(ckpts, key=lambda c: c.epoch, default=None)

@@ -65,6 +65,8 @@ def run_trial(spec: TrialSpec, store: ExperimentStore, control: Any, worker_name
         persist(store.write_spec, spec_dict)
     persist(store.transition, tid, TrialState.RUNNING, f"running on {worker_name}", "started",
             worker=worker_name)
+    for stale in store.remove_temp_files(tid):  # a worker killed mid-write left it; the trial is ours now
+        log.info("trial %s: removed %s, left by an interrupted write", tid, stale.name)
     control.report({"state": TrialState.RUNNING.value, "epochs": spec.epochs, "reason": ""})
     solver = None
     sanity: list[dict[str, Any]] | None = None
