@@ -306,7 +306,8 @@ def predict(experiment: str | None, storage: Path | None, ensemble_name: str | N
 
 
 @main.command()
-@experiment_option
+@click.option("--experiment", default=None, metavar="NAME",
+              help="Show this experiment only (default: every experiment under the storage root).")
 @storage_option
 @url_option
 @queue_option
