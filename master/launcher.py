@@ -10,7 +10,8 @@ import logging
 import os
 import signal
 import subprocess
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from importlib import metadata, resources
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -18,6 +19,8 @@ from typing import Any, Callable, Iterator
 import pandas as pd
 
 from master import dispatch
+from master.budget import Budget, BudgetError, Costs, measure, plan_entry, plan_lines as budget_lines, planned_config, \
+    resize, size_plan, stage_cost, start_epoch
 from master.config import DEFAULT_CONFIG, ConfigError, ExperimentConfig, load_config, parse_config
 from master.embedded import EmbeddedRedis, LocalWorkers, redis_server_binary
 from master.leaderboard import build_leaderboard
@@ -34,6 +37,7 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 0.3  # how often a followed stage's progress is looked at (the watch loop acts less often)
 INTERRUPTED_REASON = "interrupted by user (Ctrl-C)"
 EXIT_INTERRUPTED = 130
+CALIBRATION = (0.05, 20.0)  # bounds of the factor that scales a budget's cost model to the stages run so far
 
 
 class LaunchError(ValueError):
@@ -103,36 +107,121 @@ def prepare(config_path: str | os.PathLike[str] | None = None, *, storage: str |
             force: bool = False) -> Launch:
     """Load and validate the config, resolve storage and Redis (``url``, else $REDIS_URL, else embedded) and
     check that the storage root is usable; nothing is written. LaunchError / ConfigError otherwise."""
-    config = load_config(config_path)
     url = dispatch.redis_url(url)
     if url is not None and workers is not None:
         raise LaunchError("--workers starts local workers for the embedded Redis only; with --url, run "
                           "`worker start --url ...` on the worker machines")
     root = storage_root(storage)
+    config = load_config(config_path)
     store = ExperimentStore(root, config.name)
     check_storage(root, store, must_exist=storage is not None or "HYPERSEARCH_STORAGE" in os.environ)
+    config = planned_config(config, store.read_experiment())  # a launch sized from a budget resumes its plan
     return Launch(config, config_text(config_path), store, url, queue, workers, force)
 
 
 def launch(setup: Launch, stages: list[str] | None = None, *, seed: int | None = None, trials: int | None = None,
-           wait: bool = True, reporter: Reporter | None = None) -> int:
+           wait: bool = True, reporter: Reporter | None = None, budget: Budget | None = None) -> int:
     """Launch ``stages`` (default: the config's first; every stage already completed is skipped when more than
-    one is given) in order, each followed to its end before the next is planned when ``wait``. Returns the exit
-    code: 0 when every stage launched (and, followed, completed), 1 when one ended incomplete, 130 on Ctrl-C."""
+    one is given) in order, each followed to its end before the next is planned when ``wait``; with ``budget``,
+    every stage, sized to fill it (and re-sized after each stage). Returns the exit code: 0 when every stage
+    launched (and, followed, completed), 1 when one ended incomplete, 130 on Ctrl-C."""
     reporter = reporter or Reporter()
     config, store = setup.config, setup.store
     names = stages or [config.stages[0].name]
     for name in names:
         config.stage(name)  # an unknown stage is refused before anything runs
     dispatcher = None if setup.embedded else dispatch.Dispatcher(dispatch.connect(setup.url), setup.queue)
-    for name in names:
+    clock = None
+    if budget is not None:
+        setup, clock = size_launch(setup, budget, dispatcher, reporter)
+        names = [s.name for s in setup.config.stages]
+    for i, name in enumerate(names):
         if len(names) > 1 and stage_completed(store, name, config.watch.max_retries):
             reporter.message(f"stage {name} already completed")
             continue
+        if clock is not None:
+            setup = clock.revise(setup, i, reporter) if i else setup
+            clock.marks.append(time.monotonic())
         code = launch_stage(setup, name, seed, trials, dispatcher, wait, reporter)
         if code:
             return code
     return 0
+
+
+@dataclass(frozen=True)
+class BudgetClock:
+    """A launch sized from a budget: the budget, the cost model measured before it, when it started, and when
+    each stage started (appended by ``launch``)."""
+
+    budget: Budget
+    costs: Costs
+    started: float
+    marks: list[float]
+
+    def revise(self, setup: Launch, done: int, reporter: Reporter) -> Launch:
+        """Re-size the stages after the first ``done`` to what is left of the budget (wall time: with the cost
+        model scaled by how long the last stage took against its estimate), record and show it."""
+        stages, store = setup.config.stages, setup.store
+        available = sum(1 for tid in stage_trials(store, stages[done - 1].name)
+                        if (r := store.read_result(tid)) is not None and r.state is TrialState.COMPLETED)
+        costs = None
+        if self.budget.seconds:
+            now = time.monotonic()
+            elapsed, last = now - self.started, now - self.marks[-1]
+            ratio = last / stage_cost(stages, done - 1, self.costs)
+            costs = self.costs.scaled(min(CALIBRATION[1], max(CALIBRATION[0], ratio)))
+            left = self.budget.amount - elapsed
+        else:
+            left = self.budget.amount - epochs_spent(store, stages[:done])
+        sized = resize(stages, done, left, costs, available)
+        most = sum(stage_cost(sized, i, costs) for i in range(done, len(sized)))
+        record = store.read_experiment()
+        store.write_experiment(replace(record, plans=record.plans + (plan_entry(sized, stages[done - 1].name, left,
+                                                                                   most),)))
+        reporter.message(f"budget: {self.budget.describe(max(0.0, left))} left; the stages still to run:")
+        for line in budget_lines(sized, self.budget, costs, done):
+            reporter.message(line)
+        return replace(setup, config=replace(setup.config, stages=sized))
+
+
+def size_launch(setup: Launch, budget: Budget, dispatcher: dispatch.Dispatcher | None,
+                reporter: Reporter) -> tuple[Launch, BudgetClock | None]:
+    """Measure one epoch of the first trial here, size the config's stages to fill ``budget``, show the plan and
+    record it with the budget in experiment.json. A launch sized before resumes its recorded plan (no clock)."""
+    started = time.monotonic()
+    store, config = setup.store, setup.config
+    record = store.read_experiment()
+    if record is not None and record.plans:
+        reporter.message(f"budget: resuming the plan recorded in {store.dir}/experiment.json")
+        return setup, None
+    if record is not None:
+        raise LaunchError(f"experiment {config.name}: launched before without --budget; a budget sizes a new "
+                          f"experiment (rename it, or use another --storage)")
+    workers = setup.workers or available_cores() if dispatcher is None else max(1, len(dispatcher.workers()))
+    costs = replace(measure(config), workers=workers)
+    try:
+        sized = size_plan(config.stages, budget.amount, costs if budget.seconds else None)
+    except BudgetError as exc:
+        raise BudgetError(f"--budget {budget.text}: {exc}") from None
+    sized_config = replace(config, stages=sized)
+    most = sum(stage_cost(sized, i, costs if budget.seconds else None) for i in range(len(sized)))
+    reporter.message(f"budget {budget.text}: {config.stages[0].name}'s first trial measured here: {costs.epoch:.3f} s "
+                     f"an epoch, {costs.trial:.3f} s a trial besides; {workers} workers; the plan:")
+    for line in budget_lines(sized, budget, costs):
+        reporter.message(line)
+    store.ensure()
+    store.write_experiment(ExperimentRecord(
+        config.name, sized_config.to_dict(), setup.config_text, config.seed, now_iso(), code_version(),
+        budget={"text": budget.text, "amount": budget.amount, "unit": budget.unit, "epoch_seconds": round(costs.epoch, 6),
+                "trial_seconds": round(costs.trial, 6),
+                "workers": workers}, plans=(plan_entry(sized, None, budget.amount, most),)))
+    return replace(setup, config=sized_config), BudgetClock(budget, costs, started, [])
+
+
+def epochs_spent(store: ExperimentStore, stages: tuple) -> int:
+    """Epochs trained by the trials of ``stages`` (a promoted trial's from where its parent stopped)."""
+    return sum(max(0, r.epochs_done - start_epoch(stages, i)) for i, stage in enumerate(stages)
+               for tid in stage_trials(store, stage.name) if (r := store.read_result(tid)) is not None)
 
 
 def check_storage(root: Path, store: ExperimentStore, must_exist: bool) -> None:
@@ -224,9 +313,10 @@ def check_existing(store: ExperimentStore, config: ExperimentConfig, specs: list
 
 def same_config(snapshot: ExperimentRecord, config: ExperimentConfig) -> bool:
     """Whether a stored config snapshot describes ``config``, judged by parsing its TOML text with today's
-    code (so config fields added since, with their defaults, do not count as a change)."""
+    code (so config fields added since, with their defaults, do not count as a change), its stages those of
+    its last recorded plan where a budget sized them."""
     try:
-        return parse_config(snapshot.config_text) == config
+        return planned_config(parse_config(snapshot.config_text), snapshot) == config
     except ConfigError:
         return False
 
