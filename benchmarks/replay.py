@@ -30,14 +30,13 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from master.config import ExperimentConfig, parse_config
+from master.hedge import screen_length
 from master.monitor import close_stage
-from master.pruning import Rule, TrialView, should_kill
+from master.pruning import TrialView, should_kill
 from master.sampler import sample_trials
-from master.stages import plan_stage, previous_stage
-from staged_vs_flat import (EPOCHS, GENERATED, SPACES, TASKS, TARGET_RATIO, TOLERANCE, default_stages, epochs_to,
-                            expected_epochs_to, flat_stages, run_search)
-from worker.records import StageRecord
-from worker.states import StageStatus, TrialState
+from staged_vs_flat import (EPOCHS, GENERATED, SPACES, TASKS, TARGET_RATIO, TOLERANCE, begin_stage, default_stages,
+                            epochs_to, expected_epochs_to, flat_stages, run_search)
+from worker.states import TrialState
 from worker.store import ExperimentStore
 
 CURVES = Path(__file__).resolve().parent / "curves"
@@ -111,13 +110,7 @@ def simulate(config: ExperimentConfig, table: Table, root: Path) -> list[list[fl
     store = ExperimentStore(root, config.name).ensure()
     trials, clock = [], 0.0
     for stage in config.stages:
-        plan = plan_stage(store, config, stage.name)
-        ids = [s.trial_id for s in plan.specs]
-        store.write_stage(StageRecord(stage.name, stage.method, stage.epochs, 0, tuple(ids), StageStatus.LAUNCHED,
-                                      ranges={d.name: d.to_dict() for d in plan.space}))
-        before = previous_stage(config, stage.name)
-        start = before.epochs if stage.method == "promote" and before else 0
-        rule = Rule.of(stage, config.watch, start, config.stages[0].epochs if before else 0)
+        plan, ids, start, rule = begin_stage(store, config, stage)
         for i, spec in enumerate(plan.specs):
             store.write_spec(spec.to_dict())
             row = table.nearest(spec.params)
@@ -146,8 +139,10 @@ def simulate(config: ExperimentConfig, table: Table, root: Path) -> list[list[fl
     return trials
 
 
-def replay(tasks: list[str], seeds: list[int], plans: list[str]) -> list[tuple[Any, ...]]:
-    """Flat search and every plan of ``plans`` per task and seed; one row per (task, plan, seed)."""
+def replay(tasks: list[str], seeds: list[int], plans: list[str], screens: dict[str, list[int | None]]
+           ) -> list[tuple[Any, ...]]:
+    """Flat search and every plan of ``plans`` per task and seed; one row per (task, plan, seed). ``screens``
+    gets, per task, the screen length master.hedge's rule picks from flat search's 32 full curves, per seed."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="hs-replay-") as tmp:
         for task in tasks:
@@ -159,6 +154,7 @@ def replay(tasks: list[str], seeds: list[int], plans: list[str]) -> list[tuple[A
                 flat = [table.nearest(s.params)["curve"] for s in sample_trials(flat_config, "flat", 32)]
                 target = max(max(c, default=0.0) for c in flat) - TOLERANCE
                 flat_any = expected_epochs_to(flat, target, draws=500)
+                screens.setdefault(task, []).append(screen_length(flat, rungs=(1, 2, 4, 8, 16, 30)))
                 for plan in plans:
                     config = parse_config(TASKS[task].format(name=f"{task}-{plan}-{seed}", seed=seed, data=tmp)
                                           + PLANS[plan](32) + SPACES["wide"])
@@ -171,7 +167,7 @@ def replay(tasks: list[str], seeds: list[int], plans: list[str]) -> list[tuple[A
 def summary(rows: list[tuple[Any, ...]]) -> list[str]:
     """One Markdown row per (task, plan): runs within 0.5 points, epochs vs flat, runs at >= 5x."""
     lines = ["| task | plan | runs | within 0.5 points of flat's best | staged epochs / flat epochs (median, max) "
-             "| runs at >= 5x (flat any order) | median staged best - flat best (points) |", "|---|---|---|---|---|---|---|"]
+             "| runs at >= 5x (flat any order) | median staged best - flat best (points) |", "|---" * 7 + "|"]
     for key in dict.fromkeys((r[0], r[1]) for r in rows):
         mine = [r for r in rows if (r[0], r[1]) == key]
         within = sum(r[4] >= r[3] - TOLERANCE - 1e-12 for r in mine)
@@ -198,8 +194,12 @@ def main() -> None:
             for task in tasks:
                 print(f"wrote {record(task, args.configs, Path(tmp))}", file=sys.stderr)
         return
-    rows = replay(tasks, [int(s) for s in args.seeds.split(",")], args.plans.split(","))
+    screens: dict[str, list[int | None]] = {}
+    rows = replay(tasks, [int(s) for s in args.seeds.split(",")], args.plans.split(","), screens)
     print("\n".join(summary(rows)))
+    for task, found in screens.items():
+        print(f"{task}: screen length picked by master.hedge.screen_length on flat search's 32 full curves "
+              f"(rungs 1, 2, 4, 8, 16, 30; None: only epoch 30 ranks like epoch 30): {found}")
 
 
 if __name__ == "__main__":

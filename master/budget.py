@@ -85,44 +85,6 @@ def plan_cost(stages: Sequence[StageConfig], costs: Costs | None = None) -> floa
     return sum(stage_cost(stages, i, costs) for i in range(len(stages)))
 
 
-def scaled(self, factor: float) -> Costs:
-        return dataclasses.replace(self, epoch=self.epoch * factor, trial=self.trial * factor,
-                                   stage=self.stage * factor)
-
-
-def start_epoch(stages: Sequence[StageConfig], i: int) -> int:
-    """Epochs a trial of stage ``i`` brings along: the previous stage's for a promote stage, else 0."""
-    return stages[i - 1].epochs if i and stages[i].method == "promote" else 0
-
-
-def stage_cost(stages: Sequence[StageConfig], i: int, costs: Costs | None) -> float:
-    """The most stage ``i`` costs, every trial trained to the end (pruning only saves): epochs (``costs`` None)
-    or wall seconds."""
-    length = stages[i].epochs - start_epoch(stages, i)
-    epochs = stages[i].trials * length
-    if costs is None:
-        return epochs
-    work = (stages[i].trials * costs.trial + epochs * costs.epoch) / costs.workers
-    longest = costs.trial + length * costs.epoch
-    return costs.stage + max(work, longest)
-
-
-def plan_cost(stages: Sequence[StageConfig], costs: Costs | None = None) -> float:
-    """Expected cost of running ``stages`` in order: epochs (``costs`` None) or wall seconds."""
-    return sum(stage_cost(stages, i, costs) for i in range(len(stages)))
-
-
-def screen_of(stages: Sequence[StageConfig], i: int) -> int:
-    """The screen length stage ``i``'s first ASHA rung may not precede: the first stage's epochs (0 for it)."""
-    return stages[0].epochs if i else 0
-
-
-def completed_share(stages: Sequence[StageConfig], i: int) -> float:
-    """The expected fraction of stage ``i``'s trials that reach its last epoch (those a promote stage can take)."""
-    alive = survival(stages[i], start_epoch(stages, i), screen_of(stages, i))
-    return alive[-1] if alive else 1.0
-
-
 def scale(stages: Sequence[StageConfig], n: int, done: int = 0, available: int | None = None
           ) -> tuple[StageConfig, ...]:
     """``stages`` with the first ``done`` kept, ``n`` trials in the next and the later ones' trial counts in the
@@ -182,7 +144,8 @@ def plan_lines(stages: Sequence[StageConfig], budget: Budget, costs: Costs | Non
     """The lines that show a sized plan from stage ``first`` on: one per stage, and its most cost."""
     lines = []
     for i, s in list(enumerate(stages))[first:]:
-        how = {"random": "sampled", "narrow": "narrowed", "promote": f"best continued from epoch {start_epoch(stages, i)}"}
+        how = {"random": "sampled", "narrow": "narrowed",
+               "promote": f"best continued from epoch {start_epoch(stages, i)}"}
         lines.append(f"  {s.name}: {s.trials} trials x {s.epochs} epochs ({how[s.method]}, prune {s.prune}), "
                      f"at most {stage_cost(stages, i, None):.0f} epochs"
                      + (f", {stage_cost(stages, i, costs):.0f} s" if costs and budget.seconds else ""))

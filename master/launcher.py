@@ -212,9 +212,9 @@ def size_launch(setup: Launch, budget: Budget, dispatcher: dispatch.Dispatcher |
     store.ensure()
     store.write_experiment(ExperimentRecord(
         config.name, sized_config.to_dict(), setup.config_text, config.seed, now_iso(), code_version(),
-        budget={"text": budget.text, "amount": budget.amount, "unit": budget.unit, "epoch_seconds": round(costs.epoch, 6),
-                "trial_seconds": round(costs.trial, 6),
-                "workers": workers}, plans=(plan_entry(sized, None, budget.amount, most),)))
+        budget={"text": budget.text, "amount": budget.amount, "unit": budget.unit, "workers": workers,
+                "epoch_seconds": round(costs.epoch, 6), "trial_seconds": round(costs.trial, 6)},
+        plans=(plan_entry(sized, None, budget.amount, most),)))
     return replace(setup, config=sized_config), BudgetClock(budget, costs, started, [])
 
 
