@@ -61,7 +61,20 @@ def screen3_stages(n: int) -> str:
             f'[stages.fine]\nepochs = {EPOCHS}\ntrials = 4\nmethod = "promote"\nhedge = 0.5\n')
 
 
-PLANS = {"default": default_stages, "hedged": hedged_stages, "hedged8": wide_stages, "screen3": screen3_stages}
+def halving_hedged_stages(n: int) -> str:
+    """No narrowing: n x 1 epoch, the best 12 (6 hedged) continued to 5, the best 4 (2 hedged) to 30."""
+    return (f'[stages.coarse]\nepochs = 1\ntrials = {n}\n'
+            f'[stages.medium]\nepochs = 5\ntrials = 12\nmethod = "promote"\nhedge = 0.5\n'
+            f'[stages.fine]\nepochs = {EPOCHS}\ntrials = 4\nmethod = "promote"\nhedge = 0.5\n')
+
+
+def halving_stages(n: int) -> str:
+    """The same without hedging: the best 12 by one-epoch accuracy to 5, the best 4 to 30."""
+    return halving_hedged_stages(n).replace("hedge = 0.5\n", "")
+
+
+PLANS = {"default": default_stages, "hedged": hedged_stages, "hedged8": wide_stages, "screen3": screen3_stages,
+         "halving-hedged": halving_hedged_stages, "halving": halving_stages}
 
 
 def record(task: str, configs: int, tmp: Path) -> Path:
