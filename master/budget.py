@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
+
 from master.config import ConfigError, ExperimentConfig, StageConfig
 
 MAX_TRIALS = 2000  # the most trials a sized first stage gets
@@ -58,10 +60,6 @@ class Costs:
     stage: float = STAGE_SECONDS
     workers: int = 1
 
-    def scaled(self, factor: float) -> Costs:
-        return dataclasses.replace(self, epoch=self.epoch * factor, trial=self.trial * factor,
-                                   stage=self.stage * factor)
-
 
 def start_epoch(stages: Sequence[StageConfig], i: int) -> int:
     """Epochs a trial of stage ``i`` brings along: the previous stage's for a promote stage, else 0."""
@@ -83,6 +81,26 @@ def stage_cost(stages: Sequence[StageConfig], i: int, costs: Costs | None) -> fl
 def plan_cost(stages: Sequence[StageConfig], costs: Costs | None = None) -> float:
     """Expected cost of running ``stages`` in order: epochs (``costs`` None) or wall seconds."""
     return sum(stage_cost(stages, i, costs) for i in range(len(stages)))
+
+
+def fit_costs(prior: Costs, trials: Sequence[tuple[int, float]], stages: Sequence[tuple[float, float]]) -> Costs:
+    """``prior`` refitted to what ran: epoch and trial seconds by least squares over the trials' (epochs trained,
+    worker seconds) (the prior's ratio, rescaled, where all trained as many epochs), and a stage's own cost as
+    the mean over ``stages`` of (wall seconds - worker seconds / workers), never negative."""
+    if not trials:
+        return prior
+    epochs = np.array([t[0] for t in trials], dtype=float)
+    seconds = np.array([t[1] for t in trials], dtype=float)
+    if np.ptp(epochs) > 0:
+        epoch = float(np.cov(epochs, seconds, bias=True)[0, 1] / np.var(epochs))
+        trial = float(seconds.mean() - epoch * epochs.mean())
+        if trial < 0 or epoch <= 0:
+            epoch, trial = float(seconds.sum() / max(epochs.sum(), 1)), 0.0
+    else:
+        factor = seconds.mean() / (prior.trial + epochs.mean() * prior.epoch)
+        epoch, trial = prior.epoch * factor, prior.trial * factor
+    stage = prior.stage if not stages else max(0.0, float(np.mean([w - s / prior.workers for w, s in stages])))
+    return dataclasses.replace(prior, epoch=epoch, trial=trial, stage=stage)
 
 
 def scale(stages: Sequence[StageConfig], n: int, done: int = 0, available: int | None = None

@@ -19,8 +19,8 @@ from typing import Any, Callable, Iterator
 import pandas as pd
 
 from master import dispatch
-from master.budget import Budget, BudgetError, Costs, measure, plan_entry, plan_lines as budget_lines, planned_config, \
-    resize, size_plan, stage_cost, start_epoch
+from master.budget import (Budget, BudgetError, Costs, fit_costs, measure, plan_entry, plan_lines as budget_lines,
+                           planned_config, resize, size_plan, stage_cost, start_epoch)
 from master.config import DEFAULT_CONFIG, ConfigError, ExperimentConfig, load_config, parse_config
 from master.embedded import EmbeddedRedis, LocalWorkers, redis_server_binary
 from master.leaderboard import build_leaderboard
@@ -36,8 +36,9 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.3  # how often a followed stage's progress is looked at (the watch loop acts less often)
 INTERRUPTED_REASON = "interrupted by user (Ctrl-C)"
+BUDGET_REASON = "the budget's wall time is spent"
+LAST_STAGE_MARGIN = 1.25  # a wall-time budget's last stage is sized this much larger; its deadline cuts it
 EXIT_INTERRUPTED = 130
-CALIBRATION = (0.05, 20.0)  # bounds of the factor that scales a budget's cost model to the stages run so far
 
 
 class LaunchError(ValueError):
@@ -96,6 +97,7 @@ class Launch:
     queue: str = dispatch.DEFAULT_QUEUE
     workers: int | None = None  # local workers (embedded only); default one per core, at most one per trial
     force: bool = False
+    deadline: float | None = None  # time.monotonic() at which a wall-time budget's last stage stops its trials
 
     @property
     def embedded(self) -> bool:
@@ -142,6 +144,8 @@ def launch(setup: Launch, stages: list[str] | None = None, *, seed: int | None =
         if clock is not None:
             setup = clock.revise(setup, i, reporter) if i else setup
             clock.marks.append(time.monotonic())
+            if budget.seconds and i == len(names) - 1:
+                setup = replace(setup, deadline=clock.started + budget.amount)
         code = launch_stage(setup, name, seed, trials, dispatcher, wait, reporter)
         if code:
             return code
@@ -160,25 +164,28 @@ class BudgetClock:
 
     def revise(self, setup: Launch, done: int, reporter: Reporter) -> Launch:
         """Re-size the stages after the first ``done`` to what is left of the budget (wall time: with the cost
-        model scaled by how long the last stage took against its estimate), record and show it."""
+        model refitted to the trials and stages run so far), record and show it."""
         stages, store = setup.config.stages, setup.store
-        available = sum(1 for tid in stage_trials(store, stages[done - 1].name)
-                        if (r := store.read_result(tid)) is not None and r.state is TrialState.COMPLETED)
+        results = [[(r, start_epoch(stages, i)) for tid in stage_trials(store, stage.name)
+                    if (r := store.read_result(tid)) is not None] for i, stage in enumerate(stages[:done])]
+        available = sum(1 for r, _ in results[-1] if r.state is TrialState.COMPLETED)
         costs = None
         if self.budget.seconds:
             now = time.monotonic()
-            elapsed, last = now - self.started, now - self.marks[-1]
-            ratio = last / stage_cost(stages, done - 1, self.costs)
-            costs = self.costs.scaled(min(CALIBRATION[1], max(CALIBRATION[0], ratio)))
-            left = self.budget.amount - elapsed
+            walls = [b - a for a, b in zip(self.marks, self.marks[1:] + [now])]
+            costs = fit_costs(self.costs, [(r.epochs_done - s, r.seconds) for rs in results for r, s in rs],
+                              [(w, sum(r.seconds for r, _ in rs)) for w, rs in zip(walls, results)])
+            left = self.budget.amount - (now - self.started)
         else:
-            left = self.budget.amount - epochs_spent(store, stages[:done])
-        sized = resize(stages, done, left, costs, available)
+            left = self.budget.amount - sum(max(0, r.epochs_done - s) for rs in results for r, s in rs)
+        last = self.budget.seconds and done == len(stages) - 1  # cut at the deadline: sized to use all of it
+        sized = resize(stages, done, left * (LAST_STAGE_MARGIN if last else 1.0), costs, available)
         most = sum(stage_cost(sized, i, costs) for i in range(done, len(sized)))
         record = store.read_experiment()
         store.write_experiment(replace(record, plans=record.plans + (plan_entry(sized, stages[done - 1].name, left,
                                                                                    most),)))
-        reporter.message(f"budget: {self.budget.describe(max(0.0, left))} left; the stages still to run:")
+        reporter.message(f"budget: {self.budget.describe(max(0.0, left))} left; the stages still to run"
+                         + (" (the last sized to overrun; its trials stop when the time is spent):" if last else ":"))
         for line in budget_lines(sized, self.budget, costs, done):
             reporter.message(line)
         return replace(setup, config=replace(setup.config, stages=sized))
@@ -216,12 +223,6 @@ def size_launch(setup: Launch, budget: Budget, dispatcher: dispatch.Dispatcher |
                 "epoch_seconds": round(costs.epoch, 6), "trial_seconds": round(costs.trial, 6)},
         plans=(plan_entry(sized, None, budget.amount, most),)))
     return replace(setup, config=sized_config), BudgetClock(budget, costs, started, [])
-
-
-def epochs_spent(store: ExperimentStore, stages: tuple) -> int:
-    """Epochs trained by the trials of ``stages`` (a promoted trial's from where its parent stopped)."""
-    return sum(max(0, r.epochs_done - start_epoch(stages, i)) for i, stage in enumerate(stages)
-               for tid in stage_trials(store, stage.name) if (r := store.read_result(tid)) is not None)
 
 
 def check_storage(root: Path, store: ExperimentStore, must_exist: bool) -> None:
@@ -267,12 +268,14 @@ def launch_stage(setup: Launch, name: str, seed: int | None, trials: int | None,
     specs = list(plan.specs)
     if dispatcher is None:
         workers = min(setup.workers or available_cores(), len(specs))
-        return run_embedded(store, config, specs, binary, setup.queue, workers, setup.force, reporter)
-    return run_remote(store, config, specs, dispatcher, dispatch.mask_url(setup.url), setup.force, wait, reporter)
+        return run_embedded(store, config, specs, binary, setup.queue, workers, setup.force, reporter, setup.deadline)
+    return run_remote(store, config, specs, dispatcher, dispatch.mask_url(setup.url), setup.force, wait, reporter,
+                      setup.deadline)
 
 
 def run_remote(store: ExperimentStore, config: ExperimentConfig, specs: list[TrialSpec],
-               dispatcher: dispatch.Dispatcher, shown_url: str, force: bool, wait: bool, reporter: Reporter) -> int:
+               dispatcher: dispatch.Dispatcher, shown_url: str, force: bool, wait: bool, reporter: Reporter,
+               deadline: float | None = None) -> int:
     """Enqueue on a Redis the workers share; then return, or follow the stage when ``wait``. Exit code."""
     enqueued = enqueue(store, dispatcher, specs, force=force)
     skipped = len(specs) - len(enqueued)
@@ -285,7 +288,7 @@ def run_remote(store: ExperimentStore, config: ExperimentConfig, specs: list[Tri
                          f"--url {shown_url}")
         return 0
     try:
-        outcome = follow(store, config, dispatcher, specs, reporter)
+        outcome = follow(store, config, dispatcher, specs, reporter, deadline=deadline)
     except KeyboardInterrupt:
         reporter.message("stopped following; the trials go on on the workers")
         return EXIT_INTERRUPTED
@@ -403,7 +406,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 def run_embedded(store: ExperimentStore, config: ExperimentConfig, specs: list[TrialSpec], binary: str,
-                 queue: str, workers: int, force: bool, reporter: Reporter) -> int:
+                 queue: str, workers: int, force: bool, reporter: Reporter, deadline: float | None = None) -> int:
     """Run the stage on this machine: embedded Redis (``binary``), enqueue, ``workers`` local workers, follow,
     stop everything started here (also on Ctrl-C), show the leaderboard. Returns the exit code."""
     stage = specs[0].stage
@@ -420,7 +423,7 @@ def run_embedded(store: ExperimentStore, config: ExperimentConfig, specs: list[T
                 reporter.message(f"running {len(enqueued)} trials of stage {stage} of {store.experiment} on "
                                  f"{pool.count} local workers (embedded Redis, storage {store.root})")
                 pool.start()
-                outcome = follow(store, config, dispatcher, specs, reporter, pool)
+                outcome = follow(store, config, dispatcher, specs, reporter, pool, deadline)
             else:
                 reporter.message(f"nothing to run: all {len(specs)} trials of stage {stage} already finished "
                                  "(--force runs them again)")
@@ -444,14 +447,15 @@ def run_embedded(store: ExperimentStore, config: ExperimentConfig, specs: list[T
     return 0 if outcome is StageStatus.COMPLETED else 1
 
 
-def stop_trials(store: ExperimentStore, dispatcher: dispatch.Dispatcher, specs: list[TrialSpec]) -> None:
+def stop_trials(store: ExperimentStore, dispatcher: dispatch.Dispatcher, specs: list[TrialSpec],
+                reason: str = INTERRUPTED_REASON) -> None:
     """Ask every unfinished trial of ``specs`` to stop (honoured within about a second), with the reason."""
     left = set(unfinished(store, specs))
     for spec in specs:
         if spec.trial_id not in left:
             continue
         try:
-            request_stop(store, dispatcher, spec, TrialState.KILLED, INTERRUPTED_REASON)
+            request_stop(store, dispatcher, spec, TrialState.KILLED, reason)
         except dispatch.RedisError as exc:
             log.warning("cannot request a stop of %s: %s", spec.trial_id, exc)
             return
@@ -467,18 +471,25 @@ def requeue_interrupted(store: ExperimentStore, specs: list[TrialSpec]) -> None:
 
 
 def follow(store: ExperimentStore, config: ExperimentConfig, dispatcher: dispatch.Dispatcher,
-           specs: list[TrialSpec], reporter: Reporter, pool: LocalWorkers | None = None) -> StageStatus:
+           specs: list[TrialSpec], reporter: Reporter, pool: LocalWorkers | None = None,
+           deadline: float | None = None) -> StageStatus:
     """Follow a stage through the watch loop (master.monitor: stop bad trials, requeue lost ones, retry failed
     ones, every ``[watch] poll_seconds``), showing progress and the best trial so far, until every trial has
-    finished (COMPLETED; failed ones out of retries) or every local worker has exited (INCOMPLETE)."""
+    finished (COMPLETED; failed ones out of retries) or every local worker has exited (INCOMPLETE). At
+    ``deadline`` (time.monotonic()), every trial still queued or running is asked to stop (a budget spent)."""
     ids = [s.trial_id for s in specs]
     stage = specs[0].stage
     final: dict[str, TrialResult] = {}  # outcomes no retry replaces, read once (a large stage has many)
     outcome: list[StageStatus] = []
+    spent: list[bool] = []
 
     def look(update: Callable[[int, int, str], None]) -> bool:
         # asked before reading results, so a worker that finished the last trial and quit counts as done
         stranded = pool is not None and pool.alive() == 0
+        if deadline is not None and not spent and time.monotonic() >= deadline:
+            spent.append(True)
+            reporter.message(f"{BUDGET_REASON}: stopping the trials of stage {stage} still queued or running")
+            stop_trials(store, dispatcher, specs, BUDGET_REASON)
         try:
             live = dispatcher.progress(store.experiment)
         except dispatch.RedisError as exc:

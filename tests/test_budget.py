@@ -3,9 +3,10 @@ import dataclasses
 
 import pytest
 
-from master.budget import (Budget, BudgetError, Costs, parse_budget, plan_cost, plan_lines, planned_config, resize,
-                           size_plan)
+from master.budget import (Budget, BudgetError, Costs, fit_costs, parse_budget, plan_cost, plan_lines, planned_config,
+                           resize, size_plan)
 from master.config import DEFAULT_STAGES, StageConfig, parse_config
+from master.launcher import Reporter
 from master.pruning import Rule
 from worker.records import ExperimentRecord
 
@@ -76,6 +77,19 @@ def test_resizing_keeps_the_stages_run_and_fits_what_is_left():
     assert resize(DEFAULT_STAGES, 0, 10, None) == DEFAULT_STAGES
 
 
+def test_the_cost_model_is_refitted_to_the_trials_and_stages_that_ran():
+    prior = Costs(epoch=0.1, trial=0.05, stage=4.0, workers=2)
+    # trials of 1 and 5 epochs at 0.03 s + 0.02 s an epoch; stages of 10 s and 6 s walls with 8 s and 4 s of work
+    trials = [(1, 0.05), (1, 0.05), (5, 0.13), (5, 0.13)]
+    fitted = fit_costs(prior, trials, [(10.0, 8.0), (6.0, 4.0)])
+    assert (fitted.epoch, fitted.trial, fitted.stage, fitted.workers) == pytest.approx((0.02, 0.03, 5.0, 2))
+    same = fit_costs(prior, [(1, 0.3), (1, 0.3)], [])  # all one epoch: the prior's split, rescaled to 0.3 s
+    assert (same.epoch, same.trial, same.stage) == pytest.approx((0.2, 0.1, 4.0))
+    assert fit_costs(prior, [], []) == prior
+    steep = fit_costs(prior, [(1, 0.1), (3, 0.5)], [(1.0, 4.0)])  # a line through -0.1 s at 0 epochs, a wall < work
+    assert (steep.epoch, steep.trial, steep.stage) == pytest.approx((0.15, 0.0, 0.0))  # never a negative cost
+
+
 def test_plan_lines_show_each_stage_and_the_total():
     lines = plan_lines(DEFAULT_STAGES, parse_budget("212ep"), None, first=1)
     assert lines == ["  medium: 16 trials x 5 epochs (narrowed, prune asha), at most 80 epochs",
@@ -137,3 +151,22 @@ def test_launch_all_with_an_epoch_budget_sizes_records_and_resumes_its_plan(run,
     assert spent <= 24
     again = run("launch", "--config", path, "--storage", tmp_path / "s", "--all")
     assert again.exit_code == 0 and again.stdout.count("already completed") == 3
+
+
+def test_at_the_deadline_the_stage_stops_its_trials_with_the_reason(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from master.launcher import BUDGET_REASON, launch_stage, prepare
+    from test_stages_cli import LONG
+    from worker.store import ExperimentStore
+
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    path = tmp_path / "long.toml"
+    path.write_text(LONG.format(name="deadline", epochs=200, trials=3))  # each trial would take minutes
+    (tmp_path / "s").mkdir()
+    setup = replace(prepare(path, storage=tmp_path / "s", workers=1), deadline=0.0)  # already past
+    assert launch_stage(setup, "coarse", None, None, None, True, Reporter()) == 0
+    store = ExperimentStore(tmp_path / "s", "deadline")
+    results = [store.read_result(f"coarse-000{i}") for i in range(3)]
+    assert [(r.state, r.reason) for r in results] == [("KILLED", BUDGET_REASON)] * 3
+    assert all(r.epochs_done < 200 for r in results) and store.read_stage("coarse").status == "completed"
