@@ -48,8 +48,8 @@ from threadpoolctl import threadpool_info, threadpool_limits
 from master.monitor import close_stage
 from nncore.data import make_spiral
 from master.pruning import Rule, TrialView, should_kill
-from master.config import ExperimentConfig, parse_config
-from master.stages import plan_stage, previous_stage
+from master.config import ExperimentConfig, StageConfig, parse_config
+from master.stages import StagePlan, plan_stage, previous_stage
 from worker.control import stop_request
 from worker.records import StageRecord
 from worker.states import StageStatus
@@ -139,6 +139,19 @@ class RuleControl:
             self.reason = stop_request(verdict.reason, verdict.state)
 
 
+def begin_stage(store: ExperimentStore, config: ExperimentConfig, stage: StageConfig
+                ) -> tuple[StagePlan, list[str], int, Rule]:
+    """Plan ``stage`` with the product's planner and record it as launched; its trial ids, the epochs its trials
+    bring along (promote) and its stopping rule (first rung not before the screen, as master.monitor does)."""
+    plan = plan_stage(store, config, stage.name)
+    ids = [s.trial_id for s in plan.specs]
+    store.write_stage(StageRecord(stage.name, stage.method, stage.epochs, 0, tuple(ids), StageStatus.LAUNCHED,
+                                  ranges={d.name: d.to_dict() for d in plan.space}))
+    before = previous_stage(config, stage.name)
+    start = before.epochs if stage.method == "promote" and before else 0
+    return plan, ids, start, Rule.of(stage, config.watch, start, config.stages[0].epochs if before else 0)
+
+
 def run_search(config: ExperimentConfig, root: Path) -> tuple[list[list[float]], dict[str, int]]:
     """Run every stage of ``config``; returns each trial's validation accuracy per epoch it trained, in
     execution order, and the number of trials per end state."""
@@ -146,13 +159,7 @@ def run_search(config: ExperimentConfig, root: Path) -> tuple[list[list[float]],
     trials: list[list[float]] = []
     states: dict[str, int] = {}
     for stage in config.stages:
-        plan = plan_stage(store, config, stage.name)
-        ids = [s.trial_id for s in plan.specs]
-        store.write_stage(StageRecord(stage.name, stage.method, stage.epochs, 0, tuple(ids), StageStatus.LAUNCHED,
-                                      ranges={d.name: d.to_dict() for d in plan.space}))
-        before = previous_stage(config, stage.name)
-        start = before.epochs if stage.method == "promote" and before else 0
-        rule = Rule.of(stage, config.watch, start)
+        plan, ids, start, rule = begin_stage(store, config, stage)
         for i, spec in enumerate(plan.specs):
             store.write_spec(spec.to_dict())
             result = run_trial(spec, store, RuleControl(store, spec.trial_id, ids[:i], rule))

@@ -19,6 +19,7 @@ from master.ensemble import METHODS as ENSEMBLE_METHODS, EnsembleError, build_en
 from master.ensemble import predict as run_prediction
 from master.experiment import (ExperimentError, experiment_config, job_counts, kill_trial, live_dispatcher,
                                live_progress, open_dispatcher, open_experiment, watch_findings)
+from master.budget import parse_budget
 from master.launcher import EXIT_INTERRUPTED, LaunchError, launch as run_launch, prepare
 from master.leaderboard import build_leaderboard, collapse_runs, render_table, running_table, state_counts
 from master.monitor import Monitor, watch as watch_loop
@@ -107,10 +108,12 @@ def main(verbose: int) -> None:
 @click.option("--all", "all_stages", is_flag=True,
               help="Run every stage of the config in order, each followed to its end before the next is planned "
                    "(stages already completed are skipped); with --url, workers must be running.")
+@click.option("--budget", default=None, help="With --all: wall time (90s, 20m, 1h) or epochs (2000ep) to fill; "
+              "the stages' trial counts are sized from one measured epoch and printed before anything runs.")
 @user_errors
 def launch(stage: str | None, config_path: Path | None, url: str | None, storage: Path | None, queue: str,
            trials: int | None, seed: int | None, workers: int | None, wait: bool | None, force: bool,
-           all_stages: bool) -> None:
+           all_stages: bool, budget: str | None) -> None:
     """Plan a stage's trials, record them in shared storage and enqueue them, one RQ job per trial.
 
     The first stage samples the search space at random; a narrow stage samples ranges narrowed around the
@@ -124,12 +127,16 @@ def launch(stage: str | None, config_path: Path | None, url: str | None, storage
     if all_stages and (stage is not None or trials is not None or wait is False):
         raise CliError("--all runs every stage with its configured trials to the end; "
                        "drop --stage, --trials and --no-wait")
+    if budget is not None and not all_stages:
+        raise CliError("--budget sizes every stage of the search: use it with --all")
+    sized = parse_budget(budget) if budget is not None else None
     setup = prepare(config_path, storage=storage, url=url, queue=queue, workers=workers, force=force)
     if setup.embedded and wait is False:
         raise CliError("--no-wait needs --url or $REDIS_URL: the embedded Redis lives only while launch runs")
     stages = [s.name for s in setup.config.stages] if all_stages else [stage] if stage else None
     follow = all_stages or setup.embedded or bool(wait)
-    raise SystemExit(run_launch(setup, stages, seed=seed, trials=trials, wait=follow, reporter=ConsoleReporter()))
+    raise SystemExit(run_launch(setup, stages, seed=seed, trials=trials, wait=follow, reporter=ConsoleReporter(),
+                               budget=sized))
 
 
 # status -------------------------------------------------------------------------------------

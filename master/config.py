@@ -26,7 +26,7 @@ METHODS = ("random", "narrow", "promote")
 PRUNERS = ("asha", "median", "none")
 SECTIONS = ("experiment", "data", "model", "solver", "stages", "space", "watch")
 EXPERIMENT_KEYS = ("name", "dataset", "seed", "keep", "sanity")
-STAGE_KEYS = ("epochs", "trials", "method", "top", "quantile", "pad", "prune", "rung", "eta")
+STAGE_KEYS = ("epochs", "trials", "method", "top", "quantile", "pad", "prune", "rung", "eta", "hedge")
 DISTRIBUTION_KEYS = ("dist", "low", "high", "values", "when")
 # Fields a search space may sample, per section; a stage's epochs are its budget, never sampled.
 SAMPLED_FIELDS = {"model": tuple(MODEL_DEFAULTS), "solver": tuple(k for k in SOLVER_DEFAULTS if k != "epochs")}
@@ -208,7 +208,9 @@ class StageConfig:
     method "random" samples the space afresh (the first stage always does); "narrow" samples ranges
     narrowed to the previous stage's best trials (``top`` of them, else the best ``quantile`` fraction,
     widened by ``pad`` of the range on each side); "promote" continues the previous stage's ``top`` best
-    trials (so ``trials == top``) to this stage's ``epochs``. The narrowing itself lives in master.stages.
+    trials (so ``trials == top``) to this stage's ``epochs``, ``hedge`` of them (a fraction, default 0) kept for
+    the best trial of each bin of the learning rate and model size the leaders miss (master.hedge). The
+    narrowing itself lives in master.stages.
     Within the stage, ``prune`` stops hopeless trials while they run: "asha" (asynchronous successive
     halving, rungs at ``rung * eta**k`` epochs), "median" (below the median of the others from epoch
     ``rung`` on) or "none"; master.pruning applies it.
@@ -224,6 +226,7 @@ class StageConfig:
     prune: str = "asha"
     rung: int = 1
     eta: int = 3
+    hedge: float = 0.0
 
     def __post_init__(self) -> None:
         _name(self.name, "stages")
@@ -245,6 +248,10 @@ class StageConfig:
             raise ConfigError(f"{where}.prune: expected one of {', '.join(PRUNERS)}, got {self.prune!r}")
         _int(self.rung, f"{where}.rung", 1)
         _int(self.eta, f"{where}.eta", 2)
+        if not 0 <= _number(self.hedge, f"{where}.hedge") <= 1:
+            raise ConfigError(f"{where}.hedge: expected a fraction in [0, 1], got {self.hedge!r}")
+        if self.hedge and self.method != "promote":
+            raise ConfigError(f"{where}.hedge: only promote stages use it")
         getattr(self, f"_check_{self.method}")(where)
 
     def _check_random(self, where: str) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from master import dispatch
+from master.budget import planned_config
 from master.config import ConfigError, ExperimentConfig, parse_config
 from master.embedded import running_server_url
 from master.monitor import failing_workers, request_stop, worker_outcomes
@@ -43,12 +44,12 @@ def open_experiment(storage: str | Path | None, experiment: str | None) -> Exper
 
 
 def experiment_config(store: ExperimentStore) -> ExperimentConfig:
-    """The config an experiment was launched with (the TOML text kept in experiment.json)."""
+    """The config an experiment was launched with (the TOML text kept in experiment.json; a budget's sized stages)."""
     record = store.read_experiment()
     if record is None:
         raise ExperimentError(f"experiment {store.experiment}: {store.dir}/experiment.json is unreadable")
     try:
-        return parse_config(record.config_text, f"{store.dir}/experiment.json")
+        return planned_config(parse_config(record.config_text, f"{store.dir}/experiment.json"), record)
     except ConfigError as exc:
         raise ExperimentError(f"experiment {store.experiment}: {store.dir}/experiment.json has no readable config "
                               f"({exc})") from None

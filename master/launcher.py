@@ -11,7 +11,7 @@ import os
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata, resources
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -19,6 +19,8 @@ from typing import Any, Callable, Iterator
 import pandas as pd
 
 from master import dispatch
+from master.budget import (Budget, BudgetError, Costs, fit_costs, measure, plan_entry, plan_lines as budget_lines,
+                           planned_config, resize, size_plan, stage_cost, start_epoch)
 from master.config import DEFAULT_CONFIG, ConfigError, ExperimentConfig, load_config, parse_config
 from master.embedded import EmbeddedRedis, LocalWorkers, redis_server_binary
 from master.leaderboard import build_leaderboard
@@ -38,6 +40,8 @@ NO_WORKER_HINT_SECONDS = 5.0  # a followed remote stage no worker has touched by
 POLL_SECONDS = 0.3  # how often a followed stage's progress is looked at (the watch loop acts less often)
 INTERRUPTED_REASON = "interrupted by user (Ctrl-C)"
 BORDER = "border: "  # a plan line telling the previous stage's border flag
+BUDGET_REASON = "the budget's wall time is spent"
+LAST_STAGE_MARGIN = 1.25  # a wall-time budget's last stage is sized this much larger; its deadline cuts it
 EXIT_INTERRUPTED = 130
 
 
@@ -124,6 +128,7 @@ class Launch:
     queue: str = dispatch.DEFAULT_QUEUE
     workers: int | None = None  # local workers (embedded only); default one per core, at most one per trial
     force: bool = False
+    deadline: float | None = None  # time.monotonic() at which a wall-time budget's last stage stops its trials
 
     @property
     def embedded(self) -> bool:
@@ -135,36 +140,120 @@ def prepare(config_path: str | os.PathLike[str] | None = None, *, storage: str |
             force: bool = False) -> Launch:
     """Load and validate the config, resolve storage and Redis (``url``, else $REDIS_URL, else embedded) and
     check that the storage root is usable; nothing is written. LaunchError / ConfigError otherwise."""
-    config = load_config(config_path)
     url = dispatch.redis_url(url)
     if url is not None and workers is not None:
         raise LaunchError("--workers starts local workers for the embedded Redis only; with --url, run "
                           "`worker start --url ...` on the worker machines")
     root = storage_root(storage)
+    config = load_config(config_path)
     store = ExperimentStore(root, config.name)
     check_storage(root, store, must_exist=storage is not None or "HYPERSEARCH_STORAGE" in os.environ)
+    config = planned_config(config, store.read_experiment())  # a launch sized from a budget resumes its plan
     return Launch(config, config_text(config_path), store, url, queue, workers, force)
 
 
 def launch(setup: Launch, stages: list[str] | None = None, *, seed: int | None = None, trials: int | None = None,
-           wait: bool = True, reporter: Reporter | None = None) -> int:
+           wait: bool = True, reporter: Reporter | None = None, budget: Budget | None = None) -> int:
     """Launch ``stages`` (default: the config's first; every stage already completed is skipped when more than
-    one is given) in order, each followed to its end before the next is planned when ``wait``. Returns the exit
-    code: 0 when every stage launched (and, followed, completed), 1 when one ended incomplete, 130 on Ctrl-C."""
+    one is given) in order, each followed to its end before the next is planned when ``wait``; with ``budget``,
+    every stage, sized to fill it (and re-sized after each stage). Returns the exit code: 0 when every stage
+    launched (and, followed, completed), 1 when one ended incomplete, 130 on Ctrl-C."""
     reporter = reporter or Reporter()
     config, store = setup.config, setup.store
     names = stages or [config.stages[0].name]
     for name in names:
         config.stage(name)  # an unknown stage is refused before anything runs
     dispatcher = None if setup.embedded else dispatch.Dispatcher(dispatch.connect(setup.url), setup.queue)
-    for name in names:
+    clock = None
+    if budget is not None:
+        setup, clock = size_launch(setup, budget, dispatcher, reporter)
+        names = [s.name for s in setup.config.stages]
+    for i, name in enumerate(names):
         if len(names) > 1 and stage_completed(store, name, config.watch.max_retries):
             reporter.message(f"stage {name} already completed")
             continue
+        if clock is not None:
+            setup = clock.revise(setup, i, reporter) if i else setup
+            clock.marks.append(time.monotonic())
+            if budget.seconds and i == len(names) - 1:
+                setup = replace(setup, deadline=clock.started + budget.amount)
         code = launch_stage(setup, name, seed, trials, dispatcher, wait, reporter)
         if code:
             return code
     return 0
+
+
+@dataclass(frozen=True)
+class BudgetClock:
+    """A launch sized from a budget: the budget, the cost model measured before it, when it started, and when
+    each stage started (appended by ``launch``)."""
+
+    budget: Budget
+    costs: Costs
+    started: float
+    marks: list[float]
+
+    def revise(self, setup: Launch, done: int, reporter: Reporter) -> Launch:
+        """Re-size the stages after the first ``done`` to what is left of the budget (wall time: with the cost
+        model refitted to the trials and stages run so far), record and show it."""
+        stages, store = setup.config.stages, setup.store
+        results = [[(r, start_epoch(stages, i)) for tid in stage_trials(store, stage.name)
+                    if (r := store.read_result(tid)) is not None] for i, stage in enumerate(stages[:done])]
+        available = sum(1 for r, _ in results[-1] if r.state is TrialState.COMPLETED)
+        costs = None
+        if self.budget.seconds:
+            now = time.monotonic()
+            walls = [b - a for a, b in zip(self.marks, self.marks[1:] + [now])]
+            costs = fit_costs(self.costs, [(r.epochs_done - s, r.seconds) for rs in results for r, s in rs],
+                              [(w, sum(r.seconds for r, _ in rs)) for w, rs in zip(walls, results)])
+            left = self.budget.amount - (now - self.started)
+        else:
+            left = self.budget.amount - sum(max(0, r.epochs_done - s) for rs in results for r, s in rs)
+        last = self.budget.seconds and done == len(stages) - 1  # cut at the deadline: sized to use all of it
+        sized = resize(stages, done, left * (LAST_STAGE_MARGIN if last else 1.0), costs, available)
+        most = sum(stage_cost(sized, i, costs) for i in range(done, len(sized)))
+        record = store.read_experiment()
+        store.write_experiment(replace(record, plans=record.plans + (plan_entry(sized, stages[done - 1].name, left,
+                                                                                   most),)))
+        reporter.message(f"budget: {self.budget.describe(max(0.0, left))} left; the stages still to run"
+                         + (" (the last sized to overrun; its trials stop when the time is spent):" if last else ":"))
+        for line in budget_lines(sized, self.budget, costs, done):
+            reporter.message(line)
+        return replace(setup, config=replace(setup.config, stages=sized))
+
+
+def size_launch(setup: Launch, budget: Budget, dispatcher: dispatch.Dispatcher | None,
+                reporter: Reporter) -> tuple[Launch, BudgetClock | None]:
+    """Measure one epoch of the first trial here, size the config's stages to fill ``budget``, show the plan and
+    record it with the budget in experiment.json. A launch sized before resumes its recorded plan (no clock)."""
+    started = time.monotonic()
+    store, config = setup.store, setup.config
+    record = store.read_experiment()
+    if record is not None and record.plans:
+        reporter.message(f"budget: resuming the plan recorded in {store.dir}/experiment.json")
+        return setup, None
+    if record is not None:
+        raise LaunchError(f"experiment {config.name}: launched before without --budget; a budget sizes a new "
+                          f"experiment (rename it, or use another --storage)")
+    workers = setup.workers or available_cores() if dispatcher is None else max(1, len(dispatcher.workers()))
+    costs = replace(measure(config), workers=workers)
+    try:
+        sized = size_plan(config.stages, budget.amount, costs if budget.seconds else None)
+    except BudgetError as exc:
+        raise BudgetError(f"--budget {budget.text}: {exc}") from None
+    sized_config = replace(config, stages=sized)
+    most = sum(stage_cost(sized, i, costs if budget.seconds else None) for i in range(len(sized)))
+    reporter.message(f"budget {budget.text}: {config.stages[0].name}'s first trial measured here: {costs.epoch:.3f} s "
+                     f"an epoch, {costs.trial:.3f} s a trial besides; {workers} workers; the plan:")
+    for line in budget_lines(sized, budget, costs):
+        reporter.message(line)
+    store.ensure()
+    store.write_experiment(ExperimentRecord(
+        config.name, sized_config.to_dict(), setup.config_text, config.seed, now_iso(), code_version(),
+        budget={"text": budget.text, "amount": budget.amount, "unit": budget.unit, "workers": workers,
+                "epoch_seconds": round(costs.epoch, 6), "trial_seconds": round(costs.trial, 6)},
+        plans=(plan_entry(sized, None, budget.amount, most),)))
+    return replace(setup, config=sized_config), BudgetClock(budget, costs, started, [])
 
 
 def check_storage(root: Path, store: ExperimentStore, must_exist: bool) -> None:
@@ -210,12 +299,14 @@ def launch_stage(setup: Launch, name: str, seed: int | None, trials: int | None,
     specs = list(plan.specs)
     if dispatcher is None:
         workers = min(setup.workers or available_cores(), len(specs))
-        return run_embedded(store, config, specs, binary, setup.queue, workers, setup.force, reporter)
-    return run_remote(store, config, specs, dispatcher, dispatch.mask_url(setup.url), setup.force, wait, reporter)
+        return run_embedded(store, config, specs, binary, setup.queue, workers, setup.force, reporter, setup.deadline)
+    return run_remote(store, config, specs, dispatcher, dispatch.mask_url(setup.url), setup.force, wait, reporter,
+                      setup.deadline)
 
 
 def run_remote(store: ExperimentStore, config: ExperimentConfig, specs: list[TrialSpec],
-               dispatcher: dispatch.Dispatcher, shown_url: str, force: bool, wait: bool, reporter: Reporter) -> int:
+               dispatcher: dispatch.Dispatcher, shown_url: str, force: bool, wait: bool, reporter: Reporter,
+               deadline: float | None = None) -> int:
     """Enqueue on a Redis the workers share; then return, or follow the stage when ``wait``. Exit code."""
     enqueued = enqueue(store, dispatcher, specs, force=force)
     skipped = len(specs) - len(enqueued)
@@ -229,7 +320,7 @@ def run_remote(store: ExperimentStore, config: ExperimentConfig, specs: list[Tri
                          f"--url {shown_url}")
         return 0
     try:
-        outcome = follow(store, config, dispatcher, specs, reporter, hint=worker_line)
+        outcome = follow(store, config, dispatcher, specs, reporter, hint=worker_line, deadline=deadline)
     except KeyboardInterrupt:
         reporter.message("stopped following; the trials go on on the workers")
         return EXIT_INTERRUPTED
@@ -257,9 +348,10 @@ def check_existing(store: ExperimentStore, config: ExperimentConfig, specs: list
 
 def same_config(snapshot: ExperimentRecord, config: ExperimentConfig) -> bool:
     """Whether a stored config snapshot describes ``config``, judged by parsing its TOML text with today's
-    code (so config fields added since, with their defaults, do not count as a change)."""
+    code (so config fields added since, with their defaults, do not count as a change), its stages those of
+    its last recorded plan where a budget sized them."""
     try:
-        return parse_config(snapshot.config_text) == config
+        return planned_config(parse_config(snapshot.config_text), snapshot) == config
     except ConfigError:
         return False
 
@@ -346,7 +438,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 def run_embedded(store: ExperimentStore, config: ExperimentConfig, specs: list[TrialSpec], binary: str,
-                 queue: str, workers: int, force: bool, reporter: Reporter) -> int:
+                 queue: str, workers: int, force: bool, reporter: Reporter, deadline: float | None = None) -> int:
     """Run the stage on this machine: embedded Redis (``binary``), enqueue, ``workers`` local workers, follow,
     stop everything started here (also on Ctrl-C), show the leaderboard. Returns the exit code."""
     stage = specs[0].stage
@@ -363,7 +455,7 @@ def run_embedded(store: ExperimentStore, config: ExperimentConfig, specs: list[T
                 reporter.message(f"running {len(enqueued)} trials of stage {stage} of {store.experiment} on "
                                  f"{pool.count} local workers (embedded Redis, storage {store.root})")
                 pool.start()
-                outcome = follow(store, config, dispatcher, specs, reporter, pool)
+                outcome = follow(store, config, dispatcher, specs, reporter, pool, deadline=deadline)
             else:
                 reporter.message(f"nothing to run: all {len(specs)} trials of stage {stage} already finished "
                                  "(--force runs them again)")
@@ -387,14 +479,15 @@ def run_embedded(store: ExperimentStore, config: ExperimentConfig, specs: list[T
     return 0 if outcome is StageStatus.COMPLETED else 1
 
 
-def stop_trials(store: ExperimentStore, dispatcher: dispatch.Dispatcher, specs: list[TrialSpec]) -> None:
+def stop_trials(store: ExperimentStore, dispatcher: dispatch.Dispatcher, specs: list[TrialSpec],
+                reason: str = INTERRUPTED_REASON) -> None:
     """Ask every unfinished trial of ``specs`` to stop (honoured within about a second), with the reason."""
     left = set(unfinished(store, specs))
     for spec in specs:
         if spec.trial_id not in left:
             continue
         try:
-            request_stop(store, dispatcher, spec, TrialState.KILLED, INTERRUPTED_REASON)
+            request_stop(store, dispatcher, spec, TrialState.KILLED, reason)
         except dispatch.RedisError as exc:
             log.warning("cannot request a stop of %s: %s", spec.trial_id, exc)
             return
@@ -417,21 +510,27 @@ def requeue_interrupted(store: ExperimentStore, specs: list[TrialSpec]) -> None:
 
 def follow(store: ExperimentStore, config: ExperimentConfig, dispatcher: dispatch.Dispatcher,
            specs: list[TrialSpec], reporter: Reporter, pool: LocalWorkers | None = None,
-           hint: str = "") -> StageStatus:
+           hint: str = "", deadline: float | None = None) -> StageStatus:
     """Follow a stage through the watch loop (master.monitor: stop bad trials, requeue lost ones, retry failed
     ones, every ``[watch] poll_seconds``), showing progress and the best trial so far, until every trial has
     finished (COMPLETED; failed ones out of retries) or every local worker has exited (INCOMPLETE). When no
-    trial has started NO_WORKER_HINT_SECONDS after following began, ``hint`` (how to start a worker) is told once."""
+    trial has started NO_WORKER_HINT_SECONDS after following began, ``hint`` (how to start a worker) is told once.
+    At ``deadline`` (time.monotonic()), every trial still queued or running is asked to stop (a budget spent)."""
     ids = [s.trial_id for s in specs]
     started = time.monotonic()
     stage = specs[0].stage
     final: dict[str, TrialResult] = {}  # outcomes no retry replaces, read once (a large stage has many)
     outcome: list[StageStatus] = []
+    spent: list[bool] = []
 
     def look(update: Callable[[int, int, str], None]) -> bool:
         nonlocal hint
         # asked before reading results, so a worker that finished the last trial and quit counts as done
         stranded = pool is not None and pool.alive() == 0
+        if deadline is not None and not spent and time.monotonic() >= deadline:
+            spent.append(True)
+            reporter.message(f"{BUDGET_REASON}: stopping the trials of stage {stage} still queued or running")
+            stop_trials(store, dispatcher, specs, BUDGET_REASON)
         try:
             live = dispatcher.progress(store.experiment)
         except dispatch.RedisError as exc:

@@ -217,7 +217,8 @@ class Monitor:
             return []
         cfg = self.config.stage(record.stage)
         before = previous_stage(self.config, record.stage)
-        rule = Rule.of(cfg, self.watch, before.epochs if cfg.method == "promote" and before else 0)
+        rule = Rule.of(cfg, self.watch, before.epochs if cfg.method == "promote" and before else 0,
+                       self.config.stages[0].epochs if before else 0)
         views = {tid: TrialView.from_history(tid, self.store.read_history(tid), progress.get(tid))
                  for tid in record.trial_ids}
         events = []

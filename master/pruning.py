@@ -66,14 +66,16 @@ class Rule:
     start: int = 0
     explode_factor: float = 3.0
     stall_seconds: float = 900.0
+    screen: int = 0  # the screen length: no rung before it
 
     @classmethod
-    def of(cls, stage: StageConfig, watch: WatchConfig, start: int = 0) -> Rule:
-        return cls(stage.epochs, stage.prune, stage.rung, stage.eta, start, watch.explode_factor, watch.stall_seconds)
+    def of(cls, stage: StageConfig, watch: WatchConfig, start: int = 0, screen: int = 0) -> Rule:
+        return cls(stage.epochs, stage.prune, stage.rung, stage.eta, start, watch.explode_factor, watch.stall_seconds,
+                   screen)
 
     def rungs(self) -> list[int]:
-        """Epochs at which ASHA judges a trial; none in a one-epoch stage."""
-        out, r = [], self.rung
+        """Epochs at which ASHA judges a trial (the first not before the screen length); none in a one-epoch stage."""
+        out, r = [], max(self.rung, self.screen)
         while r < self.epochs:
             if r > self.start:
                 out.append(r)
@@ -123,7 +125,7 @@ def median_cut(trial: TrialView, peers: Sequence[TrialView], rule: Rule) -> str 
     """The median stopping rule: from epoch ``rung`` on, a trial whose best accuracy so far is below the
     median of the other trials' best at the same epoch stops (needs MEDIAN_MIN_PEERS of them)."""
     epoch = trial.epoch
-    if epoch < max(rule.rung, rule.start + 1):
+    if epoch < max(rule.rung, rule.screen, rule.start + 1):
         return None
     others = [p.scores[epoch - 1] for p in peers if p.epoch >= epoch]
     if len(others) < MEDIAN_MIN_PEERS:

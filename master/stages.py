@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from master.borders import BorderFlag, analyse, top_trials
+from master.hedge import hedged_top
 from master.sampler import sample_trials
 from master.config import DEFAULT_QUANTILE, ConfigError, Distribution, ExperimentConfig, StageConfig
 from worker.records import StageRecord, TrialResult
@@ -178,14 +179,24 @@ def _resume(store: ExperimentStore, config: ExperimentConfig, stage: StageConfig
     return StagePlan(stage, specs, space, before.name, note=note)
 
 
+def promoted(completed: list[Ranked], k: int, hedge: float, space: tuple[Distribution, ...]) -> list[Ranked]:
+    """The ``k`` trials to promote from ``completed`` (best first): the best, ``hedge`` of them kept for the best
+    of each learning-rate and model-size bin the leaders miss (master.hedge.hedged_top)."""
+    if not hedge:
+        return completed[:k]
+    return [completed[i] for i in hedged_top([(r.spec.get("params", {}), r.val_acc) for r in completed], k, space,
+                                             hedge)]
+
+
 def _promote(config: ExperimentConfig, stage: StageConfig, before: StageConfig, done: list[Ranked],
              trials: int | None, space: tuple[Distribution, ...]) -> StagePlan:
     completed = [r for r in done if r.result.state is TrialState.COMPLETED]
-    chosen = completed[:trials or stage.top]
+    chosen = promoted(completed, trials or stage.top, stage.hedge, space)
     specs = tuple(config.trial_spec(stage.name, i, r.spec["seed"], r.spec.get("params", {}), parent=r.trial_id)
                   for i, r in enumerate(chosen))
     note = (f"the best {len(chosen)} of {len(completed)} completed trials of stage {before.name} continue "
-            f"from epoch {before.epochs} to {stage.epochs}")
+            f"from epoch {before.epochs} to {stage.epochs}"
+            + (f" ({stage.hedge:.0%} of them the best of a learning-rate or model-size bin)" if stage.hedge else ""))
     return StagePlan(stage, specs, space, before.name, note=note)
 
 

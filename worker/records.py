@@ -65,6 +65,11 @@ def _count(value: Any, where: str) -> int:
     return int(_check(value, int, where))
 
 
+def _tables(value: Any, where: str) -> tuple[dict[str, Any], ...]:
+    _check(value, list, where)
+    return tuple(_check(v, dict, f"{where}[{i}]") for i, v in enumerate(value))
+
+
 @dataclass(frozen=True)
 class TrialResult:
     """A trial's current state and, once it has one, its outcome (result.json).
@@ -144,21 +149,18 @@ class StageRecord:
             _check(value, list, where)
             return tuple(_check(v, str, f"{where}[{i}]") for i, v in enumerate(value))
 
-        def tables(value: Any, where: str) -> tuple[dict[str, Any], ...]:
-            _check(value, list, where)
-            return tuple(_check(v, dict, f"{where}[{i}]") for i, v in enumerate(value))
-
         return _from_dict(cls, doc, {
             "stage": _typed(str), "method": _typed(str), "epochs": _count, "seed": _count,
             "trial_ids": strings, "status": _enum(StageStatus), "ranges": _typed(dict),
             "from_stage": _typed(str, optional=True), "note": _typed(str), "created_at": _typed(str),
-            "updated_at": _typed(str), "summary": _typed(str), "flags": tables, "flag_messages": strings,
+            "updated_at": _typed(str), "summary": _typed(str), "flags": _tables, "flag_messages": strings,
         })
 
 
 @dataclass(frozen=True)
 class ExperimentRecord:
-    """The experiment as first launched (experiment.json): its config, the TOML it came from, seed, code."""
+    """The experiment as first launched (experiment.json): its config, the TOML it came from, seed, code, and for a
+    launch sized from a budget, the budget and each plan (stage dicts with their name; re-sized after each stage)."""
 
     name: str
     config: dict[str, Any]
@@ -166,11 +168,20 @@ class ExperimentRecord:
     seed: int
     created_at: str
     code_version: str = ""
+    budget: dict[str, Any] | None = None
+    plans: tuple[dict[str, Any], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if self.budget is None:  # a launch without a budget writes what it always wrote
+            del out["budget"], out["plans"]
+        else:
+            out["plans"] = list(self.plans)
+        return out
 
     @classmethod
     def from_dict(cls, doc: Any) -> ExperimentRecord:
         return _from_dict(cls, doc, {"name": _typed(str), "config": _typed(dict), "config_text": _typed(str),
-                                     "seed": _count, "created_at": _typed(str), "code_version": _typed(str)})
+                                     "seed": _count, "created_at": _typed(str), "code_version": _typed(str),
+                                     "budget": _typed(dict, optional=True),
+                                     "plans": _tables})
