@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from master.leaderboard import BASE_COLUMNS, build_leaderboard, param_columns, render_table
+from master.leaderboard import BASE_COLUMNS, _cell, build_leaderboard, param_columns, render_table
 from worker.store import ExperimentStore
 from conftest import record_experiment, record_result
 
@@ -96,3 +96,17 @@ def test_render_table(store):
     assert "fine-0000" in text and "0.9700" in text and "stopped by user" in text
     assert "coarse-0004" not in text
     assert "lr" in text and "hidden" in text and "[128]" in text
+
+
+def test_render_table_on_an_80_column_terminal_folds_values_instead_of_cropping_them(store):
+    df = build_leaderboard(store)
+    console = Console(record=True, width=80)
+    console.print(render_table(df, top=6, width=80))
+    text = console.export_text()
+    assert all(len(line) <= 80 for line in text.splitlines())
+    cells = "".join(text.split())  # a folded value is whole once the table's spacing is gone
+    for values in df.to_dict("records"):
+        for name in param_columns(df):
+            if values[name] == values[name]:
+                assert f"{name.rsplit('.', 1)[-1]}={_cell(values[name])}" in cells
+    assert "worker" not in text
