@@ -11,6 +11,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
+from master.experiment import stage_order
 from master.lineage import chains, label
 from worker.states import TrialState
 from worker.store import ExperimentStore
@@ -169,10 +170,10 @@ def funnel(df: pd.DataFrame, stages: list[str]) -> pd.DataFrame:
     return counts.reindex(index=[s for s in stages if s in counts.index], columns=columns, fill_value=0)
 
 
-def state_counts(df: pd.DataFrame, store: Any) -> Table:
-    """Trials per stage (rows) and state (columns), with each stage's recorded status."""
+def state_counts(df: pd.DataFrame, store: ExperimentStore) -> Table:
+    """Trials per stage (rows, in the config's order) and state (columns), with each stage's recorded status."""
     table = Table(title="trials by state", title_justify="left")
-    stages = list(dict.fromkeys(df["stage"]))
+    stages = stage_order(store, df["stage"])
     counts = funnel(df, stages)
     for name in ("stage", "status", *counts.columns, "total"):
         table.add_column(name, justify="left" if name in ("stage", "status") else "right")
