@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from master.experiment import ExperimentError
+from master.experiment import ExperimentError, stage_order
 from master.leaderboard import build_leaderboard, collapse_runs
 from rich.table import Table
 
@@ -29,7 +29,7 @@ def experiments(root: Path) -> list[dict[str, Any]]:
     out = []
     for name in list_experiments(root):
         store = ExperimentStore(root, name)
-        records = [r for stage in store.stage_names() if (r := store.read_stage(stage)) is not None]
+        records = [r for stage in stage_order(store, store.stage_names()) if (r := store.read_stage(stage)) is not None]
         try:
             best = best_run(store)
             best_text = f"{best['val_acc']:.4f} ({best['trial']})"

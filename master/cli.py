@@ -165,7 +165,7 @@ def status(experiment: str | None, storage: Path | None, url: str | None, queue:
         console.print(f"RQ jobs on queue {queue}: " + ", ".join(f"{n} {status}" for status, n in jobs.items()))
     for kind, message in watch_findings(store, experiment_config(store)):
         console.print(f"[{'red' if kind == 'quarantine' else 'yellow'}]{message}[/]")
-    console.print(render_table(collapse_runs(store, df), top=top))
+    console.print(render_table(collapse_runs(store, df), top=top, width=console.width))
 
 
 @main.command("list")
@@ -265,7 +265,7 @@ def report(experiment: str | None, storage: Path | None, top: int, curves: int, 
         console.print(f"report: {build_trial_report(store, trial)}")
         return
     result = build_report(store, curves=curves)
-    console.print(render_table(collapse_runs(store, result.leaderboard), top=top))
+    console.print(render_table(collapse_runs(store, result.leaderboard), top=top, width=console.width))
     console.print(f"report: {result.html}\nleaderboard: {result.csv}, {result.json.name}")
 
 

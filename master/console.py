@@ -31,7 +31,7 @@ class ConsoleReporter(Reporter):
         console.print(f"[yellow]{text}[/]" if kind == "flag" else text if kind == "plan" else f"[dim]{text}[/]")
 
     def leaderboard(self, df: pd.DataFrame, title: str) -> None:
-        console.print(render_table(df, top=10, title=title))
+        console.print(render_table(df, top=10, title=title, width=console.width))
 
     @contextlib.contextmanager
     def following(self, label: str, total: int) -> Iterator[Callable[[int, int, str], None]]:

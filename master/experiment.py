@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from master import dispatch
 from master.budget import planned_config
@@ -53,6 +53,16 @@ def experiment_config(store: ExperimentStore) -> ExperimentConfig:
     except ConfigError as exc:
         raise ExperimentError(f"experiment {store.experiment}: {store.dir}/experiment.json has no readable config "
                               f"({exc})") from None
+
+
+def stage_order(store: ExperimentStore, seen: Iterable[str]) -> list[str]:
+    """The stages of ``seen`` in the order the experiment's config lists them, then any other by name."""
+    try:
+        known = [stage.name for stage in experiment_config(store).stages]
+    except ExperimentError:
+        known = []
+    seen = set(seen)
+    return [s for s in known if s in seen] + sorted(seen - set(known))
 
 
 def redis_of(store: ExperimentStore, url: str | None) -> str | None:

@@ -313,11 +313,12 @@ def run_remote(store: ExperimentStore, config: ExperimentConfig, specs: list[Tri
     queue, stage = dispatcher.queue.name, specs[0].stage
     reporter.message(f"enqueued {len(enqueued)} of {len(specs)} trials of stage {stage} of {store.experiment} on "
                      f"{shown_url} (queue {queue})" + (f"; {skipped} already queued or finished" if skipped else ""))
-    worker_line = f"worker start --url {shown_url} --storage {store.root} --queue {queue}"
+    where = f"--url {shown_url} --storage {store.root} --queue {queue}"
+    worker_line = f"worker start {where}"
     if not wait:
-        reporter.message(f"workers: {worker_line}\n"
-                         f"watch:   master status --experiment {store.experiment} --storage {store.root} "
-                         f"--url {shown_url}")
+        options = f"--experiment {store.experiment} {where}"
+        reporter.message(f"workers: {worker_line}\nstatus:  master status {options}\n"
+                         f"watch:   master watch {options} (stops bad trials, requeues those of lost workers)")
         return 0
     try:
         outcome = follow(store, config, dispatcher, specs, reporter, hint=worker_line, deadline=deadline)

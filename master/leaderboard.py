@@ -11,6 +11,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
+from master.experiment import stage_order
 from master.lineage import chains, label
 from worker.states import TrialState
 from worker.store import ExperimentStore
@@ -18,6 +19,7 @@ from worker.store import ExperimentStore
 BASE_COLUMNS = ["trial", "stage", "state", "reason", "val_acc", "best_epoch", "train_acc", "epochs",
                 "seconds", "worker"]
 RUN_COLUMNS = ["stages", "lineage"]  # what collapse_runs adds after "stage": the run's stages and trials
+WIDE = 100  # terminal columns the leaderboard needs for its worker column besides the hyperparameters
 STATE_STYLES = {TrialState.COMPLETED.value: "green", TrialState.KILLED.value: "yellow",
                 TrialState.DIVERGED.value: "red", TrialState.FAILED.value: "red",
                 TrialState.RUNNING.value: "cyan", TrialState.QUEUED.value: "dim"}
@@ -128,9 +130,10 @@ def _cell(value: Any, fmt: str = "{:.3g}") -> str:
     return str(value)
 
 
-def render_table(df: pd.DataFrame, top: int = 10, title: str | None = None) -> Table:
+def render_table(df: pd.DataFrame, top: int = 10, title: str | None = None, width: int | None = None) -> Table:
     """A rich table of the best ``top`` rows: trial, state, val and train accuracy, best epoch, epochs done,
-    seconds, hyperparameters (with, below them, why a trial did not complete and its run's lineage), worker."""
+    seconds, hyperparameters (with, below them, why a trial did not complete and its run's lineage), and the
+    worker unless the terminal is narrower than ``WIDE`` columns (a crop there would cut hyperparameter values)."""
     shown = df.head(top)
     params = param_columns(df)
     labels = _short_labels(params)
@@ -140,8 +143,10 @@ def render_table(df: pd.DataFrame, top: int = 10, title: str | None = None) -> T
         table.add_column(name, no_wrap=True, min_width=max([len(name)] + [len(str(v)) for v in shown[name]]))
     for name in ("val", "train", "best ep", "epochs", "secs"):
         table.add_column(name, justify="right", no_wrap=True)
-    table.add_column("hyperparameters", overflow="fold", min_width=20)
-    table.add_column("worker", overflow="ellipsis", no_wrap=True, max_width=16)
+    table.add_column("hyperparameters", overflow="fold", min_width=16)
+    with_worker = width is None or width >= WIDE
+    if with_worker:
+        table.add_column("worker", overflow="ellipsis", no_wrap=True, max_width=16)
     for values in shown.to_dict("records"):
         style = STATE_STYLES.get(values["state"], "")
         details = Text(" ".join(f"{labels[n]}={_cell(values[n])}" for n in params if _cell(values[n]) != "-"))
@@ -152,7 +157,7 @@ def render_table(df: pd.DataFrame, top: int = 10, title: str | None = None) -> T
         table.add_row(
             values["trial"], Text(values["state"], style=style), _cell(values["val_acc"], "{:.4f}"),
             _cell(values["train_acc"], "{:.4f}"), _cell(values["best_epoch"]), _cell(values["epochs"]),
-            _cell(values["seconds"], "{:.1f}"), details, _cell(values["worker"]))
+            _cell(values["seconds"], "{:.1f}"), details, *([_cell(values["worker"])] if with_worker else []))
     return table
 
 
@@ -165,10 +170,10 @@ def funnel(df: pd.DataFrame, stages: list[str]) -> pd.DataFrame:
     return counts.reindex(index=[s for s in stages if s in counts.index], columns=columns, fill_value=0)
 
 
-def state_counts(df: pd.DataFrame, store: Any) -> Table:
-    """Trials per stage (rows) and state (columns), with each stage's recorded status."""
+def state_counts(df: pd.DataFrame, store: ExperimentStore) -> Table:
+    """Trials per stage (rows, in the config's order) and state (columns), with each stage's recorded status."""
     table = Table(title="trials by state", title_justify="left")
-    stages = list(dict.fromkeys(df["stage"]))
+    stages = stage_order(store, df["stage"])
     counts = funnel(df, stages)
     for name in ("stage", "status", *counts.columns, "total"):
         table.add_column(name, justify="left" if name in ("stage", "status") else "right")

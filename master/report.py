@@ -431,7 +431,8 @@ def render_page(store: ExperimentStore, df: pd.DataFrame, ctx: Context, curves: 
     runs = collapse_runs(store, df) if len(df) else df.assign(stages=[], lineage=[])
     top = list(runs[runs["val_acc"].notna()].head(curves)["trial"])
     lineage, labels = chains(dict(store.iter_trials())), dict(zip(runs["trial"], runs["lineage"]))
-    histories = {labels.get(t) or t: h for t in top if (h := run_history(store, chain_to(lineage, t)))}
+    by_trial = {t: h for t in top if (h := run_history(store, chain_to(lineage, t)))}
+    histories = {labels.get(t) or t: h for t, h in by_trial.items()}  # a promoted run labelled by its lineage
     tested = test_accuracies(store, top)
     board = with_gap(runs)
     if tested:
@@ -481,7 +482,7 @@ def render_page(store: ExperimentStore, df: pd.DataFrame, ctx: Context, curves: 
                      f"</p>{ensembles_html(ensembles)}</section>")
     from master.babysit import TOP, sections_html  # it draws with this module's helpers
 
-    parts.append(sections_html(store, dict(list(histories.items())[:TOP])))
+    parts.append(sections_html(store, dict(list(by_trial.items())[:TOP])))
     return page_html(store, store.experiment, parts)
 
 

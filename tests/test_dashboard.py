@@ -1,8 +1,12 @@
 """The dashboard's JSON endpoints and actions through Flask's test client, its incremental reads, and `master serve`'s
 errors; the real browser against a running search is tests/test_dashboard_browser.py."""
+import json
 import os
+import shutil
 import socket
+import subprocess
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -228,3 +232,13 @@ def test_a_new_trial_shows_at_once_and_a_finished_one_queued_again_at_the_next_f
     state = lambda: {r["trial"]: r["state"] for r in c.get("/api/e/dash/state").get_json()["leaderboard"]["rows"]}  # noqa
     monkeypatch.setattr(dashboard, "FULL_SCAN_SECONDS", 0.0)
     assert state()["coarse-0000"] == "QUEUED"
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node to run the chart script")
+def test_linear_axis_ticks_are_round_numbers_inside_the_axis():
+    script = (Path(dashboard.__file__).parent / "static" / "charts.js").read_text()
+    probe = ("console.log(JSON.stringify([[0.13, 30.87], [0.902, 0.972], [-0.0291, 1.03], [0.0185, 0.5]]"
+             ".map(d => ticks(d, false, 4))))")
+    out = subprocess.run(["node", "-e", script + "\n" + probe], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == [[10, 20, 30], [0.92, 0.94, 0.96], [0, 0.2, 0.4, 0.6, 0.8, 1],
+                               [0.1, 0.2, 0.3, 0.4, 0.5]]

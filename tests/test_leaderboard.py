@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from master.leaderboard import BASE_COLUMNS, build_leaderboard, param_columns, render_table
+from master.catalog import experiments
+from master.leaderboard import BASE_COLUMNS, _cell, build_leaderboard, param_columns, render_table, state_counts
 from worker.store import ExperimentStore
-from conftest import record_experiment, record_result
+from conftest import record_experiment, record_result, record_stage
 
 
 def _trial(store, tid, stage, params, history=(), result=None, checkpoint=None):
@@ -96,3 +97,30 @@ def test_render_table(store):
     assert "fine-0000" in text and "0.9700" in text and "stopped by user" in text
     assert "coarse-0004" not in text
     assert "lr" in text and "hidden" in text and "[128]" in text
+
+
+def test_render_table_on_an_80_column_terminal_folds_values_instead_of_cropping_them(store):
+    df = build_leaderboard(store)
+    console = Console(record=True, width=80)
+    console.print(render_table(df, top=6, width=80))
+    text = console.export_text()
+    assert all(len(line) <= 80 for line in text.splitlines())
+    cells = "".join(text.split())  # a folded value is whole once the table's spacing is gone
+    for values in df.to_dict("records"):
+        for name in param_columns(df):
+            if values[name] == values[name]:
+                assert f"{name.rsplit('.', 1)[-1]}={_cell(values[name])}" in cells
+    assert "worker" not in text
+
+
+def test_stages_are_listed_in_the_configs_order_not_by_their_best_trial_or_name(store):
+    stages = "".join(f"[stages.{name}]\nepochs = 1\ntrials = 1\n" for name in ("coarse", "medium", "fine"))
+    record_experiment(store, config_text=f'[experiment]\nname = "exp"\ndataset = "digits"\n{stages}')
+    for stage in ("fine", "medium", "coarse"):
+        record_stage(store, stage, [])
+    console = Console(record=True, width=120)
+    console.print(state_counts(build_leaderboard(store), store))  # fine-0000 is the best trial
+    lines = [line.split() for line in console.export_text().splitlines()]
+    rows = [cells[1] for cells in lines if cells[1:2] in (["coarse"], ["fine"])]
+    assert rows == ["coarse", "fine"]
+    assert experiments(store.root)[0]["state"] == "coarse launched, medium launched, fine launched"

@@ -5,6 +5,7 @@ import pytest
 from conftest import NullControl, record_experiment
 from master.ensemble import build_ensemble
 from master.leaderboard import build_leaderboard, collapse_runs
+from master.report import build_report
 from master.lineage import chains, label, run_history
 from worker.spec import TrialSpec
 from worker.store import ExperimentStore
@@ -73,3 +74,10 @@ def test_ensemble_top_k_takes_k_distinct_runs(store):
     # snapshots of one run stay an explicit choice: more checkpoints per run, still five runs
     snap = build_ensemble(store, top=5, snapshots=2, name="five-snap")
     assert snap["trials"] == record["trials"] and len(snap["members"]) > 5
+
+
+def test_the_report_of_a_promoted_run_draws_its_babysitting_section(store):
+    _train(store, "coarse-0000", 2)
+    _train(store, "medium-0000", 4, parent="coarse-0000")
+    page = build_report(store).html.read_text()
+    assert 'id="babysit-medium-0000"' in page and "medium-0000 &lt;- coarse-0000" in page

@@ -128,6 +128,8 @@ def test_a_narrowed_stage_prints_flags_and_ranges_and_launching_again_adds_nothi
             "solver.lr: [1e-06, 1e-01] -> [2.4e-03, 1e+00] "  # top 5 at positions 0.775..0.975, padded by 0.1
             "model.dropout: [0, 0.5] (kept: the evidence is weak)") in out
     assert "enqueued 6 of 6 trials of stage medium" in out
+    where = f"--experiment narrow-{tag} --url {URL} --storage {tmp_path / 's'} --queue q-{tag}"
+    assert f"status: master status {where} watch: master watch {where}" in out  # the queue the trials are on
     record = store.read_stage("medium")
     assert record.ranges["solver.lr"]["high"] == pytest.approx(1.0) and len(record.trial_ids) == 6
 

@@ -35,8 +35,15 @@ function ticks(domain, log, n) {
     }
     return out.length ? out : [domain[0], domain[1]];
   }
-  const step = (domain[1] - domain[0]) / (n || 4);
-  return Array.from({length: (n || 4) + 1}, (_, i) => domain[0] + i * step);
+  const raw = (domain[1] - domain[0]) / (n || 4);  // about n steps of 1, 2 or 5 times a power of ten
+  if (!(raw > 0) || !isFinite(raw)) return [domain[0]];
+  const mag = Math.pow(10, Math.floor(Math.log10(raw)));
+  const err = raw / mag, step = mag * (err >= 7.07 ? 10 : err >= 3.16 ? 5 : err >= 1.41 ? 2 : 1);
+  const out = [];
+  for (let i = Math.ceil(domain[0] / step - 1e-9); i * step <= domain[1] + step * 1e-9; i++) {
+    out.push(+(i * step).toPrecision(12));
+  }
+  return out;
 }
 
 function fmt(x) {
