@@ -38,6 +38,18 @@ class CliError(click.ClickException):
         super().__init__(" ".join(str(message).split()))
 
 
+class OneLineGroup(click.Group):
+    """The ``master`` group: a bad option value or command is one line and exit 2, like every other refusal
+    (click would print the usage and a hint around it)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            command = f"{exc.ctx.command_path}: " if exc.ctx is not None and exc.ctx.command is not self else ""
+            raise CliError(command + exc.format_message()) from None
+
+
 USER_ERRORS = (ConfigError, SpecError, DataError, StorageError, dispatch.DispatchError,
                EmbeddedError, EnsembleError, LaunchError, ExperimentError, OSError)  # OSError: storage full, read-only
 
@@ -70,7 +82,7 @@ experiment_option = click.option(
     help="Experiment to show (default: the most recently changed one in the storage root).")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", count=True, help="Log more on stderr (-v: info, -vv: debug).")
 def main(verbose: int) -> None:
     """Distributed random hyperparameter search: sample trials, dispatch them over Redis, rank the results."""

@@ -321,7 +321,10 @@ def check_dataset_name(name: Any) -> str:
         kind, colon, arg = name.partition(":")
         if (kind in _BUILTIN_DATASETS and not colon) or (kind in _FILE_DATASETS and arg):
             return name
-    raise ConfigError(f"experiment.dataset: {name!r} is not a dataset name (known: {', '.join(DATASETS)})")
+    kinds = _BUILTIN_DATASETS + _FILE_DATASETS
+    kind = name.partition(":")[0] if isinstance(name, str) else None
+    hint = did_you_mean(kind, kinds) if kind is not None and kind not in kinds else ""
+    raise ConfigError(f"experiment.dataset: {name!r} is not a dataset name{hint} (known: {', '.join(DATASETS)})")
 
 
 @dataclass(frozen=True)

@@ -170,7 +170,7 @@ class Solver:
                 status, reason = stop
                 logger.info("training %s: %s", status, reason)
                 return self._result(status, reason)
-        return self._result("completed", f"trained {self.epoch} epochs")
+        return self._result("completed", f"trained {self.epoch} epoch{'s' if self.epoch != 1 else ''}")
 
     def _result(self, status, reason):
         return {"status": status, "reason": reason, "epoch": self.epoch,

@@ -229,3 +229,15 @@ def test_a_followed_launch_no_worker_takes_tells_how_to_start_one(real_redis, st
     assert hint is not None, "".join(lines)
     assert f"start one with: worker start --url {url} --storage {storage} --queue q-{token}" in " ".join(
         "".join(lines[lines.index(hint):]).split())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["launch", "--trials", "0"], "Invalid value for '--trials': 0 is not in the range x>=1."),
+    (["ensemble", "--top", "0"], "Invalid value for '--top': 0 is not in the range x>=1."),
+    (["launch", "--bogus"], "No such option '--bogus'"),
+    (["lunch"], "No such command 'lunch'"),
+])
+def test_a_bad_option_value_or_command_is_one_line_and_exit_2(run, args, message):
+    result = run(*args)
+    assert result.exit_code == 2
+    assert len(result.output.strip().splitlines()) == 1 and message in result.output, result.output

@@ -155,6 +155,8 @@ def test_file_errors_name_the_file(tmp_path):
                           r"\(known: name, dataset, seed, keep, sanity\)"),
     (BASE + "[search]\n", r"^search: unknown section \(known: experiment, data"),
     (BASE.replace('"digits"', '"imagenet"'), r"^experiment.dataset: 'imagenet' is not a dataset name \(known: "),
+    (BASE.replace('"digits"', '"digitz"'), r"^experiment.dataset: 'digitz' is not a dataset name "
+                                           r"\(did you mean 'digits'\?\) \(known: "),
     (BASE.replace('"digits"', '"npz:"'), r"^experiment.dataset: 'npz:' is not a dataset name"),
     (BASE.replace('"digits"', '"digits:3"'), r"^experiment.dataset: 'digits:3' is not a dataset name"),
     (BASE.replace('"digits"', "7"), r"^experiment.dataset: 7 is not a dataset name"),
