@@ -26,6 +26,7 @@ from master.experiment import (ExperimentError, experiment_config, kill_trial, l
                                watch_findings)
 from master.launcher import Launch, LaunchError, Reporter, launch
 from master.leaderboard import BASE_COLUMNS, funnel, trial_row
+from master.lineage import chain_to, chains, run_history
 from master.monitor import failing_workers, worker_outcomes
 from master.stages import border_flags
 from nncore.errors import ConfigError
@@ -270,12 +271,15 @@ class Board:
         return parts
 
     def curves(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Learning curves of the running trials and of the best finished ones."""
+        """Learning curves of the running trials and of the best finished runs: one curve per run (a trial promoted
+        later is drawn as part of its latest trial's run, from its first epoch), as in the report."""
+        runs = chains({r["trial"]: self.store.read_spec(r["trial"]) or {} for r in rows})
         running = [r for r in rows if r["state"] == TrialState.RUNNING.value][:RUNNING_CURVES]
-        finished = heapq.nsmallest(TOP_CURVES, (r for r in rows if r["state"] in TERMINAL and r["val_acc"] is not None),
+        finished = heapq.nsmallest(TOP_CURVES, (r for r in rows if r["trial"] in runs and r["state"] in TERMINAL
+                                                and r["val_acc"] is not None),
                                    key=lambda r: (-r["val_acc"], r["trial"]))
         return [{"trial": r["trial"], "state": r["state"], "stage": r["stage"], "running": i < len(running),
-                 **compact_history(self.store.read_history(r["trial"]))}
+                 **compact_history(run_history(self.store, chain_to(runs, r["trial"])))}
                 for i, r in enumerate(running + finished)]
 
     def state(self, args: dict[str, str]) -> dict[str, Any]:

@@ -242,3 +242,14 @@ def test_linear_axis_ticks_are_round_numbers_inside_the_axis():
     out = subprocess.run(["node", "-e", script + "\n" + probe], capture_output=True, text=True, check=True).stdout
     assert json.loads(out) == [[10, 20, 30], [0.92, 0.94, 0.96], [0, 0.2, 0.4, 0.6, 0.8, 1],
                                [0.1, 0.2, 0.3, 0.4, 0.5]]
+
+
+def test_a_promoted_run_is_one_curve_from_its_first_epoch(store):
+    store.write_spec({"experiment": "dash", "trial_id": "fine-0000", "stage": "fine", "parent": "coarse-0000",
+                      "params": {"solver.lr": 0.1, "model.hidden": [16]}})
+    store.write_history("fine-0000", [epoch(3, 0.92), epoch(4, 0.95)])
+    record_result(store, "fine-0000", {"state": "COMPLETED", "reason": "done", "best_val_acc": 0.95,
+                                       "best_epoch": 4, "epochs_done": 4, "worker": "w1"})
+    curves = {c["trial"]: c for c in client(store).get("/api/e/dash/state").get_json()["curves"]}
+    assert "coarse-0000" not in curves  # its curve is the start of fine-0000's run, not a second one
+    assert curves["fine-0000"]["epoch"] == [1, 2, 3, 4] and curves["fine-0000"]["val_acc"] == [0.45, 0.9, 0.92, 0.95]
