@@ -202,6 +202,8 @@ class Monitor:
             return []
         if job.running:
             reason = f"worker {job.worker} lost heartbeat"
+        elif self.store.result_unreadable(spec.trial_id):
+            reason = "its result.json is unreadable (corrupt)"
         elif job.missing:
             reason = "no job in Redis (Redis restarted empty, or the trial was never enqueued)"
         else:

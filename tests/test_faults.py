@@ -56,9 +56,10 @@ class Site:
         log.close()
         return self.procs[name]
 
-    def master(self, *args):
-        done = subprocess.run([sys.executable, "-m", "master.cli", *args, "--url", self.url, "--storage",
-                               str(self.root)], capture_output=True, text=True, timeout=120,
+    def master(self, *args, redis=True):
+        url = ["--url", self.url] if redis else []
+        done = subprocess.run([sys.executable, "-m", "master.cli", *args, *url, "--storage", str(self.root)],
+                              capture_output=True, text=True, timeout=120,
                               env={**os.environ, "COLUMNS": "200"})
         self.outputs.append(done.stdout + done.stderr)
         return done
@@ -281,5 +282,52 @@ def test_a_paused_worker_that_comes_back_after_its_trial_was_requeued_writes_not
         assert any(e["event"] == "requeue" and e["reason"] == "worker w1 lost heartbeat"
                    for e in site.store.read_events(tid))
         assert zombie.poll() is None  # w1 lives on, not quarantined, ready for the next job
+    finally:
+        site.stop()
+
+
+def test_corrupt_files_are_skipped_and_named_by_status_report_ensemble_and_watch(tmp_path):
+    """Random bytes in a history.jsonl, a result.json holding a JSON list, random bytes in a result.json: every
+    reader names the file and goes on; a trial with an unreadable result shows UNREADABLE (its state is unknown),
+    never RUNNING; the watch requeues it (saying why) and it finishes from its last checkpoint."""
+    site = Site(tmp_path, epochs=3)
+    try:
+        site.start_redis()
+        assert site.launch().returncode == 0
+        assert site.worker("w1", "--burst").wait(120) == 0
+        trials = site.store.trials_dir
+        junk = bytes(range(128, 256)) * 3 + b"\n\xff\xfe"
+        (trials / site.ids[0] / "history.jsonl").write_bytes(junk)
+        (trials / site.ids[1] / "result.json").write_text("[1, 2]\n")
+        (trials / site.ids[2] / "result.json").write_bytes(junk)
+        named = [f"{site.ids[0]}/history.jsonl", f"{site.ids[1]}/result.json", f"{site.ids[2]}/result.json"]
+        for command in (["status"], ["report"], ["ensemble", "--top", "3"]):
+            done = site.master(*command, "--experiment", site.name, redis=False)
+            assert done.returncode == 0, done.stderr
+            for path in named:
+                assert path in done.stderr.replace("\n", ""), (command, path, done.stderr)
+        status = site.outputs[-3]
+        for tid in site.ids[1:3]:
+            row = next(line for line in status.splitlines() if line.startswith(tid))
+            assert "UNREADABLE" in row and "RUNNING" not in row, row
+
+        out = open(site.tmp / "watch.out", "wb")
+        watcher = subprocess.Popen([sys.executable, "-m", "master.cli", "watch", "--experiment", site.name, "--url",
+                                    site.url, "--storage", str(site.root)], stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "COLUMNS": "200"})
+        site.procs["watch"] = watcher
+        said = lambda: (site.tmp / "watch.out").read_text().count("result.json is unreadable (corrupt)")  # noqa: E731
+        wait_for(lambda: said() == 2, 30, "the watch to requeue the two trials with unreadable results")
+        watcher.send_signal(signal.SIGINT)
+        assert watcher.wait(10) == 130
+        out.close()
+        site.outputs.append((site.tmp / "watch.out").read_text())
+        assert site.worker("w2", "--burst").wait(120) == 0
+        for tid in site.ids:
+            assert site.store.read_result(tid).state == "COMPLETED", tid
+        for tid in site.ids[1:]:
+            assert [r["epoch"] for r in site.store.read_history(tid)] == [1, 2, 3], tid
+        everything = site.logs() + "".join(site.outputs)
+        assert "Traceback" not in everything, everything[-5000:]
     finally:
         site.stop()
