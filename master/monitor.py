@@ -16,10 +16,12 @@ from worker.records import StageRecord, TrialResult
 from worker.spec import TrialSpec
 from worker.states import StageStatus, TrialState
 from worker.store import ExperimentStore
+from worker.trainer import REFUSED
 
 log = logging.getLogger(__name__)
 
 SANITY_PREFIX = "sanity check"  # a trial that fails its sanity checks is the config's fault, not the worker's
+NOT_WORKER_FAULTS = (SANITY_PREFIX, REFUSED)  # a FAILED reason starting so is the input's fault: no retry
 WATCH_DUTY = 0.2  # the watch loop looks at most this share of the time (a tick reads every trial's files)
 
 
@@ -64,8 +66,8 @@ def request_stop(store: ExperimentStore, dispatcher: Dispatcher, spec: TrialSpec
 
 
 def is_error(result: TrialResult) -> bool:
-    """A FAILED result caused by an error (not by the trial's own failed sanity checks)."""
-    return result.state is TrialState.FAILED and not result.reason.startswith(SANITY_PREFIX)
+    """A FAILED result caused by an error (not by the trial's own failed sanity checks, nor a refused input)."""
+    return result.state is TrialState.FAILED and not result.reason.startswith(NOT_WORKER_FAULTS)
 
 
 def worker_outcomes(store: ExperimentStore, trial_ids: list[str]) -> list[tuple[float, str, bool, str]]:

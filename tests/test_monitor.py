@@ -31,7 +31,7 @@ trials = 3
 lr = { dist = "loguniform", low = 1e-3, high = 1e-2 }
 
 [watch]
-heartbeat_seconds = 10
+heartbeat_seconds = 15
 max_retries = 1
 fail_streak = 2
 """
@@ -69,10 +69,10 @@ def test_failing_workers_closed_form():
 def test_heartbeat_is_judged_on_our_clock(setup):
     *_, monitor, clock = setup
     assert monitor.alive("w", 5.0, clock.now)  # first sight: alive whatever its (skewed) clock says
-    clock.now += 10
+    clock.now += 15
     assert monitor.alive("w", 5.0, clock.now)
     clock.now += 0.5
-    assert not monitor.alive("w", 5.0, clock.now)  # the same heartbeat for more than 10 s
+    assert not monitor.alive("w", 5.0, clock.now)  # the same heartbeat for more than 15 s
     assert monitor.alive("w", 6.0, clock.now)  # a new one
     assert not monitor.alive("gone", None, clock.now)  # its key expired
 
@@ -95,7 +95,7 @@ def test_a_dead_workers_started_job_is_requeued(setup):
     conn.hset(Job.key_for(job_id("mon", specs[0].trial_id)), mapping={"status": "started", "worker_name": "w9"})
     conn.hset("rq:worker:w9", "last_heartbeat", "2026-01-01T00:00:00.000000Z")
     assert monitor.tick() == []
-    clock.now += 11
+    clock.now += 16
     (event,) = monitor.tick()
     assert event.kind == "requeue" and event.message.startswith(f"{specs[0].trial_id}: worker w9 lost heartbeat")
     assert dispatcher.jobs("mon", [specs[0].trial_id])[specs[0].trial_id] == ("queued", None)

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from nncore.io import atomic_write, atomic_write_npz
+from nncore.io import atomic_write, atomic_write_npz, check_npz_sizes
 from worker.records import ExperimentRecord, RecordError, StageRecord, TrialResult
 from worker.spec import check_name
 from worker.states import StageStatus, TrialState, check_stage_transition, check_trial_transition
@@ -160,9 +160,10 @@ def append_jsonl(path: Path, record: dict[str, Any], fence: Fence | None = None)
 def load_npz(path: Path) -> dict[str, np.ndarray]:
     """All arrays of an ``.npz`` file, never unpickling; StorageError naming the file when it is corrupt."""
     try:
+        check_npz_sizes(path)
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, MemoryError) as exc:
         raise StorageError(f"{path}: unreadable checkpoint ({exc})") from None
 
 
