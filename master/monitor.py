@@ -29,7 +29,7 @@ WATCH_DUTY = 0.2  # the watch loop looks at most this share of the time (a tick 
 class Event:
     """One thing the monitor did or noticed, for the console and the log."""
 
-    kind: str  # "stop", "requeue", "retry", "stop-job", "quarantine", "flag", "stage"
+    kind: str  # "stop", "stop-late", "requeue", "retry", "stop-job", "quarantine", "flag", "stage"
     message: str
     trial_id: str | None = None
 
@@ -104,6 +104,7 @@ class Monitor:
         self.store, self.config, self.dispatcher, self.clock = store, config, dispatcher, clock
         self.watch = config.watch
         self.stops: dict[str, tuple[float, bool]] = {}  # trial -> (stop requested at, RQ stop-job sent)
+        self.asked: dict[str, TrialState] = {}  # trial -> the state its stop request asked for
         self.beats: dict[str, tuple[float, float]] = {}  # worker -> (heartbeat seen, when it was first seen)
         self.specs: dict[str, TrialSpec] = {}  # trial -> its spec, parsed once (a recorded spec.json never changes)
 
@@ -130,6 +131,7 @@ class Monitor:
             job, result = jobs.get(tid, JobView(None, None)), results[tid]
             if result is not None and result.terminal:
                 self.stops.pop(tid, None)
+                events += self._too_late(tid, result)
                 if not job.running:  # else RQ is still recording the job's end
                     events += self._retry(spec, result)
             else:
@@ -214,6 +216,16 @@ class Monitor:
         return [Event("requeue", f"{spec.trial_id}: {reason}; requeued, resumes from its last checkpoint",
                       spec.trial_id)]
 
+    def _too_late(self, tid: str, result: TrialResult) -> list[Event]:
+        """A trial that ended otherwise than its stop request asked (it finished first): say so, and record it."""
+        asked = self.asked.pop(tid, None)
+        if asked is None or result.state is asked:
+            return []
+        message = f"the stop ({asked.value}) came too late: the trial had already ended {result.state.value}"
+        self.store.append_event(tid, {"time": self.clock(), "event": "stop too late", "state": result.state.value,
+                                      "reason": message})
+        return [Event("stop-late", f"{tid}: {message} ({result.reason})", tid)]
+
     def _police(self, record: StageRecord, running: list[str], progress: dict[str, dict[str, Any]],
                 now: float) -> list[Event]:
         """Apply the stage's stopping rule to its running trials (peers: every trial of the stage)."""
@@ -229,10 +241,10 @@ class Monitor:
             if tid in self.stops:
                 continue
             verdict = should_kill(views[tid], [v for t, v in views.items() if t != tid], rule, now)
-            if verdict is None:
-                continue
+            if verdict is None or ((ended := self.store.read_result(tid)) is not None and ended.terminal):
+                continue  # (a trial that ended since the tick began is told apart by the next one)
             request_stop(self.store, self.dispatcher, self._spec(tid), verdict.state, verdict.reason)
-            self.stops[tid] = (now, False)
+            self.stops[tid], self.asked[tid] = (now, False), verdict.state
             events.append(Event("stop", f"{tid}: stopping ({verdict.state.value}): {verdict.reason}", tid))
         return events
 
