@@ -2,6 +2,7 @@
 empty, SIGTERM to a busy worker, a full or read-only storage. Each asserts every trial COMPLETED exactly once,
 contiguous histories, no quarantine and no traceback."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -329,5 +330,35 @@ def test_corrupt_files_are_skipped_and_named_by_status_report_ensemble_and_watch
             assert [r["epoch"] for r in site.store.read_history(tid)] == [1, 2, 3], tid
         everything = site.logs() + "".join(site.outputs)
         assert "Traceback" not in everything, everything[-5000:]
+    finally:
+        site.stop()
+
+
+def test_redis_out_of_memory_pauses_the_workers_and_a_restart_under_the_same_name_is_not_refused(tmp_path):
+    site = Site(tmp_path, epochs=150, trials=3)
+    try:
+        client = site.start_redis()
+        assert site.launch().returncode == 0
+        first = site.procs["first w1"] = site.worker("w1")
+        wait_for(lambda: site.running("w1"), 60, "w1 two epochs into a trial")
+        twin = site.worker("w1")  # a live namesake: refused in one line, saying how long its registration lasts
+        assert twin.wait(30) == 2
+        refusal = site.logs().splitlines()[-1]
+        assert refusal.startswith("worker: a worker named 'w1' is registered (host ") and "give another --name" in refusal
+        assert re.search(r"wait \d+ s for its registration to expire$", refusal), refusal
+
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", "1")  # every write refused from now on
+        wait_for(lambda: "Redis out of memory" in site.logs() and "paused, next try" in site.logs(), 60,
+                 "w1 to finish its trial and pause")
+        assert first.poll() is None  # alive, not dead with a traceback
+        first.kill()  # gone for good while Redis is full: its registration survives (it could not unregister)
+        first.wait(10)
+        assert client.exists("rq:worker:w1") and not client.hexists("rq:worker:w1", "death")
+        client.config_set("maxmemory", "0")
+        assert site.worker("w1", "--burst").wait(120) == 0  # the same name again: the stale registration goes
+        assert "removing the registration its previous process" in site.logs()
+        wait_for(site.finished, 60, "every trial to finish")
+        site.assert_every_trial_completed_once()
     finally:
         site.stop()
