@@ -299,7 +299,7 @@ def record_launch(store: ExperimentStore, config: ExperimentConfig, text: str, p
     store.ensure()
     if store.read_experiment() is None:
         store.write_experiment(ExperimentRecord(config.name, config.to_dict(), text, config.seed, now_iso(),
-                                                code_version()))
+                                                code_version(), os.urandom(8).hex()))
     stage = plan.stage.name
     previous = store.read_stage(stage)
     ids = sorted(set(previous.trial_ids if previous else ()) | {s.trial_id for s in plan.specs})

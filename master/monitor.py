@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 
 from master.config import ExperimentConfig
-from master.dispatch import Dispatcher, JobView, RedisError
+from master.dispatch import REFUSED_FIELD, Dispatcher, JobView, RedisError
 from master.pruning import Rule, TrialView, should_kill
 from master.stages import (border_flags, flag_messages, launched_stages, next_stage, previous_stage, retries,
                            stage_space, stage_status)
@@ -29,7 +29,7 @@ WATCH_DUTY = 0.2  # the watch loop looks at most this share of the time (a tick 
 class Event:
     """One thing the monitor did or noticed, for the console and the log."""
 
-    kind: str  # "stop", "stop-late", "requeue", "retry", "stop-job", "quarantine", "flag", "stage"
+    kind: str  # "stop", "stop-late", "refused", "requeue", "retry", "stop-job", "quarantine", "flag", "stage"
     message: str
     trial_id: str | None = None
 
@@ -44,7 +44,13 @@ def enqueue(store: ExperimentStore, dispatcher: Dispatcher, specs: list[TrialSpe
         for spec in chosen:
             store.transition(spec.trial_id, TrialState.QUEUED, "re-run (--force)" if force else "launched", "queued")
 
-    return dispatcher.enqueue(specs, force=force, on_enqueue=record)
+    return dispatcher.enqueue(specs, force=force, on_enqueue=record, experiment_id=experiment_id(store))
+
+
+def experiment_id(store: ExperimentStore) -> str:
+    """The experiment's id (experiment.json), which its jobs carry; "" for an experiment recorded without one."""
+    record = store.read_experiment()
+    return record.id if record is not None else ""
 
 
 def requeue(store: ExperimentStore, dispatcher: Dispatcher, spec: TrialSpec, reason: str, event: str,
@@ -52,7 +58,7 @@ def requeue(store: ExperimentStore, dispatcher: Dispatcher, spec: TrialSpec, rea
     """Put a trial back in the queue (its worker died, Redis lost its job, a retry): record it QUEUED with the
     reason, then requeue its job; it resumes from its last checkpoint."""
     store.transition(spec.trial_id, TrialState.QUEUED, reason, event, details)
-    dispatcher.requeue([spec])
+    dispatcher.requeue([spec], experiment_id(store))
     log.info("trial %s -> QUEUED: %s", spec.trial_id, reason)
 
 
@@ -105,6 +111,7 @@ class Monitor:
         self.watch = config.watch
         self.stops: dict[str, tuple[float, bool]] = {}  # trial -> (stop requested at, RQ stop-job sent)
         self.asked: dict[str, TrialState] = {}  # trial -> the state its stop request asked for
+        self.refusals: dict[str, str] = {}  # trial -> the refusal of a worker with another storage, told once
         self.beats: dict[str, tuple[float, float]] = {}  # worker -> (heartbeat seen, when it was first seen)
         self.specs: dict[str, TrialSpec] = {}  # trial -> its spec, parsed once (a recorded spec.json never changes)
 
@@ -198,7 +205,7 @@ class Monitor:
         """An unfinished trial: leave it waiting or running, or put it back in the queue when nothing runs it
         (its worker died, or Redis lost its job); it resumes from its last checkpoint."""
         if job.waiting:
-            return []
+            return self._refused(spec, live.get(REFUSED_FIELD))
         live_runner = live.get("worker") if live.get("state") == TrialState.RUNNING.value else None
         runner = job.worker if job.running else live_runner
         if runner and self.alive(runner, beats.get(runner), now):
@@ -214,6 +221,16 @@ class Monitor:
             reason = f"job {job.status} without a result"
         requeue(self.store, self.dispatcher, spec, reason, "requeue", worker=runner)
         return [Event("requeue", f"{spec.trial_id}: {reason}; requeued, resumes from its last checkpoint",
+                      spec.trial_id)]
+
+    def _refused(self, spec: TrialSpec, reason: Any) -> list[Event]:
+        """A waiting trial a worker handed back untouched (its storage is not the experiment's): say why, once."""
+        if not reason or self.refusals.get(spec.trial_id) == reason:
+            return []
+        self.refusals[spec.trial_id] = reason
+        self.store.append_event(spec.trial_id, {"time": self.clock(), "event": "refused",
+                                                "state": TrialState.QUEUED.value, "reason": str(reason)})
+        return [Event("refused", f"{spec.trial_id}: {reason} (it waits in the queue for a worker on this storage)",
                       spec.trial_id)]
 
     def _too_late(self, tid: str, result: TrialResult) -> list[Event]:

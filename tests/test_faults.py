@@ -362,3 +362,33 @@ def test_redis_out_of_memory_pauses_the_workers_and_a_restart_under_the_same_nam
         site.assert_every_trial_completed_once()
     finally:
         site.stop()
+
+
+def test_a_worker_on_another_storage_hands_the_job_back_untouched_and_quits_and_the_watch_says_why(site):
+    site.start_redis()
+    assert site.launch().returncode == 0
+    assert len(site.store.read_experiment().id) == 16  # drawn at first launch; every job carries it
+    watch_log = open(site.tmp / "watch.out", "wb")
+    site.procs["watch"] = subprocess.Popen(
+        [sys.executable, "-m", "master.cli", "watch", "--experiment", site.name, "--url", site.url, "--storage",
+         str(site.root)], stdout=watch_log, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "300"})
+    elsewhere = site.tmp / "elsewhere"
+    elsewhere.mkdir()
+    stray = subprocess.run([sys.executable, "-m", "worker.cli", "start", "--url", site.url, "--storage",
+                            str(elsewhere), "--name", "stray"], capture_output=True, text=True, timeout=60)
+    why = f"worker stray's storage {elsewhere} has no experiment {site.name}: is --storage the shared one?"
+    assert stray.returncode == 2, stray.stderr
+    last = stray.stderr.strip().splitlines()[-1]
+    assert last == f"worker: {why} (the job went back to the queue; not taking any more)"
+    assert list(elsewhere.iterdir()) == []  # nothing written where nobody reads
+    wait_for(lambda: why in (site.tmp / "watch.out").read_text(), 30, "the watch to say why")
+    refused = [e for tid in site.ids for e in site.store.read_events(tid) if e["event"] == "refused"]
+    assert [e["reason"] for e in refused] == [why]
+    assert (site.tmp / "watch.out").read_text().count("requeue") == 0  # no requeue loop
+
+    for name in ("w1", "w2"):
+        site.worker(name)
+    assert site.procs["watch"].wait(180) == 0
+    watch_log.close()
+    site.outputs += [(site.tmp / "watch.out").read_text(), stray.stdout + stray.stderr]
+    site.assert_every_trial_completed_once()

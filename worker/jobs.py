@@ -19,9 +19,9 @@ from rq.serializers import JSONSerializer
 from rq.utils import utcformat
 from rq.worker import BaseWorker, SimpleWorker
 
-from worker.control import (STOP_GRACE_SECONDS, JobInterrupt, RedisControl, StopJob, TrialLost, job_owner_problem,
-                            read_job_owner, stop_request, touch_job)
-from worker.spec import TrialSpec
+from worker.control import (EXPERIMENT_ID_META, REFUSED_FIELD, STOP_GRACE_SECONDS, JobInterrupt, RedisControl, StopJob,
+                            TrialLost, job_owner_problem, read_job_owner, stop_request, touch_job)
+from worker.spec import SpecError, TrialSpec
 from worker.states import TrialState
 from worker.store import ExperimentStore, storage_root
 from worker.trainer import PAUSE_SECONDS, persist, run_trial
@@ -172,6 +172,7 @@ class TrialWorker(SimpleWorker):
         self.allowed = allowed
         self.stop_grace = stop_grace
         self.stop_asked = False  # a signal or RQ's shutdown command asked this worker to quit
+        self.refused: str | None = None  # why it quit handing a job back (its storage is not the experiment's)
         self._heartbeat: _Heartbeat | None = None
         self._full_beat_at = 0.0
 
@@ -225,6 +226,15 @@ class TrialWorker(SimpleWorker):
             super().teardown()
 
     def perform_job(self, job: Job, queue: Queue, execution: Any) -> bool:
+        elsewhere = self.storage_mismatch(job)
+        if elsewhere is not None:  # nothing of the trial is touched: the job goes back for a worker that can run it
+            log.warning("job %s handed back: %s", job.id, elsewhere)
+            self._push_front(job, queue, execution)
+            spec = job.args[0]
+            RedisControl(self.connection, spec["experiment"], spec["trial_id"], self.name).report(
+                {REFUSED_FIELD: elsewhere})
+            self.refused, self._stop_requested = elsewhere, True
+            return False
         reason = refusal(job, self.allowed)
         if reason is not None:
             log.warning("job %s %s", job.id, reason)
@@ -290,13 +300,37 @@ class TrialWorker(SimpleWorker):
         worker resumes it from its last checkpoint with no master involved; False when it was not handed back."""
         if not INTERRUPT.handed_back:
             return False
+        self._push_front(job, queue, execution)
+        log.info("job %s: handed back to queue %s (worker %s shutting down)", job.id, queue.name, self.name)
+        return True
+
+    def _push_front(self, job: Job, queue: Queue, execution: Any) -> None:
+        """Put a job this worker took back at the front of its queue, QUEUED, with no trace of this run."""
         with self.connection.pipeline() as pipe:
             self.cleanup_execution(job, pipe, execution)
             job.set_status(JobStatus.QUEUED, pipeline=pipe)
             queue.push_job_id(job.id, pipeline=pipe, at_front=True)
             pipe.execute()
-        log.info("job %s: handed back to queue %s (worker %s shutting down)", job.id, queue.name, self.name)
-        return True
+
+    def storage_mismatch(self, job: Job) -> str | None:
+        """Why this worker's storage is not that of the job's experiment (the job carries the experiment's id,
+        from experiment.json, and this storage has no such experiment or another one of that name); None when
+        it is, or when the job carries no id (enqueued around ``master launch``), or is not a trial job."""
+        try:
+            spec, carried = job.args[0], (job.meta or {}).get(EXPERIMENT_ID_META)
+            store = ExperimentStore(storage_root(), spec["experiment"])
+        except (DeserializationError, IndexError, KeyError, TypeError, SpecError):
+            return None
+        if not carried:
+            return None
+        record = store.read_experiment()
+        if record is None:
+            return (f"worker {self.name}'s storage {store.root} has no experiment {store.experiment}: is --storage the "
+                    f"shared one?")
+        if record.id and record.id != carried:
+            return (f"worker {self.name}'s storage {store.root} holds another experiment named {store.experiment} "
+                    f"(id {record.id}, not {carried}): is --storage the shared one?")
+        return None
 
     def _taken(self, job: Job, execution: Any) -> bool:
         """Whether ``job`` was taken from this worker while it ran (the master requeued it when it could not hear

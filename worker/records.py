@@ -166,6 +166,7 @@ class ExperimentRecord:
     seed: int
     created_at: str
     code_version: str = ""
+    id: str = ""  # random, drawn at first launch: jobs carry it, so a worker tells another storage's experiment apart
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -173,4 +174,5 @@ class ExperimentRecord:
     @classmethod
     def from_dict(cls, doc: Any) -> ExperimentRecord:
         return _from_dict(cls, doc, {"name": _typed(str), "config": _typed(dict), "config_text": _typed(str),
-                                     "seed": _count, "created_at": _typed(str), "code_version": _typed(str)})
+                                     "seed": _count, "created_at": _typed(str), "code_version": _typed(str),
+                                     "id": _typed(str)})
