@@ -344,7 +344,8 @@ def test_redis_out_of_memory_pauses_the_workers_and_a_restart_under_the_same_nam
         twin = site.worker("w1")  # a live namesake: refused in one line, saying how long its registration lasts
         assert twin.wait(30) == 2
         refusal = site.logs().splitlines()[-1]
-        assert refusal.startswith("worker: a worker named 'w1' is registered (host ") and "give another --name" in refusal
+        assert refusal.startswith("worker: a worker named 'w1' is registered (host ")
+        assert "give another --name" in refusal
         assert re.search(r"wait \d+ s for its registration to expire$", refusal), refusal
 
         client.config_set("maxmemory-policy", "noeviction")
