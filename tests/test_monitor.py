@@ -196,9 +196,8 @@ def test_slow_ticks_space_out_so_looking_takes_a_bounded_share_of_the_time(setup
     assert len(waits) == 2 and all(w >= 0.6 * (1 - WATCH_DUTY) / WATCH_DUTY for w in waits)
 
 
-
-def test_a_stop_that_comes_after_the_trial_finished_is_said_to_be_too_late_on_screen_and_in_storage(setup):
-    config, store, specs, dispatcher, monitor, clock = setup
+def exploding(store, specs, dispatcher):
+    """The first trial, running on a live worker w1 with a loss 50 times its initial one; returns its id."""
     dispatcher.enqueue(specs)
     tid = specs[0].trial_id
     dispatcher.conn.hset(Job.key_for(job_id("mon", tid)), mapping={"status": "started", "worker_name": "w1"})
@@ -206,6 +205,12 @@ def test_a_stop_that_comes_after_the_trial_finished_is_said_to_be_too_late_on_sc
     record_result(store, tid, {"state": "RUNNING"})
     dispatcher.conn.hset(progress_key("mon", tid), mapping={"state": "RUNNING", "worker": "w1", "epoch": 1,
                                                              "initial_loss": 1.0, "last_loss": 50.0})
+    return tid
+
+
+def test_a_stop_that_comes_after_the_trial_finished_is_said_to_be_too_late_on_screen_and_in_storage(setup):
+    config, store, specs, dispatcher, monitor, clock = setup
+    tid = exploding(store, specs, dispatcher)
     (stop,) = monitor.tick()
     assert stop.kind == "stop" and stop.message.startswith(f"{tid}: stopping (DIVERGED)")
     # the worker finished its last epoch before it looked at the request: the trial ends COMPLETED
@@ -223,13 +228,7 @@ def test_a_stop_that_comes_after_the_trial_finished_is_said_to_be_too_late_on_sc
 
 def test_no_stop_is_requested_for_a_trial_that_ended_while_the_tick_looked(setup, monkeypatch):
     config, store, specs, dispatcher, monitor, clock = setup
-    dispatcher.enqueue(specs)
-    tid = specs[0].trial_id
-    dispatcher.conn.hset(Job.key_for(job_id("mon", tid)), mapping={"status": "started", "worker_name": "w1"})
-    dispatcher.conn.hset("rq:worker:w1", "last_heartbeat", "2026-01-01T00:00:00.000000Z")
-    record_result(store, tid, {"state": "RUNNING"})
-    dispatcher.conn.hset(progress_key("mon", tid), mapping={"state": "RUNNING", "worker": "w1", "epoch": 1,
-                                                             "initial_loss": 1.0, "last_loss": 50.0})
+    tid = exploding(store, specs, dispatcher)
     police = monitor._police
 
     def finished_meanwhile(*args):
