@@ -10,7 +10,6 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from os import PathLike
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +18,7 @@ from nncore.data import DATASETS
 from nncore.errors import ConfigError
 from nncore.model import MODEL_DEFAULTS
 from nncore.solver import SOLVER_DEFAULTS
+from worker.jobs import HEARTBEAT_SECONDS as WORKER_HEARTBEAT_SECONDS
 from worker.spec import NAME_RE, SpecError, TrialSpec, check_name, trial_id
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "logint", "choice")
@@ -31,6 +31,9 @@ DISTRIBUTION_KEYS = ("dist", "low", "high", "values", "when")
 # Fields a search space may sample, per section; a stage's epochs are its budget, never sampled.
 SAMPLED_FIELDS = {"model": tuple(MODEL_DEFAULTS), "solver": tuple(k for k in SOLVER_DEFAULTS if k != "epochs")}
 DEFAULT_QUANTILE = 0.2
+MAX_TRIALS = 100_000  # per stage: each trial is a folder and a job; more is a typo, not a search
+MAX_CONFIG_BYTES = 1 << 20  # a config file is refused unread above this (a search config is a few KiB)
+MIN_HEARTBEAT_SECONDS = 1.5 * WORKER_HEARTBEAT_SECONDS  # [watch] heartbeat_seconds: the workers' beat and a margin
 DEFAULT_CONFIG = "default.toml"  # package data of `master`, loaded when no config file is given
 
 # Range probes: both ends and an irrational interior point (non-integral, so uniform on an int field fails early).
@@ -56,6 +59,13 @@ def _name(value: Any, what: str) -> str:
 def _int(value: Any, where: str, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigError(f"{where}: expected an integer >= {low}, got {value!r}")
+    return value
+
+
+def check_trials(value: Any, where: str) -> int:
+    """``value`` as a stage's trial count: an integer from 1 to MAX_TRIALS, else ConfigError naming ``where``."""
+    if _int(value, where, 1) > MAX_TRIALS:
+        raise ConfigError(f"{where}: {value} is more than the {MAX_TRIALS:,} trials a stage may have")
     return value
 
 
@@ -232,7 +242,7 @@ class StageConfig:
         _name(self.name, "stages")
         where = f"stages.{self.name}"
         _int(self.epochs, f"{where}.epochs", 1)
-        _int(self.trials, f"{where}.trials", 1)
+        check_trials(self.trials, f"{where}.trials")
         last = trial_id(self.name, self.trials - 1)
         if not NAME_RE.match(last):
             raise ConfigError(f"{where}: trial ids like {last!r} would exceed 64 characters; shorten the stage name")
@@ -301,6 +311,10 @@ class WatchConfig:
             elif _number(value, where) <= (1 if f.name == "explode_factor" else 0):
                 raise ConfigError(f"{where}: expected a number above {1 if f.name == 'explode_factor' else 0}, "
                                  f"got {value!r}")
+        if self.heartbeat_seconds < MIN_HEARTBEAT_SECONDS:
+            raise ConfigError(f"watch.heartbeat_seconds: {self.heartbeat_seconds!r} is too short: workers beat every "
+                              f"{WORKER_HEARTBEAT_SECONDS} s, so a healthy worker would look dead; give at least "
+                              f"{MIN_HEARTBEAT_SECONDS:g}")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -560,8 +574,15 @@ def config_from_dict(doc: dict[str, Any]) -> ExperimentConfig:
     )
 
 
+def _check_size(size: int, source: str) -> None:
+    """ConfigError unless a config of ``size`` bytes is within MAX_CONFIG_BYTES (refused before parsing)."""
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: config larger than {MAX_CONFIG_BYTES // 1024} KiB; a search config is a few KiB")
+
+
 def parse_config(text: str, source: str = "<config>") -> ExperimentConfig:
     """Parse TOML ``text`` into a validated config; syntax errors read "<source>: invalid TOML at line N: ..."."""
+    _check_size(len(text.encode("utf-8", "surrogatepass")), source)
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -580,9 +601,11 @@ def load_config(path: str | PathLike[str] | None = None) -> ExperimentConfig:
         text = resources.files("master").joinpath(DEFAULT_CONFIG).read_text(encoding="utf-8")
         return parse_config(text, f"master/{DEFAULT_CONFIG}")
     try:
-        raw = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config ({exc.strerror or exc})") from None
+    _check_size(len(raw), str(path))
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -14,14 +14,14 @@ from rq.serializers import JSONSerializer
 from rq.utils import utcparse
 from rq.worker import Worker
 
-from worker.control import (DEFAULT_QUEUE, DEFAULT_REDIS_URL, KEY_TTL_SECONDS, ControlError, job_key, job_owner,
-                            job_record_key, mask_url, open_redis, read_job_owner, read_progress, redis_url,
-                            reset_trial, stop_key)
+from worker.control import (DEFAULT_QUEUE, DEFAULT_REDIS_URL, EXPERIMENT_ID_META, KEY_TTL_SECONDS, REFUSED_FIELD,
+                            ControlError, job_key, job_owner, job_record_key, mask_url, open_redis, read_job_owner,
+                            read_progress, redis_url, reset_trial, stop_key)
 from worker.control import request_stop as _request_stop
 from worker.spec import TrialSpec, check_name
 from worker.states import TrialState
 
-__all__ = ["DispatchError", "Dispatcher", "connect", "job_id", "mask_url", "redis_url", "trial_of"]
+__all__ = ["REFUSED_FIELD", "DispatchError", "Dispatcher", "connect", "job_id", "mask_url", "redis_url", "trial_of"]
 
 log = logging.getLogger(__name__)
 
@@ -117,16 +117,16 @@ class Dispatcher:
         return TIMEOUT_BASE_SECONDS + self.seconds_per_epoch * spec.epochs
 
     def enqueue(self, specs: Iterable[TrialSpec], force: bool = False,
-                on_enqueue: Callable[[list[TrialSpec]], None] | None = None) -> list[str]:
+                on_enqueue: Callable[[list[TrialSpec]], None] | None = None, experiment_id: str = "") -> list[str]:
         """Enqueue the trials that have no job yet and return their ids; ``force`` first deletes the jobs
         that ended (finished, failed, stopped), so those trials run again. A trial whose job is queued or running
         is never enqueued twice. ``on_enqueue(specs)`` runs just before the jobs are created (the master records
-        the trials QUEUED there)."""
+        the trials QUEUED there). The jobs carry ``experiment_id`` (experiment.json's), which workers check."""
         specs = list(specs)
         wanted = {job_id(s.experiment, s.trial_id): s for s in specs}
         if force:
             self._drop_inactive_jobs(list(wanted))
-        enqueued = self._enqueue_missing(wanted, on_enqueue)
+        enqueued = self._enqueue_missing(wanted, on_enqueue, experiment_id)
         log.info("enqueued %d of %d trials on queue %s", len(enqueued), len(specs), self.queue.name)
         return enqueued
 
@@ -155,8 +155,8 @@ class Dispatcher:
         jobs = dict(zip(known, Job.fetch_many(known, connection=self.conn, serializer=JSONSerializer)))
         return [jobs.get(jid) for jid in ids]
 
-    def _enqueue_missing(self, wanted: dict[str, TrialSpec],
-                         on_enqueue: Callable[[list[TrialSpec]], None] | None) -> list[str]:
+    def _enqueue_missing(self, wanted: dict[str, TrialSpec], on_enqueue: Callable[[list[TrialSpec]], None] | None,
+                         experiment_id: str) -> list[str]:
         """Enqueue the specs whose job key does not exist, in one transaction watching those keys."""
         with self.conn.pipeline() as pipe:
             for _ in range(_WATCH_RETRIES):
@@ -175,18 +175,20 @@ class Dispatcher:
                     pipe.delete(*[Job.key_for(jid) for jid in missing])  # fragments RQ could not read
                     for s in specs:
                         reset_trial(pipe, s.experiment, s.trial_id, s.epochs)
-                    self.queue.enqueue_many([self._job_data(jid, s) for jid, s in zip(missing, specs)], pipeline=pipe)
+                    self.queue.enqueue_many([self._job_data(jid, s, experiment_id) for jid, s in zip(missing, specs)],
+                                            pipeline=pipe)
                     pipe.execute()
                     return [s.trial_id for s in specs]
                 except redis.WatchError:
                     pipe.reset()
         raise DispatchError(f"could not enqueue {len(wanted)} trials: their jobs kept changing under us")
 
-    def _job_data(self, jid: str, spec: TrialSpec) -> Any:
+    def _job_data(self, jid: str, spec: TrialSpec, experiment_id: str) -> Any:
         return Queue.prepare_data(
             JOB_FUNCTION, args=(spec.to_dict(),), job_id=jid, timeout=self.job_timeout(spec),
             result_ttl=RESULT_TTL_SECONDS, failure_ttl=FAILURE_TTL_SECONDS,
             description=f"trial {spec.experiment}/{spec.trial_id}",
+            meta={EXPERIMENT_ID_META: experiment_id} if experiment_id else None,
         )
 
     def progress(self, experiment: str) -> dict[str, dict[str, Any]]:
@@ -238,7 +240,7 @@ class Dispatcher:
             beats = pipe.execute()
         return {n: utcparse(b.decode()).timestamp() if b else None for n, b in zip(names, beats)}
 
-    def requeue(self, specs: list[TrialSpec]) -> list[str]:
+    def requeue(self, specs: list[TrialSpec], experiment_id: str = "") -> list[str]:
         """Put trials back in the queue whatever their jobs' state (a dead worker's job stays STARTED): in one
         transaction, delete the jobs and enqueue them afresh (they resume from their checkpoints), so a worker
         still running one never sees its job missing, only queued again. A pending stop request survives, so a
@@ -256,7 +258,8 @@ class Dispatcher:
                 reset_trial(pipe, s.experiment, s.trial_id, s.epochs)
                 if stops[s.trial_id] is not None:
                     pipe.set(stop_key(s.experiment, s.trial_id), stops[s.trial_id], ex=KEY_TTL_SECONDS)
-            self.queue.enqueue_many([self._job_data(jid, s) for jid, s in zip(ids, specs)], pipeline=pipe)
+            self.queue.enqueue_many([self._job_data(jid, s, experiment_id) for jid, s in zip(ids, specs)],
+                                    pipeline=pipe)
             pipe.execute()
         log.info("requeued %d trials on queue %s", len(specs), self.queue.name)
         return [s.trial_id for s in specs]

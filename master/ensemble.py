@@ -14,6 +14,7 @@ from rich.table import Table
 
 from master.leaderboard import build_leaderboard, collapse_runs
 from nncore.data import Dataset, apply_preprocessing, load_dataset_cached, preprocessing_stats
+from nncore.io import check_npz_sizes
 from nncore.losses import softmax
 from nncore.model import build_model
 from nncore.solver import Solver
@@ -244,6 +245,7 @@ def _ensemble_members(store: ExperimentStore, name: str) -> list[tuple[Member, f
 def read_input(path: Path) -> np.ndarray:
     """Array ``x`` of an .npz file, numbers only and never unpickled; EnsembleError naming the file otherwise."""
     try:
+        check_npz_sizes(path)
         with np.load(path, allow_pickle=False) as archive:
             if "x" not in archive.files:
                 raise EnsembleError(f"{path}: no array 'x' (arrays: {', '.join(archive.files) or 'none'})")
@@ -252,8 +254,8 @@ def read_input(path: Path) -> np.ndarray:
         if "allow_pickle" in str(exc):
             raise EnsembleError(f"{path}: x is an object array; pickled data is refused, save plain numbers") from None
         raise EnsembleError(f"{path}: not a readable .npz file ({exc})") from None
-    except (OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise EnsembleError(f"{path}: not a readable .npz file ({exc})") from None
+    except (OSError, EOFError, zipfile.BadZipFile, MemoryError) as exc:
+        raise EnsembleError(f"{path}: not a readable .npz file ({exc or 'too large for memory'})") from None
     if x.dtype.kind not in "biuf":
         raise EnsembleError(f"{path}: x has dtype {x.dtype}, expected numbers")
     if x.ndim < 2:

@@ -20,9 +20,10 @@ BASE_COLUMNS = ["trial", "stage", "state", "reason", "val_acc", "best_epoch", "t
                 "seconds", "worker"]
 RUN_COLUMNS = ["stages", "lineage"]  # what collapse_runs adds after "stage": the run's stages and trials
 WIDE = 100  # terminal columns the leaderboard needs for its worker column besides the hyperparameters
+UNREADABLE = "UNREADABLE"  # the state shown for a trial whose result.json is corrupt: unknown, not RUNNING
 STATE_STYLES = {TrialState.COMPLETED.value: "green", TrialState.KILLED.value: "yellow",
                 TrialState.DIVERGED.value: "red", TrialState.FAILED.value: "red",
-                TrialState.RUNNING.value: "cyan", TrialState.QUEUED.value: "dim"}
+                TrialState.RUNNING.value: "cyan", TrialState.QUEUED.value: "dim", UNREADABLE: "magenta"}
 
 
 def _number(value: Any) -> float:
@@ -61,10 +62,12 @@ def trial_row(store: ExperimentStore, trial_id: str, spec: dict[str, Any],
         val_acc, best_epoch = result.best_val_acc, result.best_epoch
         epochs, seconds, worker = result.epochs_done, _seconds(history, result.seconds), result.worker
     else:  # queued or running: the epochs recorded so far (Redis's live state is fresher than the record; with no
-        # readable record, a trial with epochs on disk has run)
-        recorded = result.state if result is not None else TrialState.RUNNING if history else TrialState.QUEUED
-        state = live.get("state") or recorded.value
-        reason = live.get("reason") or ""
+        # result.json, a trial with epochs on disk has run; with a corrupt one, its state is unknown)
+        unreadable = result is None and store.result_unreadable(trial_id)
+        recorded = (result.state.value if result is not None else UNREADABLE if unreadable
+                    else (TrialState.RUNNING if history else TrialState.QUEUED).value)
+        state = live.get("state") or recorded
+        reason = live.get("reason") or ("result.json unreadable" if unreadable else "")
         val_acc, best_epoch = _best_of(history)
         epochs = max((r["epoch"] for r in history), default=0)
         seconds = _seconds(history, 0.0)

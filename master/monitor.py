@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 
 from master.config import ExperimentConfig
-from master.dispatch import Dispatcher, JobView, RedisError
+from master.dispatch import REFUSED_FIELD, Dispatcher, JobView, RedisError
 from master.pruning import Rule, TrialView, should_kill
 from master.stages import (border_flags, flag_messages, launched_stages, next_stage, previous_stage, retries,
                            stage_space, stage_status)
@@ -16,10 +16,12 @@ from worker.records import StageRecord, TrialResult
 from worker.spec import TrialSpec
 from worker.states import StageStatus, TrialState
 from worker.store import ExperimentStore
+from worker.trainer import REFUSED
 
 log = logging.getLogger(__name__)
 
 SANITY_PREFIX = "sanity check"  # a trial that fails its sanity checks is the config's fault, not the worker's
+NOT_WORKER_FAULTS = (SANITY_PREFIX, REFUSED)  # a FAILED reason starting so is the input's fault: no retry
 WATCH_DUTY = 0.2  # the watch loop looks at most this share of the time (a tick reads every trial's files)
 
 
@@ -27,7 +29,7 @@ WATCH_DUTY = 0.2  # the watch loop looks at most this share of the time (a tick 
 class Event:
     """One thing the monitor did or noticed, for the console and the log."""
 
-    kind: str  # "stop", "requeue", "retry", "stop-job", "quarantine", "flag", "stage"
+    kind: str  # "stop", "stop-late", "refused", "requeue", "retry", "stop-job", "quarantine", "flag", "stage"
     message: str
     trial_id: str | None = None
 
@@ -42,7 +44,13 @@ def enqueue(store: ExperimentStore, dispatcher: Dispatcher, specs: list[TrialSpe
         for spec in chosen:
             store.transition(spec.trial_id, TrialState.QUEUED, "re-run (--force)" if force else "launched", "queued")
 
-    return dispatcher.enqueue(specs, force=force, on_enqueue=record)
+    return dispatcher.enqueue(specs, force=force, on_enqueue=record, experiment_id=experiment_id(store))
+
+
+def experiment_id(store: ExperimentStore) -> str:
+    """The experiment's id (experiment.json), which its jobs carry; "" for an experiment recorded without one."""
+    record = store.read_experiment()
+    return record.id if record is not None else ""
 
 
 def requeue(store: ExperimentStore, dispatcher: Dispatcher, spec: TrialSpec, reason: str, event: str,
@@ -50,7 +58,7 @@ def requeue(store: ExperimentStore, dispatcher: Dispatcher, spec: TrialSpec, rea
     """Put a trial back in the queue (its worker died, Redis lost its job, a retry): record it QUEUED with the
     reason, then requeue its job; it resumes from its last checkpoint."""
     store.transition(spec.trial_id, TrialState.QUEUED, reason, event, details)
-    dispatcher.requeue([spec])
+    dispatcher.requeue([spec], experiment_id(store))
     log.info("trial %s -> QUEUED: %s", spec.trial_id, reason)
 
 
@@ -64,8 +72,8 @@ def request_stop(store: ExperimentStore, dispatcher: Dispatcher, spec: TrialSpec
 
 
 def is_error(result: TrialResult) -> bool:
-    """A FAILED result caused by an error (not by the trial's own failed sanity checks)."""
-    return result.state is TrialState.FAILED and not result.reason.startswith(SANITY_PREFIX)
+    """A FAILED result caused by an error (not by the trial's own failed sanity checks, nor a refused input)."""
+    return result.state is TrialState.FAILED and not result.reason.startswith(NOT_WORKER_FAULTS)
 
 
 def worker_outcomes(store: ExperimentStore, trial_ids: list[str]) -> list[tuple[float, str, bool, str]]:
@@ -102,6 +110,8 @@ class Monitor:
         self.store, self.config, self.dispatcher, self.clock = store, config, dispatcher, clock
         self.watch = config.watch
         self.stops: dict[str, tuple[float, bool]] = {}  # trial -> (stop requested at, RQ stop-job sent)
+        self.asked: dict[str, TrialState] = {}  # trial -> the state its stop request asked for
+        self.refusals: dict[str, str] = {}  # trial -> the refusal of a worker with another storage, told once
         self.beats: dict[str, tuple[float, float]] = {}  # worker -> (heartbeat seen, when it was first seen)
         self.specs: dict[str, TrialSpec] = {}  # trial -> its spec, parsed once (a recorded spec.json never changes)
 
@@ -128,6 +138,7 @@ class Monitor:
             job, result = jobs.get(tid, JobView(None, None)), results[tid]
             if result is not None and result.terminal:
                 self.stops.pop(tid, None)
+                events += self._too_late(tid, result)
                 if not job.running:  # else RQ is still recording the job's end
                     events += self._retry(spec, result)
             else:
@@ -194,7 +205,7 @@ class Monitor:
         """An unfinished trial: leave it waiting or running, or put it back in the queue when nothing runs it
         (its worker died, or Redis lost its job); it resumes from its last checkpoint."""
         if job.waiting:
-            return []
+            return self._refused(spec, live.get(REFUSED_FIELD))
         live_runner = live.get("worker") if live.get("state") == TrialState.RUNNING.value else None
         runner = job.worker if job.running else live_runner
         if runner and self.alive(runner, beats.get(runner), now):
@@ -202,6 +213,8 @@ class Monitor:
             return []
         if job.running:
             reason = f"worker {job.worker} lost heartbeat"
+        elif self.store.result_unreadable(spec.trial_id):
+            reason = "its result.json is unreadable (corrupt)"
         elif job.missing:
             reason = "no job in Redis (Redis restarted empty, or the trial was never enqueued)"
         else:
@@ -209,6 +222,26 @@ class Monitor:
         requeue(self.store, self.dispatcher, spec, reason, "requeue", worker=runner)
         return [Event("requeue", f"{spec.trial_id}: {reason}; requeued, resumes from its last checkpoint",
                       spec.trial_id)]
+
+    def _refused(self, spec: TrialSpec, reason: Any) -> list[Event]:
+        """A waiting trial a worker handed back untouched (its storage is not the experiment's): say why, once."""
+        if not reason or self.refusals.get(spec.trial_id) == reason:
+            return []
+        self.refusals[spec.trial_id] = reason
+        self.store.append_event(spec.trial_id, {"time": self.clock(), "event": "refused",
+                                                "state": TrialState.QUEUED.value, "reason": str(reason)})
+        return [Event("refused", f"{spec.trial_id}: {reason} (it waits in the queue for a worker on this storage)",
+                      spec.trial_id)]
+
+    def _too_late(self, tid: str, result: TrialResult) -> list[Event]:
+        """A trial that ended otherwise than its stop request asked (it finished first): say so, and record it."""
+        asked = self.asked.pop(tid, None)
+        if asked is None or result.state is asked:
+            return []
+        message = f"the stop ({asked.value}) came too late: the trial had already ended {result.state.value}"
+        self.store.append_event(tid, {"time": self.clock(), "event": "stop too late", "state": result.state.value,
+                                      "reason": message})
+        return [Event("stop-late", f"{tid}: {message} ({result.reason})", tid)]
 
     def _police(self, record: StageRecord, running: list[str], progress: dict[str, dict[str, Any]],
                 now: float) -> list[Event]:
@@ -226,10 +259,10 @@ class Monitor:
             if tid in self.stops:
                 continue
             verdict = should_kill(views[tid], [v for t, v in views.items() if t != tid], rule, now)
-            if verdict is None:
-                continue
+            if verdict is None or ((ended := self.store.read_result(tid)) is not None and ended.terminal):
+                continue  # (a trial that ended since the tick began is told apart by the next one)
             request_stop(self.store, self.dispatcher, self._spec(tid), verdict.state, verdict.reason)
-            self.stops[tid] = (now, False)
+            self.stops[tid], self.asked[tid] = (now, False), verdict.state
             events.append(Event("stop", f"{tid}: stopping ({verdict.state.value}): {verdict.reason}", tid))
         return events
 

@@ -8,7 +8,8 @@ from typing import Any, Sequence
 from master.borders import BorderFlag, analyse, top_trials
 from master.hedge import hedged_top
 from master.sampler import sample_trials
-from master.config import DEFAULT_QUANTILE, ConfigError, Distribution, ExperimentConfig, StageConfig
+from master.config import (DEFAULT_QUANTILE, ConfigError, Distribution, ExperimentConfig, StageConfig,
+                           check_trials)
 from worker.records import StageRecord, TrialResult
 from worker.spec import SpecError, TrialSpec
 from worker.states import TrialState
@@ -137,6 +138,8 @@ def plan_stage(store: ExperimentStore, config: ExperimentConfig, name: str, seed
     the previous stage's best trials (narrow), or the previous stage's best trials continued (promote).
     Deterministic given storage, the config and ``seed``, so planning again gives the same trials."""
     stage = config.stage(name)
+    if trials is not None:
+        check_trials(trials, "--trials")
     seed = config.seed if seed is None else seed
     before = previous_stage(config, name)
     if stage.method == "random" or before is None:

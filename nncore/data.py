@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from nncore.errors import DataError
+from nncore.io import check_npz_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -381,6 +382,7 @@ def _read_npz(name: str, arg: str) -> dict:
     if not path.is_file():
         raise DataError(f"{name}: no such file")
     try:
+        check_npz_sizes(path)
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"{name}: not a readable .npz archive ({exc})") from None
@@ -406,8 +408,8 @@ def _read_npz(name: str, arg: str) -> dict:
             except ValueError as exc:
                 raise DataError(f"{name}: array '{key}' is an object array; it would need unpickling, which is "
                                 f"refused ({exc}); save plain numeric arrays") from None
-            except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-                raise DataError(f"{name}: array '{key}' is corrupt ({exc})") from None
+            except (OSError, EOFError, zipfile.BadZipFile, zlib.error, MemoryError) as exc:
+                raise DataError(f"{name}: array '{key}' is corrupt or too large ({exc or 'out of memory'})") from None
     return {split: (arrays[_array_name("x", split)], arrays[_array_name("y", split)])
             for split in ("train", "val", "test") if _array_name("x", split) in arrays}
 
@@ -501,14 +503,14 @@ def _read_csv(name: str, arg: str) -> dict:
             reader = csv.reader(f)
             header = [field.strip() for field in next(reader, [])]
             if column not in header:
-                raise DataError(f"{name}: no column '{column}' in the header of {path.name} "
-                                f"(columns: {', '.join(header[:20]) or 'none'})")
+                raise DataError(f"{name}: no column '{column}' in the header (first line) of {path.name}, "
+                                f"which has {len(header)} column(s)")
             if len(header) < 2:
                 raise DataError(f"{name}: {path.name} has no feature columns besides '{column}'")
             label = header.index(column)
             rows = [_csv_row(name, reader.line_num, header, label, row) for row in reader if row]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{name}: cannot read {path.name}: {exc}") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:  # the message of either may quote the file
+        raise DataError(f"{name}: cannot read {path.name} as UTF-8 CSV ({type(exc).__name__})") from None
     if not rows:
         raise DataError(f"{name}: {path.name} has no data rows")
     table = np.array(rows)
@@ -520,16 +522,16 @@ def _csv_row(name: str, line: int, header: list[str], label: int, row: list[str]
     if len(row) != len(header):
         raise DataError(f"{name}: line {line}: expected {len(header)} fields, got {len(row)}")
     values = []
-    for field, text in zip(header, row):
+    for column, text in enumerate(row, 1):
         try:
             value = float(text)
         except ValueError:
-            raise DataError(f"{name}: line {line}, column '{field}': non-numeric value {text!r}") from None
+            raise DataError(f"{name}: line {line}, column {column}: not a number") from None
         if not math.isfinite(value):
-            raise DataError(f"{name}: line {line}, column '{field}': non-finite value {text!r}")
+            raise DataError(f"{name}: line {line}, column {column}: not a finite number")
         values.append(value)
     if not values[label].is_integer():
-        raise DataError(f"{name}: line {line}, column '{header[label]}': label {row[label]!r} is not an integer")
+        raise DataError(f"{name}: line {line}, column {label + 1}: the label is not an integer")
     return values
 
 

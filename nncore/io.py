@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,3 +40,21 @@ def atomic_write_npz(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]
     """Save ``arrays`` as an uncompressed ``.npz`` atomically, refusing object arrays (no pickle); ``fence`` as
     in ``atomic_write``."""
     atomic_write(path, lambda f: np.savez(f, allow_pickle=False, **arrays), fence)
+
+
+def check_npz_sizes(path: str | os.PathLike[str]) -> None:
+    """ValueError naming the array when a member of the ``.npz`` at ``path`` has a header claiming more data than
+    the member holds (a forged header would make NumPy allocate it all before reading); a non-zip file passes."""
+    if not zipfile.is_zipfile(path):
+        return
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            with archive.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape, _, dtype = read_header(f, max_header_size=10_000)
+                claimed, held = math.prod(shape) * dtype.itemsize, info.file_size - f.tell()
+                if not dtype.hasobject and claimed > held:
+                    raise ValueError(f"array '{info.filename.removesuffix('.npy')}' claims shape {shape} "
+                                     f"({claimed:,} bytes) but holds {held:,} bytes")

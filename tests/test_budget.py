@@ -144,6 +144,7 @@ def test_launch_all_with_an_epoch_budget_sizes_records_and_resumes_its_plan(run,
     record = store.read_experiment()
     assert record.budget["amount"] == 24 and record.budget["unit"] == "ep"
     assert [p["after"] for p in record.plans] == [None, "coarse", "medium"]
+    assert len(record.id) == 16  # its jobs carry the id, as an unbudgeted launch's do
     counts = [len(store.read_stage(s).trial_ids) for s in ("coarse", "medium", "fine")]
     assert counts[:2] == [10, 5] and 1 <= counts[2] <= 2
     spent = sum(store.read_result(t).epochs_done for s in ("coarse", "medium") for t in store.read_stage(s).trial_ids)

@@ -2,6 +2,7 @@
 empty, SIGTERM to a busy worker, a full or read-only storage. Each asserts every trial COMPLETED exactly once,
 contiguous histories, no quarantine and no traceback."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -56,9 +57,10 @@ class Site:
         log.close()
         return self.procs[name]
 
-    def master(self, *args):
-        done = subprocess.run([sys.executable, "-m", "master.cli", *args, "--url", self.url, "--storage",
-                               str(self.root)], capture_output=True, text=True, timeout=120,
+    def master(self, *args, redis=True):
+        url = ["--url", self.url] if redis else []
+        done = subprocess.run([sys.executable, "-m", "master.cli", *args, *url, "--storage", str(self.root)],
+                              capture_output=True, text=True, timeout=120,
                               env={**os.environ, "COLUMNS": "200"})
         self.outputs.append(done.stdout + done.stderr)
         return done
@@ -283,3 +285,111 @@ def test_a_paused_worker_that_comes_back_after_its_trial_was_requeued_writes_not
         assert zombie.poll() is None  # w1 lives on, not quarantined, ready for the next job
     finally:
         site.stop()
+
+
+def test_corrupt_files_are_skipped_and_named_by_status_report_ensemble_and_watch(tmp_path):
+    """Random bytes in a history.jsonl, a result.json holding a JSON list, random bytes in a result.json: every
+    reader names the file and goes on; a trial with an unreadable result shows UNREADABLE (its state is unknown),
+    never RUNNING; the watch requeues it (saying why) and it finishes from its last checkpoint."""
+    site = Site(tmp_path, epochs=3)
+    try:
+        site.start_redis()
+        assert site.launch().returncode == 0
+        assert site.worker("w1", "--burst").wait(120) == 0
+        trials = site.store.trials_dir
+        junk = bytes(range(128, 256)) * 3 + b"\n\xff\xfe"
+        (trials / site.ids[0] / "history.jsonl").write_bytes(junk)
+        (trials / site.ids[1] / "result.json").write_text("[1, 2]\n")
+        (trials / site.ids[2] / "result.json").write_bytes(junk)
+        named = [f"{site.ids[0]}/history.jsonl", f"{site.ids[1]}/result.json", f"{site.ids[2]}/result.json"]
+        for command in (["status"], ["report"], ["ensemble", "--top", "3"]):
+            done = site.master(*command, "--experiment", site.name, redis=False)
+            assert done.returncode == 0, done.stderr
+            for path in named:
+                assert path in done.stderr.replace("\n", ""), (command, path, done.stderr)
+        status = site.outputs[-3]
+        for tid in site.ids[1:3]:
+            row = next(line for line in status.splitlines() if line.startswith(tid))
+            assert "UNREADABLE" in row and "RUNNING" not in row, row
+
+        out = open(site.tmp / "watch.out", "wb")
+        watcher = subprocess.Popen([sys.executable, "-m", "master.cli", "watch", "--experiment", site.name, "--url",
+                                    site.url, "--storage", str(site.root)], stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "COLUMNS": "200"})
+        site.procs["watch"] = watcher
+        said = lambda: (site.tmp / "watch.out").read_text().count("result.json is unreadable (corrupt)")  # noqa: E731
+        wait_for(lambda: said() == 2, 30, "the watch to requeue the two trials with unreadable results")
+        watcher.send_signal(signal.SIGINT)
+        assert watcher.wait(10) == 130
+        out.close()
+        site.outputs.append((site.tmp / "watch.out").read_text())
+        assert site.worker("w2", "--burst").wait(120) == 0
+        for tid in site.ids:
+            assert site.store.read_result(tid).state == "COMPLETED", tid
+        for tid in site.ids[1:]:
+            assert [r["epoch"] for r in site.store.read_history(tid)] == [1, 2, 3], tid
+        everything = site.logs() + "".join(site.outputs)
+        assert "Traceback" not in everything, everything[-5000:]
+    finally:
+        site.stop()
+
+
+def test_redis_out_of_memory_pauses_the_workers_and_a_restart_under_the_same_name_is_not_refused(tmp_path):
+    site = Site(tmp_path, epochs=150, trials=3)
+    try:
+        client = site.start_redis()
+        assert site.launch().returncode == 0
+        first = site.procs["first w1"] = site.worker("w1")
+        wait_for(lambda: site.running("w1"), 60, "w1 two epochs into a trial")
+        twin = site.worker("w1")  # a live namesake: refused in one line, saying how long its registration lasts
+        assert twin.wait(30) == 2
+        refusal = site.logs().splitlines()[-1]
+        assert refusal.startswith("worker: a worker named 'w1' is registered (host ")
+        assert "give another --name" in refusal
+        assert re.search(r"wait \d+ s for its registration to expire$", refusal), refusal
+
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", "1")  # every write refused from now on
+        wait_for(lambda: "Redis out of memory" in site.logs() and "paused, next try" in site.logs(), 60,
+                 "w1 to finish its trial and pause")
+        assert first.poll() is None  # alive, not dead with a traceback
+        first.kill()  # gone for good while Redis is full: its registration survives (it could not unregister)
+        first.wait(10)
+        assert client.exists("rq:worker:w1") and not client.hexists("rq:worker:w1", "death")
+        client.config_set("maxmemory", "0")
+        assert site.worker("w1", "--burst").wait(120) == 0  # the same name again: the stale registration goes
+        assert "removing the registration its previous process" in site.logs()
+        wait_for(site.finished, 60, "every trial to finish")
+        site.assert_every_trial_completed_once()
+    finally:
+        site.stop()
+
+
+def test_a_worker_on_another_storage_hands_the_job_back_untouched_and_quits_and_the_watch_says_why(site):
+    site.start_redis()
+    assert site.launch().returncode == 0
+    assert len(site.store.read_experiment().id) == 16  # drawn at first launch; every job carries it
+    watch_log = open(site.tmp / "watch.out", "wb")
+    site.procs["watch"] = subprocess.Popen(
+        [sys.executable, "-m", "master.cli", "watch", "--experiment", site.name, "--url", site.url, "--storage",
+         str(site.root)], stdout=watch_log, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "300"})
+    elsewhere = site.tmp / "elsewhere"
+    elsewhere.mkdir()
+    stray = subprocess.run([sys.executable, "-m", "worker.cli", "start", "--url", site.url, "--storage",
+                            str(elsewhere), "--name", "stray"], capture_output=True, text=True, timeout=60)
+    why = f"worker stray's storage {elsewhere} has no experiment {site.name}: is --storage the shared one?"
+    assert stray.returncode == 2, stray.stderr
+    last = stray.stderr.strip().splitlines()[-1]
+    assert last == f"worker: {why} (the job went back to the queue; not taking any more)"
+    assert list(elsewhere.iterdir()) == []  # nothing written where nobody reads
+    wait_for(lambda: why in (site.tmp / "watch.out").read_text(), 30, "the watch to say why")
+    refused = [e for tid in site.ids for e in site.store.read_events(tid) if e["event"] == "refused"]
+    assert [e["reason"] for e in refused] == [why]
+    assert (site.tmp / "watch.out").read_text().count("requeue") == 0  # no requeue loop
+
+    for name in ("w1", "w2"):
+        site.worker(name)
+    assert site.procs["watch"].wait(180) == 0
+    watch_log.close()
+    site.outputs += [(site.tmp / "watch.out").read_text(), stray.stdout + stray.stderr]
+    site.assert_every_trial_completed_once()

@@ -9,7 +9,7 @@ from master.dispatch import Dispatcher, job_id
 from master.monitor import WATCH_DUTY, Monitor, failing_workers, next_look, request_stop, watch, worker_outcomes
 from master.config import parse_config
 from master.stages import plan_stage
-from worker.control import read_progress, stop_key, stopped_as
+from worker.control import progress_key, read_progress, stop_key, stopped_as
 from conftest import NullControl, record_result, record_stage
 from worker.states import TrialState
 from worker.store import ExperimentStore
@@ -31,7 +31,7 @@ trials = 3
 lr = { dist = "loguniform", low = 1e-3, high = 1e-2 }
 
 [watch]
-heartbeat_seconds = 10
+heartbeat_seconds = 15
 max_retries = 1
 fail_streak = 2
 """
@@ -69,10 +69,10 @@ def test_failing_workers_closed_form():
 def test_heartbeat_is_judged_on_our_clock(setup):
     *_, monitor, clock = setup
     assert monitor.alive("w", 5.0, clock.now)  # first sight: alive whatever its (skewed) clock says
-    clock.now += 10
+    clock.now += 15
     assert monitor.alive("w", 5.0, clock.now)
     clock.now += 0.5
-    assert not monitor.alive("w", 5.0, clock.now)  # the same heartbeat for more than 10 s
+    assert not monitor.alive("w", 5.0, clock.now)  # the same heartbeat for more than 15 s
     assert monitor.alive("w", 6.0, clock.now)  # a new one
     assert not monitor.alive("gone", None, clock.now)  # its key expired
 
@@ -95,7 +95,7 @@ def test_a_dead_workers_started_job_is_requeued(setup):
     conn.hset(Job.key_for(job_id("mon", specs[0].trial_id)), mapping={"status": "started", "worker_name": "w9"})
     conn.hset("rq:worker:w9", "last_heartbeat", "2026-01-01T00:00:00.000000Z")
     assert monitor.tick() == []
-    clock.now += 11
+    clock.now += 16
     (event,) = monitor.tick()
     assert event.kind == "requeue" and event.message.startswith(f"{specs[0].trial_id}: worker w9 lost heartbeat")
     assert dispatcher.jobs("mon", [specs[0].trial_id])[specs[0].trial_id] == ("queued", None)
@@ -195,3 +195,46 @@ def test_slow_ticks_space_out_so_looking_takes_a_bounded_share_of_the_time(setup
     watch(monitor, sleep=waits.append)
     assert len(waits) == 2 and all(w >= 0.6 * (1 - WATCH_DUTY) / WATCH_DUTY for w in waits)
 
+
+def exploding(store, specs, dispatcher):
+    """The first trial, running on a live worker w1 with a loss 50 times its initial one; returns its id."""
+    dispatcher.enqueue(specs)
+    tid = specs[0].trial_id
+    dispatcher.conn.hset(Job.key_for(job_id("mon", tid)), mapping={"status": "started", "worker_name": "w1"})
+    dispatcher.conn.hset("rq:worker:w1", "last_heartbeat", "2026-01-01T00:00:00.000000Z")
+    record_result(store, tid, {"state": "RUNNING"})
+    dispatcher.conn.hset(progress_key("mon", tid), mapping={"state": "RUNNING", "worker": "w1", "epoch": 1,
+                                                             "initial_loss": 1.0, "last_loss": 50.0})
+    return tid
+
+
+def test_a_stop_that_comes_after_the_trial_finished_is_said_to_be_too_late_on_screen_and_in_storage(setup):
+    config, store, specs, dispatcher, monitor, clock = setup
+    tid = exploding(store, specs, dispatcher)
+    (stop,) = monitor.tick()
+    assert stop.kind == "stop" and stop.message.startswith(f"{tid}: stopping (DIVERGED)")
+    # the worker finished its last epoch before it looked at the request: the trial ends COMPLETED
+    store.transition(tid, TrialState.COMPLETED, "trained 2 epochs", "finished", epochs_done=2)
+    dispatcher.conn.hset(Job.key_for(job_id("mon", tid)), "status", "finished")
+    late = [e for e in monitor.tick() if e.trial_id == tid]
+    assert [e.kind for e in late] == ["stop-late"]
+    assert late[0].message == (f"{tid}: the stop (DIVERGED) came too late: the trial had already ended COMPLETED "
+                               f"(trained 2 epochs)")
+    recorded = store.read_events(tid)[-1]
+    assert (recorded["event"], recorded["state"]) == ("stop too late", "COMPLETED")
+    assert store.read_result(tid).state == "COMPLETED"  # what storage records and what the screen said agree
+    assert [e for e in monitor.tick() if e.trial_id == tid] == []  # said once
+
+
+def test_no_stop_is_requested_for_a_trial_that_ended_while_the_tick_looked(setup, monkeypatch):
+    config, store, specs, dispatcher, monitor, clock = setup
+    tid = exploding(store, specs, dispatcher)
+    police = monitor._police
+
+    def finished_meanwhile(*args):
+        store.transition(tid, TrialState.COMPLETED, "trained 2 epochs", "finished", epochs_done=2)
+        return police(*args)
+
+    monkeypatch.setattr(monitor, "_police", finished_meanwhile)
+    assert [e for e in monitor.tick() if e.trial_id == tid] == []
+    assert dispatcher.conn.get(stop_key("mon", tid)) is None

@@ -31,7 +31,7 @@ def tag(real_redis):
 class Experiment:
     """A config, its storage, a dispatcher and `worker start` processes (always reaped at the end)."""
 
-    def __init__(self, tmp_path, tag, body, watch="heartbeat_seconds = 8\npoll_seconds = 0.3\nstop_grace = 5\n",
+    def __init__(self, tmp_path, tag, body, watch="heartbeat_seconds = 15\npoll_seconds = 0.3\nstop_grace = 5\n",
                  url=URL):
         self.tmp_path, self.name, self.queue = tmp_path, f"mon-{tag}", f"hs-mon-{tag}"
         text = f'[experiment]\nname = "{self.name}"\n{body}\n[watch]\n{watch}'

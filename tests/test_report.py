@@ -135,7 +135,7 @@ def test_files_columns_and_sort_order_with_warnings_naming_skipped_files(store, 
     assert float(best["gap"]) == pytest.approx(float(best["train_acc"]) - float(best["val_acc"]))
     assert json.loads(by_trial["medium-0000"]["model.hidden"]) == [64]
     assert by_trial["medium-0002"]["state"] == "RUNNING" and by_trial["medium-0003"]["state"] == "QUEUED"
-    assert by_trial["coarse-0003"]["state"] == "RUNNING"  # its result.json is corrupt: judged from history
+    assert by_trial["coarse-0003"]["state"] == "UNREADABLE"  # its result.json is corrupt: its state is unknown
     assert by_trial["medium-0001"]["reason"] == "below rung median at epoch 2"
     records = json.loads(report.json.read_text())
     assert [r["trial"] for r in records] == [r["trial"] for r in rows]

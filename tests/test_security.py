@@ -6,6 +6,7 @@ import sys
 import time
 import tracemalloc
 import uuid
+import zipfile
 import zlib
 
 import numpy as np
@@ -19,9 +20,12 @@ from rq.serializers import JSONSerializer
 
 from conftest import record_experiment, self_signed_certificate
 from master.cli import main
+from master.monitor import is_error
+from nncore.data import load_dataset
+from nncore.errors import DataError
 from conftest import NullControl
 from worker.spec import TrialSpec
-from worker.store import ExperimentStore
+from worker.store import ExperimentStore, StorageError, load_npz
 from worker.trainer import run_trial
 
 TINY = dict(stage="coarse", dataset="spiral", model={"hidden": [8]}, solver={"batch_size": 64}, epochs=2, seed=0)
@@ -264,3 +268,96 @@ def test_a_rediss_url_verifying_the_server_works_from_launch_to_worker(tls_redis
     assert "certificate verify failed" in refused.stdout
     shown = launch.stdout + launch.stderr + log.read_text() + status.stdout + refused.stdout + refused.stderr
     assert "rediss://:***@127.0.0.1" in shown and password not in shown
+
+
+def forged_npz(path, claimed=(10**12, 1)):
+    """An .npz whose array ``x`` holds 128 float64s but whose header claims ``claimed`` elements."""
+    np.savez(path, x=np.zeros((2, 64)), y=np.zeros(2, dtype=np.int64))
+    with zipfile.ZipFile(path) as z:
+        members = {name: z.read(name) for name in z.namelist()}
+    raw = members["x.npy"]
+    end = raw.index(b"\n") + 1
+    header = raw[10:end].decode().replace("(2, 64)", str(claimed))
+    members["x.npy"] = raw[:10] + header[:-1].ljust(end - 11).encode() + b"\n" + raw[end:]
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return path
+
+
+def test_absurd_configs_are_refused_in_one_line_before_any_work(tmp_path, write_config):
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    config = write_config("absurd")
+    text = config.read_text()
+    cases = {
+        "stages.coarse.trials: 1000000000 is more than the 100,000": text.replace("trials = 4", "trials = 1000000000"),
+        "config larger than 1024 KiB": text + "".join(f"# padding {i} {'x' * 80}\n" for i in range(15_000)),
+        "watch.heartbeat_seconds: 3 is too short: workers beat every 10 s": text + "[watch]\nheartbeat_seconds = 3\n",
+    }
+    for expected, body in cases.items():
+        config.write_text(body)
+        started = time.monotonic()
+        done = cli("launch", "--config", str(config), "--storage", str(storage))
+        assert (done.returncode, done.stdout) == (2, ""), (expected, done.stdout, done.stderr)
+        assert done.stderr.strip().splitlines() == [f"Error: {done.stderr.strip()[7:]}"] and expected in done.stderr
+        assert time.monotonic() - started < 30
+    config.write_text(text)
+    done = cli("launch", "--config", str(config), "--storage", str(storage), "--trials", "1000000000")
+    assert done.returncode == 2 and "--trials: 1000000000 is more than the 100,000" in done.stderr
+    assert "Traceback" not in done.stderr and files_under(storage) == []
+
+
+def test_a_forged_npz_header_is_refused_in_one_line_without_allocating(experiment_store, tmp_path):
+    forged = forged_npz(tmp_path / "forged.npz")
+    done = cli("predict", "--storage", str(experiment_store.root), "--experiment", "exp", "--trial", "coarse-0000",
+               "--input", str(forged), "--output", str(tmp_path / "out.npz"))
+    assert done.returncode == 2, done.stderr
+    assert "array 'x' claims shape (1000000000000, 1) (8,000,000,000,000 bytes) but holds" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "MemoryError" not in done.stderr
+    with pytest.raises(DataError, match="claims shape"):
+        load_dataset(f"npz:{forged}")
+    with pytest.raises(StorageError, match="claims shape"):
+        load_npz(forged)
+
+
+def test_csv_errors_never_quote_the_files_contents(tmp_path):
+    secret = tmp_path / "secret.csv"
+    secret.write_text("s3cr3t:x:0:0:s3cr3t:/bin/bash\nhunter2:x:1:1\n")
+    numbers = tmp_path / "numbers.csv"
+    numbers.write_text("a,label\n1.0,0\nhunter2,1\n")
+    fractional = tmp_path / "fractional.csv"
+    fractional.write_text("a,label\n1.0,0.5\n")
+    for path in (secret, numbers, fractional):
+        with pytest.raises(DataError) as caught:
+            load_dataset(f"csv:{path}")
+        message = str(caught.value).replace(str(path), "")
+        assert "s3cr3t" not in message and "hunter2" not in message, message
+        assert "0.5" not in message
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+def test_a_job_for_a_dataset_its_experiment_does_not_declare_is_refused(rq_queue, real_redis, tmp_path):
+    conn, queue_name, tag = rq_queue
+    queue = Queue(queue_name, connection=conn, serializer=JSONSerializer)
+    experiment = f"sec-{tag}"
+    store = ExperimentStore(tmp_path / "storage", experiment).ensure()
+    record_experiment(store, config={"experiment": {"name": experiment, "dataset": "spiral"}})
+    hostile = queue.enqueue("worker.jobs.train_trial", spec_dict(experiment, 0, dataset="csv:/etc/passwd"))
+    fine = queue.enqueue("worker.jobs.train_trial", spec_dict(experiment, 1))
+    done = subprocess.run([sys.executable, "-m", "worker.cli", "start", "--url", real_redis[0], "--storage",
+                           str(store.root), "--queue", queue_name, "--name", f"sec-{tag}", "--burst"],
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    result = store.read_result("coarse-0000")
+    assert result.state == "FAILED"
+    assert result.reason == (f"refused: dataset 'csv:/etc/passwd' is not the one experiment {experiment} declares "
+                             f"('spiral')")
+    assert store.read_history("coarse-0000") == [] and store.checkpoints("coarse-0000") == []
+    assert "root:" not in done.stdout + done.stderr + "".join(p.read_text() for p in files_under(store.root)
+                                                              if p.suffix in (".json", ".jsonl"))
+    assert "Traceback" not in done.stdout + done.stderr
+    assert Job.fetch(hostile.id, connection=conn, serializer=JSONSerializer).get_status() == JobStatus.FINISHED
+    assert store.read_result("coarse-0001").state == "COMPLETED"
+    assert not is_error(result)  # neither retried nor counted toward quarantining the worker

@@ -87,7 +87,7 @@ def test_history_append_replaces_rerun_epochs_and_skips_corrupt_lines(store, cap
     path = store.trial_dir("t") / "history.jsonl"
     path.write_text(path.read_text() + "{broken\n")
     assert len(store.read_history("t")) == 2
-    assert "corrupt line 5" in caplog.text
+    assert "1 corrupt line(s) of" in caplog.text and "(line 5)" in caplog.text
 
 
 def test_read_json_warns_on_corrupt(tmp_path, caplog):

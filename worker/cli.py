@@ -69,6 +69,8 @@ def start(url: str | None, storage: str | None, queue: str, name: str | None, th
         worker.work(burst=burst, logging_level="INFO")
     except ValueError as exc:  # e.g. "There exists an active worker named ... already"
         _fail(str(exc))
+    if worker.refused:  # its storage is not the experiment's: the job went back to the queue untouched
+        _fail(f"{worker.refused} (the job went back to the queue; not taking any more)")
     if not burst and not worker.stop_asked:  # RQ logs an unexpected error (or a Redis timeout) and returns
         click.echo(f"worker: {name} quit on an unexpected error (logged above); exit status 1 so that a "
                    "supervisor (systemd Restart=on-failure, Kubernetes) starts it again", err=True)

@@ -26,6 +26,8 @@ KEY_TTL_SECONDS = 7 * 24 * 3600  # progress and stop keys expire; shared storage
 ERROR_BACKOFF_SECONDS = 10.0  # after a failed stop poll (Redis gone), wait this long before the next one
 STOP_GRACE_SECONDS = 5.0  # a job that ignores an in-process stop request this long gets StopJob raised in it
 FRESH_REPLY_SECONDS = 1.0  # an ownership answer that took longer may predate a requeue (a partition delayed it)
+EXPERIMENT_ID_META = "hs_experiment_id"  # the job meta field carrying its experiment's id (experiment.json)
+REFUSED_FIELD = "refused"  # the progress field where a worker says why it handed a job back untouched
 CONFIRM_RETRY_SECONDS = 1.0  # while Redis cannot confirm a trial is still ours, ask again this often
 
 

@@ -1,11 +1,14 @@
 """The one RQ entry point, ``train_trial``, and the in-process allow-listing RQ worker that runs it."""
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
+import os
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import redis
 from rq import get_current_job
@@ -16,12 +19,12 @@ from rq.serializers import JSONSerializer
 from rq.utils import utcformat
 from rq.worker import BaseWorker, SimpleWorker
 
-from worker.control import (STOP_GRACE_SECONDS, JobInterrupt, RedisControl, StopJob, TrialLost, job_owner_problem,
-                            read_job_owner, stop_request, touch_job)
-from worker.spec import TrialSpec
+from worker.control import (EXPERIMENT_ID_META, REFUSED_FIELD, STOP_GRACE_SECONDS, JobInterrupt, RedisControl, StopJob,
+                            TrialLost, job_owner_problem, read_job_owner, stop_request, touch_job)
+from worker.spec import SpecError, TrialSpec
 from worker.states import TrialState
 from worker.store import ExperimentStore, storage_root
-from worker.trainer import persist, run_trial
+from worker.trainer import PAUSE_SECONDS, persist, run_trial
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,27 @@ def train_trial(spec: dict[str, Any]) -> dict[str, Any] | None:
     if INTERRUPT.reason is not None and result.state is TrialState.KILLED:
         raise StopJob(result.reason)  # RQ's stop-job command: the job ends STOPPED, as with RQ's forking worker
     return result.to_dict()
+
+
+@contextlib.contextmanager
+def out_of_memory_warns(what: str) -> Iterator[None]:
+    """Turn Redis running out of memory (``maxmemory`` with noeviction) into one warning saying ``what`` is
+    skipped: the worker lives on, and pauses before its next job until Redis accepts writes again."""
+    try:
+        yield
+    except (redis.OutOfMemoryError, redis.exceptions.ExecAbortError) as exc:
+        log.warning("Redis out of memory: %s (%s)", what, exc)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return pid > 0
 
 
 def refusal(job: Job, allowed: frozenset[str] = ALLOWED_FUNCTIONS) -> str | None:
@@ -148,6 +172,7 @@ class TrialWorker(SimpleWorker):
         self.allowed = allowed
         self.stop_grace = stop_grace
         self.stop_asked = False  # a signal or RQ's shutdown command asked this worker to quit
+        self.refused: str | None = None  # why it quit handing a job back (its storage is not the experiment's)
         self._heartbeat: _Heartbeat | None = None
         self._full_beat_at = 0.0
 
@@ -185,9 +210,31 @@ class TrialWorker(SimpleWorker):
     def execute_job(self, job: Job, queue: Queue) -> None:
         self._stopped_job_id = None
         INTERRUPT.clear()
-        super().execute_job(job, queue)
+        with out_of_memory_warns(f"job {job.id}: not recording its end"):  # its outcome is in storage
+            super().execute_job(job, queue)
+
+    def check_for_suspension(self, burst: bool) -> None:
+        with out_of_memory_warns("no heartbeat"):  # RQ beats in the same round trip
+            super().check_for_suspension(burst)
+
+    def run_maintenance_tasks(self) -> None:
+        with out_of_memory_warns("skipping RQ's registry maintenance"):
+            super().run_maintenance_tasks()
+
+    def teardown(self) -> None:
+        with out_of_memory_warns(f"worker {self.name}: not unregistering (a restart under this name clears it)"):
+            super().teardown()
 
     def perform_job(self, job: Job, queue: Queue, execution: Any) -> bool:
+        elsewhere = self.storage_mismatch(job)
+        if elsewhere is not None:  # nothing of the trial is touched: the job goes back for a worker that can run it
+            log.warning("job %s handed back: %s", job.id, elsewhere)
+            self._push_front(job, queue, execution)
+            spec = job.args[0]
+            RedisControl(self.connection, spec["experiment"], spec["trial_id"], self.name).report(
+                {REFUSED_FIELD: elsewhere})
+            self.refused, self._stop_requested = elsewhere, True
+            return False
         reason = refusal(job, self.allowed)
         if reason is not None:
             log.warning("job %s %s", job.id, reason)
@@ -200,14 +247,45 @@ class TrialWorker(SimpleWorker):
         self._heartbeat.watch(job, execution)
         try:
             return super().perform_job(job, queue, execution)
-        except redis.ConnectionError as exc:
-            # Redis went away while RQ recorded the job's end. The trial's outcome is already in shared storage
-            # (the record); the job left STARTED is requeued by the master, and this worker lives on to
-            # reconnect rather than quit (RQ would let the error end its work loop).
-            log.warning("job %s: could not record its end in Redis (%s); the master will requeue it", job.id, exc)
+        except (redis.ConnectionError, redis.OutOfMemoryError) as exc:
+            # Redis went away (or is out of memory) while RQ recorded the job's end. The trial's outcome is already
+            # in shared storage (the record); the master reads it there, and this worker lives on rather than quit
+            # (RQ would let the error end its work loop).
+            log.warning("job %s: could not record its end in Redis (%s); its outcome is in storage", job.id, exc)
             return False
         finally:
             self._heartbeat.watch(None)
+
+    def register_birth(self) -> None:
+        """RQ's registration, after removing one left by this worker's previous process (same host, its process
+        gone: it died without unregistering, e.g. while Redis was out of memory); a live namesake is refused in
+        one line saying how long its registration lasts if it is gone."""
+        death, host, pid = self.connection.hmget(self.key, "death", "hostname", "pid")
+        if host is not None and death is None:
+            host, pid = host.decode(errors="replace"), int(pid or 0)
+            if host == self.hostname and (pid == os.getpid() or not pid_alive(pid)):
+                log.info("worker %s: removing the registration its previous process (pid %d) left", self.name, pid)
+                self.connection.delete(self.key)
+            else:
+                raise ValueError(f"a worker named {self.name!r} is registered (host {host}, pid {pid}); give another "
+                                 f"--name, or, if it is gone, wait {max(self.connection.ttl(self.key), 0)} s for its "
+                                 f"registration to expire")
+        super().register_birth()
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
+        """RQ's dequeue, once Redis accepts writes: while it is out of memory, taking a job would pop it and then
+        fail to record it started (the job lost), so the worker pauses, saying why in one line, and tries again."""
+        for attempt in itertools.count():
+            try:
+                self.connection.set(f"hs:writable:{self.name}", 1, ex=60)
+                break
+            except redis.OutOfMemoryError as exc:
+                pause = PAUSE_SECONDS[min(attempt, len(PAUSE_SECONDS) - 1)]
+                log.warning("worker %s: Redis out of memory (%s): paused, next try in %g s", self.name, exc, pause)
+                if self.stop_asked or self._stop_requested:
+                    return None
+                time.sleep(pause)
+        return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
 
     def handle_job_success(self, job: Job, queue: Queue, *args: Any, **kwargs: Any) -> None:
         if not self._taken(job, kwargs.get("execution")) and not self._hand_back(job, queue, kwargs.get("execution")):
@@ -222,13 +300,37 @@ class TrialWorker(SimpleWorker):
         worker resumes it from its last checkpoint with no master involved; False when it was not handed back."""
         if not INTERRUPT.handed_back:
             return False
+        self._push_front(job, queue, execution)
+        log.info("job %s: handed back to queue %s (worker %s shutting down)", job.id, queue.name, self.name)
+        return True
+
+    def _push_front(self, job: Job, queue: Queue, execution: Any) -> None:
+        """Put a job this worker took back at the front of its queue, QUEUED, with no trace of this run."""
         with self.connection.pipeline() as pipe:
             self.cleanup_execution(job, pipe, execution)
             job.set_status(JobStatus.QUEUED, pipeline=pipe)
             queue.push_job_id(job.id, pipeline=pipe, at_front=True)
             pipe.execute()
-        log.info("job %s: handed back to queue %s (worker %s shutting down)", job.id, queue.name, self.name)
-        return True
+
+    def storage_mismatch(self, job: Job) -> str | None:
+        """Why this worker's storage is not that of the job's experiment (the job carries the experiment's id,
+        from experiment.json, and this storage has no such experiment or another one of that name); None when
+        it is, or when the job carries no id (enqueued around ``master launch``), or is not a trial job."""
+        try:
+            spec, carried = job.args[0], (job.meta or {}).get(EXPERIMENT_ID_META)
+            store = ExperimentStore(storage_root(), spec["experiment"])
+        except (DeserializationError, IndexError, KeyError, TypeError, SpecError):
+            return None
+        if not carried:
+            return None
+        record = store.read_experiment()
+        if record is None:
+            return (f"worker {self.name}'s storage {store.root} has no experiment {store.experiment}: is --storage the "
+                    f"shared one?")
+        if record.id and record.id != carried:
+            return (f"worker {self.name}'s storage {store.root} holds another experiment named {store.experiment} "
+                    f"(id {record.id}, not {carried}): is --storage the shared one?")
+        return None
 
     def _taken(self, job: Job, execution: Any) -> bool:
         """Whether ``job`` was taken from this worker while it ran (the master requeued it when it could not hear
@@ -251,7 +353,7 @@ class TrialWorker(SimpleWorker):
         elif full_ttl and time.monotonic() - self._full_beat_at < 1.0:
             return  # the key was just given its full TTL (minutes); a shorter one always resets this
         else:
-            with self.connection.pipeline(transaction=False) as pipe:
+            with self.connection.pipeline(transaction=False) as pipe, out_of_memory_warns("no heartbeat"):
                 super().heartbeat(timeout, pipe)
                 pipe.execute()
         self._full_beat_at = time.monotonic() if full_ttl else 0.0

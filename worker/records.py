@@ -170,6 +170,7 @@ class ExperimentRecord:
     code_version: str = ""
     budget: dict[str, Any] | None = None
     plans: tuple[dict[str, Any], ...] = ()
+    id: str = ""  # random, drawn at first launch: jobs carry it, so a worker tells another storage's experiment apart
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -183,5 +184,4 @@ class ExperimentRecord:
     def from_dict(cls, doc: Any) -> ExperimentRecord:
         return _from_dict(cls, doc, {"name": _typed(str), "config": _typed(dict), "config_text": _typed(str),
                                      "seed": _count, "created_at": _typed(str), "code_version": _typed(str),
-                                     "budget": _typed(dict, optional=True),
-                                     "plans": _tables})
+                                     "budget": _typed(dict, optional=True), "plans": _tables, "id": _typed(str)})

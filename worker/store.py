@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from nncore.io import atomic_write, atomic_write_npz
+from nncore.io import atomic_write, atomic_write_npz, check_npz_sizes
 from worker.records import ExperimentRecord, RecordError, StageRecord, TrialResult
 from worker.spec import check_name
 from worker.states import StageStatus, TrialState, check_stage_transition, check_trial_transition
@@ -77,6 +77,21 @@ def atomic_write_json(path: Path, obj: Any, fence: Fence | None = None) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode(), fence)
 
 
+_warned: set[tuple[str, int, int]] = set()  # (path, size, mtime) of the corrupt files already named in a warning
+
+
+def warn_corrupt(path: Path, message: str, *args: Any) -> None:
+    """Log ``message`` (naming ``path``) once per version of the file: a watch reads it again every tick."""
+    try:
+        st = os.stat(path)
+        key = (str(path), st.st_size, st.st_mtime_ns)
+    except OSError:
+        key = (str(path), -1, -1)
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message, *args)
+
+
 def read_json(path: Path) -> Any | None:
     """The JSON in ``path``; None (with a warning naming the file) when it is missing or corrupt."""
     try:
@@ -84,7 +99,7 @@ def read_json(path: Path) -> Any | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        log.warning("skipping unreadable %s: %s", path, exc)
+        warn_corrupt(path, "skipping unreadable %s: %s", path, exc)
         return None
 
 
@@ -95,17 +110,20 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     except FileNotFoundError:
         return []
     except OSError as exc:
-        log.warning("skipping unreadable %s: %s", path, exc)
+        warn_corrupt(path, "skipping unreadable %s: %s", path, exc)
         return []
-    records = []
+    records, corrupt = [], []
     for n, line in enumerate(lines, 1):
         try:
             rec = json.loads(line)
         except ValueError:  # UnicodeDecodeError too
-            log.warning("skipping corrupt line %d of %s", n, path)
+            corrupt.append(n)
             continue
         if isinstance(rec, dict):
             records.append(rec)
+    if corrupt:
+        shown = ", ".join(map(str, corrupt[:5])) + (", ..." if len(corrupt) > 5 else "")
+        warn_corrupt(path, "skipping %d corrupt line(s) of %s (line %s)", len(corrupt), path, shown)
     return records
 
 
@@ -142,9 +160,10 @@ def append_jsonl(path: Path, record: dict[str, Any], fence: Fence | None = None)
 def load_npz(path: Path) -> dict[str, np.ndarray]:
     """All arrays of an ``.npz`` file, never unpickling; StorageError naming the file when it is corrupt."""
     try:
+        check_npz_sizes(path)
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, MemoryError) as exc:
         raise StorageError(f"{path}: unreadable checkpoint ({exc})") from None
 
 
@@ -157,7 +176,7 @@ def _record(kind: Any, path: Path) -> Any | None:
     try:
         return kind.from_dict(doc)
     except RecordError as exc:
-        log.warning("skipping %s: not a %s (%s)", path, kind.__name__, exc)
+        warn_corrupt(path, "skipping %s: not a %s (%s)", path, kind.__name__, exc)
         return None
 
 
@@ -269,8 +288,12 @@ class ExperimentStore:
         return read_json(self.trial_dir(trial_id) / "spec.json")
 
     def read_result(self, trial_id: str) -> TrialResult | None:
-        """The trial's state record (None: never queued nor run)."""
+        """The trial's state record (None: never queued nor run, or its result.json is unreadable)."""
         return _record(TrialResult, self.trial_dir(trial_id) / "result.json")
+
+    def result_unreadable(self, trial_id: str) -> bool:
+        """Whether the trial has a result.json that is not a readable record (corrupt: its state is unknown)."""
+        return self.read_result(trial_id) is None and (self.trial_dir(trial_id) / "result.json").exists()
 
     def transition(self, trial_id: str, to: TrialState, reason: str, event: str, details: dict[str, Any] | None = None,
                    **fields: Any) -> TrialResult:

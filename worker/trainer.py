@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 SOLVER_STATES = {"completed": TrialState.COMPLETED, "diverged": TrialState.DIVERGED, "stopped": TrialState.KILLED}
 STORAGE_FAULTS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT})  # storage's fault, not the trial's or ours
 HANDED_BACK = "handed back"  # the event of a trial its shutting-down worker recorded QUEUED
+REFUSED = "refused"  # the reason's start of a job refused for its input: not the worker's fault, never retried
 PAUSE_SECONDS = (1.0, 2.0, 5.0, 10.0)  # back-off while storage is full or read-only (then every 10 s)
 
 
@@ -52,6 +53,16 @@ class _StopCheck:
         return self.reason is not None
 
 
+def dataset_refusal(spec: TrialSpec, store: ExperimentStore) -> str | None:
+    """Why the job must not read its dataset: a dataset other than the one its experiment declares (a job
+    enqueued around the master must not make a worker read an arbitrary file); None when it may."""
+    record = store.read_experiment()
+    declared = (record.config.get("experiment") or {}).get("dataset") if record is not None else None
+    if declared is None or spec.dataset == declared:
+        return None
+    return f"{REFUSED}: dataset {spec.dataset!r} is not the one experiment {store.experiment} declares ({declared!r})"
+
+
 def run_trial(spec: TrialSpec, store: ExperimentStore, control: Any, worker_name: str = "local") -> TrialResult:
     """Train ``spec`` to its epoch budget (resuming from its own or its parent's latest checkpoint) and
     return its final record; each write is allowed by ``control.confirm()`` right before its rename or append.
@@ -74,6 +85,10 @@ def run_trial(spec: TrialSpec, store: ExperimentStore, control: Any, worker_name
     def finish(state: TrialState, reason: str) -> TrialResult:
         return _finish(spec, store, control, solver, state, reason, worker_name, time.perf_counter() - started, sanity)
 
+    refused = dataset_refusal(spec, store)
+    if refused is not None:
+        log.warning("trial %s %s", tid, refused)
+        return finish(TrialState.FAILED, refused)
     try:
         data = load_dataset_cached(spec.dataset, **spec.data)
         if spec.sanity:
