@@ -252,7 +252,7 @@ def size_launch(setup: Launch, budget: Budget, dispatcher: dispatch.Dispatcher |
         config.name, sized_config.to_dict(), setup.config_text, config.seed, now_iso(), code_version(),
         budget={"text": budget.text, "amount": budget.amount, "unit": budget.unit, "workers": workers,
                 "epoch_seconds": round(costs.epoch, 6), "trial_seconds": round(costs.trial, 6)},
-        plans=(plan_entry(sized, None, budget.amount, most),), id=experiment_id()))
+        plans=(plan_entry(sized, None, budget.amount, most),), id=new_experiment_id()))
     return replace(setup, config=sized_config), BudgetClock(budget, costs, started, [])
 
 
@@ -387,7 +387,7 @@ def code_version() -> str:
     return f"{version}+g{commit}{'.dirty' if dirty else ''}"
 
 
-def experiment_id() -> str:
+def new_experiment_id() -> str:
     """A new experiment's random id (experiment.json; its jobs carry it so a worker can tell another storage's)."""
     return os.urandom(8).hex()
 
@@ -397,7 +397,7 @@ def record_launch(store: ExperimentStore, config: ExperimentConfig, text: str, p
     store.ensure()
     if store.read_experiment() is None:
         store.write_experiment(ExperimentRecord(config.name, config.to_dict(), text, config.seed, now_iso(),
-                                                code_version(), id=experiment_id()))
+                                                code_version(), id=new_experiment_id()))
     stage = plan.stage.name
     previous = store.read_stage(stage)
     ids = sorted(set(previous.trial_ids if previous else ()) | {s.trial_id for s in plan.specs})
