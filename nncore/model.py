@@ -2,12 +2,14 @@
 import math
 import numbers
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
+from itertools import groupby
+from typing import NamedTuple
 
 import numpy as np
 
-from nncore import layers
+from nncore import layers, parallel
 from nncore.errors import ConfigError
 from nncore.init import INIT_KINDS, init_weight
 from nncore.losses import l2_penalty, softmax, softmax_loss, svm_loss
@@ -200,6 +202,18 @@ def _shapes(cfg, input_shape, num_classes):
     return params, buffers
 
 
+def _conv_macs_per_sample(cfg, input_shape, param_shapes):
+    """Multiply-adds of one sample's forward pass through the conv blocks (0 for an MLP)."""
+    total, size = 0, list(input_shape[1:])
+    for name, shape in param_shapes.items():
+        if name.startswith("Wc"):
+            kernel = cfg["conv_kernel"]
+            size = [length + 2 * _conv_pad(kernel) - kernel + 1 for length in size]
+            total += math.prod(shape) * math.prod(size)
+            size = [length // cfg["conv_pool"] for length in size]
+    return total
+
+
 def _fans(shape):
     """(fan_in, fan_out) of an affine weight (D, H) or a conv weight (F, C, K) / (F, C, KH, KW)."""
     if len(shape) >= 3:
@@ -230,14 +244,40 @@ def _activation(cfg):
     }[kind]
 
 
-def _record(tape, backward, cache, names=()):
-    """Append a backward step to the tape (None when not recording). The first step is always the first
-    linear layer, whose input gradient (w.r.t. the data) is never needed."""
-    if tape is None:
-        return
-    if not tape:
-        backward = partial(backward, input_grad=False)
-    tape.append((backward, cache, names))
+class _Step(NamedTuple):
+    """One step of a network (Model._steps)."""
+
+    forward: Callable  # (h, rows) -> (h, cache); rows: the slice of the minibatch h holds
+    backward: Callable  # (dout, cache) -> dx, or (dx, *parameter gradients) with names
+    names: tuple = ()  # the parameters it has gradients for
+    per_sample: bool = True  # False: batchnorm on batch statistics, the one step that mixes samples
+    layer: str | None = None  # a nonlinearity's output: the activations of this layer
+
+
+def _backward(tape, dout):
+    """Run ``tape`` backward from dout: (the gradient w.r.t. the tape's input, {param: gradient})."""
+    grads = {}
+    for backward, cache, names in reversed(tape):
+        if names:
+            dout, *dparams = backward(dout, cache)
+            grads.update(zip(names, dparams))
+        else:
+            dout = backward(dout, cache)
+    return dout, grads
+
+
+def _chunked_backward(dout, cache):
+    """Backward of a chunked run (Model._run_chunked): each chunk's tape on its rows of dout, at once; returns
+    the input gradient (None for the data) and the parameter gradients summed over the chunks, in tape order."""
+    parts, tapes, first = cache
+    results = parallel.run(lambda part: _backward(part[1], dout[part[0]]), list(zip(parts, tapes)))
+    dx = None if first else np.concatenate([r[0] for r in results])
+    names = [name for _, _, step_names in tapes[0] for name in step_names]
+    sums = [results[0][1][name] for name in names]  # fresh arrays of this backward: summed in place
+    for _, grads in results[1:]:
+        for total, name in zip(sums, names):
+            total += grads[name]
+    return (dx, *sums)
 
 
 def _check_arrays(kind, arrays, shapes):
@@ -274,6 +314,7 @@ class Model:
         self.weight_names = [name for name in param_shapes if name.startswith("W")]
         self.layer_names = list(dict.fromkeys(map(layer_of, param_shapes)))
         self._act_forward, self._act_backward = _activation(self.config)
+        self._conv_macs = _conv_macs_per_sample(self.config, self.input_shape, param_shapes)
         self._data_loss = LOSSES[self.config["loss"]]
 
     @property
@@ -287,55 +328,98 @@ class Model:
                              f"got {x.shape}")
         return x
 
-    def _hidden(self, h, params, suffix, train, tape, acts):
-        """Linear (conv for suffix "c{i}", else affine), optional batchnorm, max pooling (conv blocks with
-        conv_pool > 1), nonlinearity.
+    def _steps(self, params, train, masks):
+        """The network as a list of steps: linear (conv for conv blocks, else affine), optional batchnorm,
+        max pooling (conv blocks with conv_pool > 1), nonlinearity, dropout (hidden layers), the output layer.
+
+        Dropout takes its mask's rows for the rows a step's forward is given.
 
         A layer followed by batchnorm has no bias: beta takes its role (a bias there has zero gradient).
         Pooling comes before the nonlinearity: every activation is non-decreasing, so max-pooling then
         activating gives the same values and gradients as the usual activate-then-pool, with the
         activation on a pool-th of the entries (and no ReLU zeros tying the pooling windows).
         """
-        bn = self.config["batchnorm"]
-        w, b = f"W{suffix}", f"b{suffix}"
-        bias, names = (None, (w,)) if bn else (params[b], (w, b))
-        if suffix.startswith("c"):
-            conv_forward, conv_backward, pool_forward, pool_backward = _CONV_ARCHS[self.config["arch"]][3:]
-            h, cache = conv_forward(h, params[w], bias, pad=_conv_pad(self.config["conv_kernel"]))
-            _record(tape, conv_backward, cache, names)
-        else:
-            h, cache = layers.affine_forward(h, params[w], bias)
-            _record(tape, layers.affine_backward, cache, names)
-        if bn:
-            state = {"mean": self.buffers[f"bn{suffix}_mean"], "var": self.buffers[f"bn{suffix}_var"]}
-            gamma, beta = f"gamma{suffix}", f"beta{suffix}"
-            h, cache = layers.batchnorm_forward(h, params[gamma], params[beta], state, train)
-            _record(tape, layers.batchnorm_backward, cache, (gamma, beta))
-        if suffix.startswith("c") and self.config["conv_pool"] > 1:
-            h, cache = pool_forward(h, self.config["conv_pool"])
-            _record(tape, pool_backward, cache)
-        h, cache = self._act_forward(h)
-        _record(tape, self._act_backward, cache)
-        if acts is not None:
-            acts[layer_of(w)] = h
-        return h
-
-    def _forward(self, x, params, train, masks=None, tape=None, acts=None):
-        """Scores for x; records backward steps on `tape` and hidden activations in `acts` when given."""
         cfg = self.config
-        h = x
+        steps = []
+
+        def hidden(suffix, conv):
+            w, b = f"W{suffix}", f"b{suffix}"
+            bias, names = (None, (w,)) if cfg["batchnorm"] else (params[b], (w, b))
+            if conv:
+                conv_forward, conv_backward, pool_forward, pool_backward = _CONV_ARCHS[cfg["arch"]][3:]
+                pad = _conv_pad(cfg["conv_kernel"])
+                steps.append(_Step(lambda h, rows: conv_forward(h, params[w], bias, pad=pad), conv_backward, names))
+            else:
+                steps.append(_Step(lambda h, rows: layers.affine_forward(h, params[w], bias), layers.affine_backward,
+                                   names))
+            if cfg["batchnorm"]:
+                state = {"mean": self.buffers[f"bn{suffix}_mean"], "var": self.buffers[f"bn{suffix}_var"]}
+                gamma, beta = f"gamma{suffix}", f"beta{suffix}"
+                steps.append(_Step(lambda h, rows: layers.batchnorm_forward(h, params[gamma], params[beta], state,
+                                                                            train),
+                                   layers.batchnorm_backward, (gamma, beta), per_sample=not train))
+            if conv and cfg["conv_pool"] > 1:
+                steps.append(_Step(lambda h, rows: pool_forward(h, cfg["conv_pool"]), pool_backward))
+            steps.append(_Step(lambda h, rows: self._act_forward(h), self._act_backward, layer=layer_of(w)))
+
         conv_blocks = len(cfg["conv_channels"]) if cfg["arch"] in _CONV_ARCHS else 0
         for i in range(1, conv_blocks + 1):
-            h = self._hidden(h, params, f"c{i}", train, tape, acts)
+            hidden(f"c{i}", True)
         for i in range(1, len(cfg["hidden"]) + 1):
-            h = self._hidden(h, params, str(i), train, tape, acts)
+            hidden(str(i), False)
             if masks:
-                h, cache = layers.dropout_forward(h, cfg["dropout"], True, mask=masks[f"layer{i}"])
-                _record(tape, layers.dropout_backward, cache)
+                mask = masks[f"layer{i}"]
+                steps.append(_Step(lambda h, rows, mask=mask: layers.dropout_forward(h, cfg["dropout"], True,
+                                                                                     mask=mask[rows]),
+                                   layers.dropout_backward))
         out = len(cfg["hidden"]) + 1
-        scores, cache = layers.affine_forward(h, params[f"W{out}"], params[f"b{out}"])
-        _record(tape, layers.affine_backward, cache, (f"W{out}", f"b{out}"))
-        return scores
+        steps.append(_Step(lambda h, rows: layers.affine_forward(h, params[f"W{out}"], params[f"b{out}"]),
+                           layers.affine_backward, (f"W{out}", f"b{out}")))
+        return steps
+
+    def _forward(self, x, params, train, masks=None, tape=None, acts=None):
+        """Scores for x; records backward steps on `tape` and hidden activations in `acts` when given.
+
+        Runs of per-sample steps go through ``_run_chunked`` (the minibatch split over nncore.parallel's
+        threads); batchnorm on batch statistics runs on the whole minibatch between them.
+        """
+        h = x
+        for _, run in groupby(self._steps(params, train, masks), key=lambda step: step.per_sample):
+            h = self._run_chunked(list(run), h, tape, acts)
+        return h
+
+    def _run_chunked(self, steps, x, tape, acts):
+        """Run ``steps`` on x, the rows split into nncore.parallel's chunks (one chunk: in this thread, each
+        step's backward recorded on ``tape`` as it is); with several chunks the run is one tape entry whose
+        backward runs every chunk's steps backward at once and sums their parameter gradients."""
+        parts = parallel.chunks(len(x), self._conv_macs) if steps[0].per_sample else [slice(None)]
+        first = tape is not None and not tape  # no input gradient w.r.t. the data
+
+        def run(rows):
+            h, sub, seen = x[rows], [] if tape is not None else None, {}
+            for step in steps:
+                h, cache = step.forward(h, rows)
+                if sub is not None:
+                    sub.append((partial(step.backward, input_grad=False) if first and not sub else step.backward,
+                                cache, step.names))
+                if step.layer is not None:
+                    seen[step.layer] = h
+            return h, sub, seen
+
+        results = parallel.run(run, parts)
+        if len(results) == 1:
+            h, sub, seen = results[0]
+            if tape is not None:
+                tape.extend(sub)
+        else:
+            h = np.concatenate([r[0] for r in results])
+            seen = {layer: np.concatenate([r[2][layer] for r in results]) for layer in results[0][2]}
+            if tape is not None:
+                names = tuple(name for step in steps for name in step.names)
+                tape.append((_chunked_backward, (parts, [r[1] for r in results], first), names))
+        if acts is not None:
+            acts.update(seen)
+        return h
 
     def sample_dropout_masks(self, n, rng):
         """{"layer{i}": inverted-dropout mask (n, hidden[i-1])} for every hidden layer; {} without dropout."""
@@ -366,13 +450,7 @@ class Model:
         tape = []
         scores = self._forward(x, self.params, train, self._masks(len(x), train, rng, dropout_masks), tape)
         loss, dout = self._data_loss(scores, np.asarray(y))
-        grads = {}
-        for backward, cache, names in reversed(tape):
-            if names:
-                dout, *dparams = backward(dout, cache)
-                grads.update(zip(names, dparams))
-            else:
-                dout = backward(dout, cache)
+        _, grads = _backward(tape, dout)
         grads = {name: grads[name] for name in self.params}
         return loss + l2_penalty(self.params, self.weight_names, reg, grads), grads
 

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import click
-from threadpoolctl import threadpool_limits
 
 from worker.control import DEFAULT_QUEUE, DEFAULT_REDIS_URL, ControlError, mask_url, open_redis, redis_url
 from worker.jobs import TrialWorker
 from worker.store import StorageError, probe_writable, storage_root
+from worker.threads import use_threads
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,8 @@ def main() -> None:
 @click.option("--queue", default=DEFAULT_QUEUE, show_default=True, help="Queue to take trials from.")
 @click.option("--name", help="Worker name, unique among live workers (default HOST.PID).")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
-              help="BLAS threads for this worker (N workers x 1 thread use N cores).")
+              help="Cores this worker trains on: BLAS threads, and for ConvNets the minibatch split over as many "
+                   "threads (N workers x 1 thread use N cores).")
 @click.option("--burst", is_flag=True, help="Quit when the queue is empty.")
 def start(url: str | None, storage: str | None, queue: str, name: str | None, threads: int, burst: bool) -> None:
     """Run a worker: one trial at a time, in this process; Ctrl-C / SIGTERM hands the running trial back to the
@@ -59,12 +60,12 @@ def start(url: str | None, storage: str | None, queue: str, name: str | None, th
     except ControlError as exc:
         _fail(str(exc))
     name = name or f"{socket.gethostname().split('.')[0]}.{os.getpid()}"
-    threadpool_limits(limits=threads)
+    use_threads(threads)
     try:
         worker = TrialWorker([queue], connection=conn, name=name)
     except Exception as exc:  # rq validates the connection and the name while building the worker
         _fail(f"cannot start a worker on {mask_url(url)}: {exc}")
-    log.info("worker %s: queue %s on %s, storage %s, %d BLAS thread(s)", name, queue, mask_url(url), root, threads)
+    log.info("worker %s: queue %s on %s, storage %s, %d thread(s)", name, queue, mask_url(url), root, threads)
     try:
         worker.work(burst=burst, logging_level="INFO")
     except ValueError as exc:  # e.g. "There exists an active worker named ... already"
