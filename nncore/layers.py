@@ -260,13 +260,15 @@ def batchnorm_backward(dout, cache):
 
 
 def _conv_forward(x, w, b, stride, pad):
-    """N-d convolution (cross-correlation) as one GEMM over channels-last im2col columns.
+    """N-d convolution (cross-correlation) as one GEMM over im2col columns.
 
     x (N, C, *size), w (F, C, *kernel) -> (N, F, *out) with out = (size + 2 * pad - kernel) // stride + 1.
-    The columns hold each output position's (kernel..., C) patch, gathered with sliding_window_view from a
-    channels-last copy of x (the padding copy; a channels-last view when pad is 0), so the gather copies
-    runs of kernel[-1] * C contiguous values. The result is a channels-first view of the GEMM's
-    channels-last output: no transpose copy, and layers after it keep that memory order.
+    The columns are gathered with sliding_window_view from a zero-padded copy of x (a view when pad is 0) in
+    whichever order copies the longer contiguous runs: channels-last, each output position's (kernel...,
+    C) patch a row (runs of kernel[-1] * C values: wide layers), or channels-first, each (C, kernel...)
+    entry a row over all positions (runs of a whole output row, for stride 1: the first layer of an image
+    net, C = 3). The result is a channels-first view of the GEMM's channels-last (N·out, F) output: no
+    transpose copy, and layers after it keep that memory order.
     """
     n, c, *size = x.shape
     f, _, *kernel = w.shape
@@ -274,20 +276,32 @@ def _conv_forward(x, w, b, stride, pad):
     if min(out_size) < 1:
         raise ValueError(f"conv: input size {tuple(size)} with pad {pad} is shorter than the kernel {tuple(kernel)}")
     dims = len(size)
-    xl = np.moveaxis(x, 1, -1)
+    channels_last = kernel[-1] * c >= (out_size[-1] if stride == 1 else 1)
+    xs = np.moveaxis(x, 1, -1) if channels_last else x
+    spatial = tuple(range(1, dims + 1)) if channels_last else tuple(range(2, dims + 2))
     if pad:
-        xp = np.zeros((n, *(length + 2 * pad for length in size), c), dtype=x.dtype)
-        xp[(slice(None),) + (slice(pad, -pad),) * dims] = xl
+        padded = [length + 2 * pad for length in size]
+        xp = np.zeros((n, *padded, c) if channels_last else (n, c, *padded), dtype=x.dtype)
+        region = [slice(None)] * (dims + 2)
+        for axis in spatial:
+            region[axis] = slice(pad, -pad)
+        xp[tuple(region)] = xs
     else:
-        xp = xl
-    windows = sliding_window_view(xp, kernel, axis=tuple(range(1, dims + 1)))
-    windows = windows[(slice(None),) + (slice(None, None, stride),) * dims]  # (N, *out, C, *kernel)
-    order = (0, *range(1, dims + 1), *range(dims + 2, 2 * dims + 2), dims + 1)
-    cols = windows.transpose(order).reshape(n * math.prod(out_size), -1)
-    wcols = np.moveaxis(w, 1, -1).reshape(f, -1).T
+        xp = xs
+    windows = sliding_window_view(xp, kernel, axis=spatial)
+    windows = windows[tuple(slice(None, None, stride) if axis in spatial else slice(None)
+                            for axis in range(dims + 2))]
+    kernel_axes = tuple(range(dims + 2, 2 * dims + 2))
+    if channels_last:  # (N, *out, C, *kernel) -> rows (N, *out), columns (*kernel, C)
+        cols = windows.transpose((0, *spatial, *kernel_axes, dims + 1)).reshape(n * math.prod(out_size), -1)
+        wcols = np.moveaxis(w, 1, -1).reshape(f, -1).T
+    else:  # (N, C, *out, *kernel) -> columns (C, *kernel), rows (N, *out), gathered as its transpose
+        cols = np.ascontiguousarray(windows.transpose((1, *kernel_axes, 0, *spatial))).reshape(c * math.prod(kernel),
+                                                                                             -1).T
+        wcols = w.reshape(f, -1).T
     out, affine_cache = affine_forward(cols, wcols, b)
     out = np.moveaxis(out.reshape(n, *out_size, f), -1, 1)
-    return out, (affine_cache, x.shape, tuple(kernel), stride, pad)
+    return out, (affine_cache, w, channels_last, x.shape, stride, pad)
 
 
 def _conv_backward(dout, cache, input_grad=True):
@@ -298,18 +312,20 @@ def _conv_backward(dout, cache, input_grad=True):
     the padded gradient at its shifted window: contiguous (N·out, C) blocks added row by row, where one GEMM
     into (N·out, kernel·C) columns leaves nine strided adds of C values each (col2im), 1.7x slower in all.
     """
-    affine_cache, (n, c, *size), kernel, stride, pad = cache
+    affine_cache, w, channels_last, (n, c, *size), stride, pad = cache
     f, *out_size = dout.shape[1:]
+    kernel = w.shape[2:]
     dout_rows = np.moveaxis(dout, 1, -1).reshape(-1, f)
     _, dw, db = affine_backward(dout_rows, affine_cache, input_grad=False)
-    dw = np.ascontiguousarray(np.moveaxis(dw.T.reshape(f, *kernel, c), -1, 1))
+    dw = np.ascontiguousarray(np.moveaxis(dw.T.reshape(f, *kernel, c), -1, 1)) if channels_last else \
+        dw.T.reshape(w.shape)
     if not input_grad:
         return None, dw, db
-    w = affine_cache[1].T.reshape(f, *kernel, c)  # the forward's (F, kernel..., C) weights
+    wl = np.ascontiguousarray(np.moveaxis(w, 1, -1))  # (F, *kernel, C)
     dxp = np.zeros((n, *(length + 2 * pad for length in size), c), dtype=dout.dtype)
     shifted = np.empty((len(dout_rows), c), dtype=dout.dtype)
     for offsets in np.ndindex(*kernel):
-        np.matmul(dout_rows, w[(slice(None),) + offsets], out=shifted)
+        np.matmul(dout_rows, wl[(slice(None),) + offsets], out=shifted)
         region = tuple(slice(o, o + stride * (m - 1) + 1, stride) for o, m in zip(offsets, out_size))
         dxp[(slice(None),) + region] += shifted.reshape(n, *out_size, c)
     dx = dxp[(slice(None),) + tuple(slice(pad, pad + length) for length in size)]

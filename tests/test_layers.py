@@ -91,6 +91,10 @@ def _case(name, rng):
         arrays = [rng.standard_normal((2, 2, 5, 4)), rng.standard_normal((3, 2, 3, 3)), rng.standard_normal(3)]
         fwd = partial(layers.conv2d_forward, stride=1, pad=1)
         return fwd, layers.conv2d_backward, arrays, SMOOTH
+    if name == "conv2d_one_channel":  # few channels, long rows: columns gathered channels-first
+        arrays = [rng.standard_normal((2, 1, 5, 7)), rng.standard_normal((3, 1, 3, 3)), rng.standard_normal(3)]
+        fwd = partial(layers.conv2d_forward, stride=1, pad=1)
+        return fwd, layers.conv2d_backward, arrays, SMOOTH
     if name == "conv2d_strided":
         arrays = [rng.standard_normal((2, 3, 7, 6)), rng.standard_normal((2, 3, 3, 2)), rng.standard_normal(2)]
         fwd = partial(layers.conv2d_forward, stride=2, pad=2)
@@ -106,7 +110,7 @@ def _case(name, rng):
 
 CASES = ["affine", "affine_no_bias", "relu", "leaky_relu", "elu", "tanh", "sigmoid", "maxout", "dropout",
          "batchnorm_train", "batchnorm_test", "batchnorm_conv", "batchnorm_spatial", "conv1d", "conv1d_strided",
-         "maxpool1d", "conv2d", "conv2d_strided", "conv2d_no_bias", "maxpool2d"]
+         "maxpool1d", "conv2d", "conv2d_one_channel", "conv2d_strided", "conv2d_no_bias", "maxpool2d"]
 
 
 def _single(grads):
@@ -313,10 +317,12 @@ def _naive_conv2d(x, w, b, stride, pad):
     return out
 
 
+@pytest.mark.parametrize("channels", [1, 3])  # 1: columns gathered channels-first for stride 1
 @pytest.mark.parametrize("stride, pad, kernel", [(1, 0, (3, 3)), (1, 1, (3, 3)), (2, 1, (3, 2)), (3, 2, (1, 4))])
-def test_conv2d_matches_naive_convolution(stride, pad, kernel):
+def test_conv2d_matches_naive_convolution(stride, pad, kernel, channels):
     rng = np.random.default_rng(7)
-    x, w, b = rng.standard_normal((2, 3, 7, 8)), rng.standard_normal((4, 3) + kernel), rng.standard_normal(4)
+    x, w = rng.standard_normal((2, channels, 7, 8)), rng.standard_normal((4, channels) + kernel)
+    b = rng.standard_normal(4)
     out, _ = layers.conv2d_forward(x, w, b, stride=stride, pad=pad)
     np.testing.assert_allclose(out, _naive_conv2d(x, w, b, stride, pad), rtol=1e-12, atol=1e-12)
     out, _ = layers.conv2d_forward(x, w, stride=stride, pad=pad)
