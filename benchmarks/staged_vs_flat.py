@@ -35,6 +35,8 @@ its trials). Counts are deterministic for a seed; wall time depends on machine l
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import statistics
 import sys
@@ -45,7 +47,11 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
+import master.pruning
+import nncore
+import worker
 from master.monitor import close_stage
+from master.sampler import sample_trials
 from nncore.data import make_spiral
 from master.pruning import Rule, TrialView, should_kill
 from master.config import ExperimentConfig, StageConfig, parse_config
@@ -53,7 +59,7 @@ from master.stages import StagePlan, plan_stage, previous_stage
 from worker.control import stop_request
 from worker.records import StageRecord
 from worker.states import StageStatus
-from worker.store import ExperimentStore
+from worker.store import ExperimentStore, atomic_write_json, read_json
 from worker.trainer import run_trial
 
 EPOCHS = 30
@@ -170,6 +176,39 @@ def run_search(config: ExperimentConfig, root: Path) -> tuple[list[list[float]],
     return trials, states
 
 
+def sources_hash() -> str:
+    """A hash of the code that trains and stops flat search's trials: nncore, worker and master.pruning's rules."""
+    files = sorted([*Path(nncore.__file__).parent.glob("*.py"), *Path(worker.__file__).parent.glob("*.py"),
+                    Path(master.pruning.__file__)])
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.parent.name}/{path.name}\0".encode() + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def cached_search(config: ExperimentConfig, root: Path, cache: Path | None
+                  ) -> tuple[list[list[float]], dict[str, int], float]:
+    """``run_search``'s curves and end states and its wall seconds, read from ``cache`` (a directory) when a run
+    with the same key is there, else run and written there. The key hashes every trial's spec (the data path
+    made relative to ``root``), every stage's settings, the watch settings and the training code's sources
+    (``sources_hash``), so a change to any of them misses; the cached seconds are those of the run that filled it."""
+    if cache is None:
+        started = time.perf_counter()
+        trials, states = run_search(config, root)
+        return trials, states, time.perf_counter() - started
+    specs = [s.to_dict() for stage in config.stages for s in sample_trials(config, stage.name, stage.trials)]
+    text = json.dumps({"specs": specs, "stages": [s.to_dict() for s in config.stages], "watch": config.watch.to_dict(),
+                       "sources": sources_hash()}, sort_keys=True).replace(str(root), "<data>")
+    path = cache / f"{config.name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+    if (hit := read_json(path)) is not None:
+        return hit["trials"], hit["states"], hit["seconds"]
+    started = time.perf_counter()
+    trials, states = run_search(config, root)
+    seconds = time.perf_counter() - started
+    atomic_write_json(path, {"trials": trials, "states": states, "seconds": seconds})
+    return trials, states, seconds
+
+
 def first_hit(accs: list[float], target: float) -> int:
     """The 1-based epoch at which ``accs`` first reaches ``target``; 0 when it never does."""
     return next((e for e, acc in enumerate(accs, 1) if acc >= target - 1e-12), 0)
@@ -282,6 +321,9 @@ def main() -> None:
                         help="the staged search's plan: the product's default coarse-to-fine (default) or halving")
     parser.add_argument("--space", choices=sorted(SPACES), default="wide",
                         help="the search space: cs231n's wide coarse ranges (default) or the product default's ranges")
+    parser.add_argument("--flat-cache", type=Path, metavar="DIR",
+                        help="read flat search's curves from DIR when there, else run it and write them there "
+                             "(keyed by its trials' specs, stages and the training code; see cached_search)")
     parser.add_argument("--markdown", action="store_true", help="print the results as a Markdown table")
     parser.add_argument("--plot", type=Path, metavar="FILE.png",
                         help="also draw each search's best accuracy so far against the epochs spent")
@@ -291,6 +333,8 @@ def main() -> None:
     unknown = [t for t in args.tasks.split(",") if t not in TASKS]
     if unknown:
         parser.error(f"--tasks: unknown task {unknown[0]!r} (known: {', '.join(TASKS)})")
+    if args.flat_cache:
+        args.flat_cache.mkdir(parents=True, exist_ok=True)
     if args.plot and not args.plot.parent.is_dir():
         parser.error(f"--plot: directory {args.plot.parent} does not exist")
     threadpool_limits(1)
@@ -310,9 +354,8 @@ def main() -> None:
                     name = f"{task}-{kind}-{seed}"
                     toml = TASKS[task].format(name=name, seed=seed, data=tmp) + stages(args.trials)
                     config = parse_config(toml + SPACES[args.space])
-                    started = time.perf_counter()
-                    trials, states = run_search(config, Path(tmp))
-                    out[kind] = (trials, states, time.perf_counter() - started)
+                    out[kind] = trials, states, _ = cached_search(config, Path(tmp),
+                                                                  args.flat_cache if kind == "flat" else None)
                     print(f"  {name}: {sum(map(len, trials))} epochs, best {best(trials):.4f}, {states}, "
                           f"{out[kind][2]:.0f} s", file=sys.stderr)
                 (flat, _, flat_s), (staged, _, staged_s) = out["flat"], out["staged"]
