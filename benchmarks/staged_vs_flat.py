@@ -117,7 +117,18 @@ def default_stages(n: int) -> str:
             f'[stages.fine]\nepochs = {EPOCHS}\ntrials = {min(4, medium)}\nmethod = "promote"\n')
 
 
-PLANS = {"halving": halving_stages, "default": default_stages}
+def late_stages(n: int, screen: float = 1.5, promote: float = 3 / 8, horizon: int = 5, fine: float = 3 / 8,
+                rung: int = 5, prune: str = "asha") -> str:
+    """Narrowing decided at a longer horizon: screen*n random trials x 1 epoch, the best promote*n continued to
+    ``horizon`` epochs, then fine*n fresh trials x 30 epochs in ranges narrowed around the best of the whole
+    screen judged at the longest horizon each reached (``prune`` from epoch ``rung``)."""
+    return (f'[stages.coarse]\nepochs = 1\ntrials = {round(screen * n)}\n'
+            f'[stages.medium]\nepochs = {horizon}\ntrials = {round(promote * n)}\nmethod = "promote"\nprune = "none"\n'
+            f'[stages.fine]\nepochs = {EPOCHS}\ntrials = {round(fine * n)}\nmethod = "narrow"\nprune = "{prune}"\n'
+            f'rung = {rung}\n')
+
+
+PLANS = {"halving": halving_stages, "default": default_stages, "late": late_stages}
 
 
 class RuleControl:
