@@ -42,6 +42,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,7 @@ import nncore
 import worker
 from master.monitor import close_stage
 from master.sampler import sample_trials
-from nncore.data import make_spiral
+from nncore.data import make_spiral, make_waves
 from master.pruning import Rule, TrialView, should_kill
 from master.config import ExperimentConfig, StageConfig, parse_config
 from master.stages import StagePlan, plan_stage, previous_stage
@@ -86,13 +87,25 @@ TASKS = {  # dataset -> fixed settings; the harder tasks need many epochs and th
     "waves": '[experiment]\nname = "{name}"\ndataset = "waves"\nseed = {seed}\n'
              '[data]\npreprocess = "standardize"\nval_fraction = 0.3\n[model]\narch = "conv1d"\nconv_channels = [16]\n'
              '[solver]\nupdate = "adam"\nbatch_size = 32\n',
+    "noisywaves": '[experiment]\nname = "{name}"\ndataset = "npz:{data}/noisywaves.npz"\nseed = {seed}\n'
+                  '[data]\npreprocess = "standardize"\nval_fraction = 0.4\n[model]\narch = "conv1d"\n'
+                  'conv_channels = [16]\n[solver]\nupdate = "adam"\nbatch_size = 32\n',
     "spiral": '[experiment]\nname = "{name}"\ndataset = "spiral"\nseed = {seed}\n'
               '[data]\npreprocess = "standardize"\nval_fraction = 0.3\n[solver]\nupdate = "adam"\nbatch_size = 16\n',
 }
 
 
-GENERATED = {  # task -> its data, written to DIR/<task>.npz: spiral6 is 6 spiral arms x 1000 points (1800 val)
+def noisy_waves(per_class: int = 300, noise: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """The built-in waves' generator, 4 x ``per_class`` sequences, with Gaussian noise of std ``noise`` added
+    (fixed seed): a conv1d task still improving after 30 epochs, as spiral6 is for an MLP."""
+    x, y = make_waves(per_class=per_class)
+    return x + noise * np.random.default_rng(1).standard_normal(x.shape), y
+
+
+GENERATED = {  # task -> its data, written to DIR/<task>.npz: spiral6 is 6 spiral arms x 1000 points (1800 val),
+    # noisywaves 4 x 300 noisy sequences for conv1d (480 val)
     "spiral6": lambda: make_spiral(per_class=1000, classes=6),
+    "noisywaves": noisy_waves,
 }
 
 
@@ -128,7 +141,48 @@ def late_stages(n: int, screen: float = 1.5, promote: float = 3 / 8, horizon: in
             f'rung = {rung}\n')
 
 
-PLANS = {"halving": halving_stages, "default": default_stages, "late": late_stages}
+def hedged_stages(n: int) -> str:
+    """The default plan with half of the fine stage's promotions kept for learning-rate and model-size bins."""
+    return default_stages(n) + "hedge = 0.5\n"
+
+
+def wide_stages(n: int) -> str:
+    """The default plan promoting 8 instead of 4, half of them for bins (more hedging for more epochs)."""
+    return default_stages(n).replace(f"trials = {min(4, max(n // 2, 1))}\nmethod", "trials = 8\nmethod") + \
+        "hedge = 0.5\n"
+
+
+def screen3_stages(n: int) -> str:
+    """A longer screen: n/2 x 3 epochs, n/4 x 8 narrowed (rungs from 3), the best 4 (2 hedged) to 30."""
+    return (f'[stages.coarse]\nepochs = 3\ntrials = {n // 2}\nprune = "none"\n'
+            f'[stages.medium]\nepochs = 8\ntrials = {n // 4}\nmethod = "narrow"\n'
+            f'[stages.fine]\nepochs = {EPOCHS}\ntrials = 4\nmethod = "promote"\nhedge = 0.5\n')
+
+
+def halving12_hedged_stages(n: int) -> str:
+    """No narrowing: n x 1 epoch, the best 12 (6 hedged) continued to 5, the best 4 (2 hedged) to 30."""
+    return (f'[stages.coarse]\nepochs = 1\ntrials = {n}\n'
+            f'[stages.medium]\nepochs = 5\ntrials = 12\nmethod = "promote"\nhedge = 0.5\n'
+            f'[stages.fine]\nepochs = {EPOCHS}\ntrials = 4\nmethod = "promote"\nhedge = 0.5\n')
+
+
+def halving12_stages(n: int) -> str:
+    """The same without hedging: the best 12 by one-epoch accuracy to 5, the best 4 to 30."""
+    return halving12_hedged_stages(n).replace("hedge = 0.5\n", "")
+
+
+PLANS = {  # --plan: the product's default, and the variants measured against it (benchmarks/RESULTS.md)
+    "default": default_stages,
+    "halving": halving_stages,
+    "late": late_stages,
+    "late-r3": partial(late_stages, fine=1 / 2, rung=3),
+    "late-median": partial(late_stages, prune="median"),
+    "hedged": hedged_stages,
+    "hedged8": wide_stages,
+    "screen3": screen3_stages,
+    "halving12": halving12_stages,
+    "halving12-hedged": halving12_hedged_stages,
+}
 
 
 class RuleControl:
