@@ -55,7 +55,8 @@ from master.monitor import close_stage
 from master.sampler import sample_trials
 from nncore.data import make_spiral, make_waves
 from master.pruning import Rule, TrialView, should_kill
-from master.config import ExperimentConfig, StageConfig, parse_config
+from master.budget import scale
+from master.config import DEFAULT_STAGES, ExperimentConfig, StageConfig, parse_config
 from master.stages import StagePlan, plan_stage, previous_stage
 from worker.control import stop_request
 from worker.records import StageRecord
@@ -113,6 +114,20 @@ def flat_stages(n: int) -> str:
     return f'[stages.flat]\nepochs = {EPOCHS}\ntrials = {n}\nprune = "none"\n'
 
 
+def screen2_stages(n: int, screen: float = 1.0, promote: float = 3 / 16, horizon: int = 4, second: float = 3 / 8,
+                   final: float = 1 / 8, pool: str = "all") -> str:
+    """Two screens, every cost fixed: screen*n random trials x 1 epoch, the best promote*n continued to ``horizon``
+    epochs, second*n fresh trials x ``horizon`` epochs in ranges narrowed around the best of the whole first
+    screen at the longest horizon each reached, the best final*n of both screens' trials at ``horizon`` epochs
+    (``pool``; "previous": of the second screen only) continued to 30 (no pruning: a slow starter is judged at
+    ``horizon`` epochs, never at one)."""
+    return (f'[stages.coarse]\nepochs = 1\ntrials = {round(screen * n)}\n'
+            f'[stages.medium]\nepochs = {horizon}\ntrials = {round(promote * n)}\nmethod = "promote"\nprune = "none"\n'
+            f'[stages.second]\nepochs = {horizon}\ntrials = {round(second * n)}\nmethod = "narrow"\nprune = "none"\n'
+            f'[stages.fine]\nepochs = {EPOCHS}\ntrials = {round(final * n)}\nmethod = "promote"\nprune = "none"\n'
+            f'pool = "{pool}"\n')
+
+
 def halving_stages(n: int) -> str:
     """Successive halving in two stages, best first: 3n/8 random trials x 3 epochs (ASHA's rung at epoch 1
     stops those that start badly), then the best 3 continued to the full budget (ASHA rungs at 9 and 27)."""
@@ -121,13 +136,25 @@ def halving_stages(n: int) -> str:
             f'[stages.fine]\nepochs = {EPOCHS}\ntrials = {min(3, coarse)}\nmethod = "promote"\n')
 
 
-def default_stages(n: int) -> str:
-    """The product's default plan (master.config.DEFAULT_STAGES at n = 32): n x 1 epoch, n/2 x 5 epochs
+def classic_stages(n: int) -> str:
+    """The product's default plan until session 5 (the issue's "default plan"): n x 1 epoch, n/2 x 5 epochs
     narrowed, the best 4 continued to the full budget."""
     medium = max(n // 2, 1)
     return (f'[stages.coarse]\nepochs = 1\ntrials = {n}\n'
             f'[stages.medium]\nepochs = 5\ntrials = {medium}\nmethod = "narrow"\n'
             f'[stages.fine]\nepochs = {EPOCHS}\ntrials = {min(4, medium)}\nmethod = "promote"\n')
+
+
+def stages_toml(stages: tuple[StageConfig, ...]) -> str:
+    """``stages`` as the [stages.<name>] tables of a config."""
+    return "".join(f"[stages.{s.name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in s.to_dict().items())
+                   for s in stages)
+
+
+def default_stages(n: int) -> str:
+    """The product's default plan, master.config.DEFAULT_STAGES, its trial counts scaled by n / 32 (as --budget
+    scales them)."""
+    return stages_toml(scale(DEFAULT_STAGES, max(1, round(DEFAULT_STAGES[0].trials * n / 32))))
 
 
 def late_stages(n: int, screen: float = 1.5, promote: float = 3 / 8, horizon: int = 5, fine: float = 3 / 8,
@@ -142,13 +169,13 @@ def late_stages(n: int, screen: float = 1.5, promote: float = 3 / 8, horizon: in
 
 
 def hedged_stages(n: int) -> str:
-    """The default plan with half of the fine stage's promotions kept for learning-rate and model-size bins."""
-    return default_stages(n) + "hedge = 0.5\n"
+    """The classic plan with half of the fine stage's promotions kept for learning-rate and model-size bins."""
+    return classic_stages(n) + "hedge = 0.5\n"
 
 
 def wide_stages(n: int) -> str:
-    """The default plan promoting 8 instead of 4, half of them for bins (more hedging for more epochs)."""
-    return default_stages(n).replace(f"trials = {min(4, max(n // 2, 1))}\nmethod", "trials = 8\nmethod") + \
+    """The classic plan promoting 8 instead of 4, half of them for bins (more hedging for more epochs)."""
+    return classic_stages(n).replace(f"trials = {min(4, max(n // 2, 1))}\nmethod", "trials = 8\nmethod") + \
         "hedge = 0.5\n"
 
 
@@ -173,6 +200,9 @@ def halving12_stages(n: int) -> str:
 
 PLANS = {  # --plan: the product's default, and the variants measured against it (benchmarks/RESULTS.md)
     "default": default_stages,
+    "classic": classic_stages,
+    "screen2": screen2_stages,
+    "screen2-previous": partial(screen2_stages, pool="previous"),
     "halving": halving_stages,
     "late": late_stages,
     "late-r3": partial(late_stages, fine=1 / 2, rung=3),

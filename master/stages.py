@@ -108,6 +108,18 @@ def evidence(store: ExperimentStore, config: ExperimentConfig, name: str) -> lis
     return sorted(out, key=lambda r: (-r.val_acc, r.trial_id))
 
 
+def pool(store: ExperimentStore, config: ExperimentConfig, name: str) -> list[Ranked]:
+    """What a promote stage ``name`` with ``pool = "all"`` ranks: the trials of every stage before it that
+    stopped at the previous stage's epochs (the horizon it continues from) and were not continued already, best
+    first."""
+    before = previous_stage(config, name)
+    names = [s.name for s in config.stages]
+    earlier = [r for s in names[:names.index(name)] for r in ranked(store, s)]
+    continued = {r.spec.get("parent") for r in earlier}
+    out = [r for r in earlier if r.result.epochs_done == before.epochs and r.trial_id not in continued]
+    return sorted(out, key=lambda r: (-r.val_acc, r.trial_id))
+
+
 def selection(config: ExperimentConfig, name: str) -> tuple[int | None, float | None, float]:
     """(top, quantile, pad) that judge stage ``name``'s best trials: the next stage's if it narrows,
     else the defaults (best 20%, padded by 10% of the range)."""
@@ -163,6 +175,8 @@ def plan_stage(store: ExperimentStore, config: ExperimentConfig, name: str, seed
     if not done:
         raise ConfigError(f"stage {name}: stage {before.name} has no finished trial to {stage.method} from")
     if stage.method == "promote":
+        if stage.pool == "all":
+            done = pool(store, config, name)
         return _promote(config, stage, before, done, trials, stage_space(store, config, before.name))
     return _narrow(store, config, stage, before, evidence(store, config, before.name), seed, trials)
 
@@ -211,7 +225,8 @@ def _promote(config: ExperimentConfig, stage: StageConfig, before: StageConfig, 
     chosen = promoted(completed, trials or stage.top, stage.hedge, space)
     specs = tuple(config.trial_spec(stage.name, i, r.spec["seed"], r.spec.get("params", {}), parent=r.trial_id)
                   for i, r in enumerate(chosen))
-    note = (f"the best {len(chosen)} of {len(completed)} completed trials of stage {before.name} continue "
+    source = "every earlier stage" if stage.pool == "all" else f"stage {before.name}"
+    note = (f"the best {len(chosen)} of {len(completed)} completed trials of {source} continue "
             f"from epoch {before.epochs} to {stage.epochs}"
             + (f" ({stage.hedge:.0%} of them the best of a learning-rate or model-size bin)" if stage.hedge else ""))
     return StagePlan(stage, specs, space, before.name, note=note)
