@@ -203,6 +203,7 @@ PLANS = {  # --plan: the product's default, and the variants measured against it
     "classic": classic_stages,
     "screen2": screen2_stages,
     "screen2-previous": partial(screen2_stages, pool="previous"),
+    "screen2-final5": partial(screen2_stages, final=5 / 32),
     "halving": halving_stages,
     "late": late_stages,
     "late-r3": partial(late_stages, fine=1 / 2, rung=3),
@@ -286,13 +287,16 @@ def cached_search(config: ExperimentConfig, root: Path, cache: Path | None
     """``run_search``'s curves and end states and its wall seconds, read from ``cache`` (a directory) when a run
     with the same key is there, else run and written there. The key hashes every trial's spec (the data path
     made relative to ``root``), every stage's settings, the watch settings and the training code's sources
-    (``sources_hash``), so a change to any of them misses; the cached seconds are those of the run that filled it."""
+    (``sources_hash``), so a change to any of them misses (a stage's ``pool``, added later, only when not the
+    default, which a random stage ignores: older caches stay valid); the cached seconds are those of the run that
+    filled it."""
     if cache is None:
         started = time.perf_counter()
         trials, states = run_search(config, root)
         return trials, states, time.perf_counter() - started
     specs = [s.to_dict() for stage in config.stages for s in sample_trials(config, stage.name, stage.trials)]
-    text = json.dumps({"specs": specs, "stages": [s.to_dict() for s in config.stages], "watch": config.watch.to_dict(),
+    stages = [{k: v for k, v in s.to_dict().items() if (k, v) != ("pool", "previous")} for s in config.stages]
+    text = json.dumps({"specs": specs, "stages": stages, "watch": config.watch.to_dict(),
                        "sources": sources_hash()}, sort_keys=True).replace(str(root), "<data>")
     path = cache / f"{config.name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
     if (hit := read_json(path)) is not None:

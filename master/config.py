@@ -328,10 +328,15 @@ class WatchConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+# Two screens, every cost fixed (202 epochs at most): 32 trials x 1 epoch; the best 6 continued to 4 epochs; 12 fresh
+# trials x 4 epochs in ranges narrowed around the best of the whole first screen at the longest horizon each
+# reached; the best 4 of both screens' trials at 4 epochs continued to 30. No pruning: a slow starter is judged at
+# 4 epochs, never at one (benchmarks/RESULTS.md, "Coarse-to-fine vs flat random search", session 5).
 DEFAULT_STAGES = (
     StageConfig("coarse", epochs=1, trials=32),
-    StageConfig("medium", epochs=5, trials=16, method="narrow"),
-    StageConfig("fine", epochs=30, trials=4, method="promote"),
+    StageConfig("medium", epochs=4, trials=6, method="promote", prune="none"),
+    StageConfig("second", epochs=4, trials=12, method="narrow", prune="none"),
+    StageConfig("fine", epochs=30, trials=4, method="promote", prune="none", pool="all"),
 )
 _BUILTIN_DATASETS = tuple(k for k in DATASETS if ":" not in k)
 _FILE_DATASETS = tuple(k.partition(":")[0] for k in DATASETS if ":" in k)
