@@ -1,21 +1,23 @@
 """Epochs that flat random search and our coarse-to-fine search spend to reach flat search's best val accuracy.
 
 Usage: python benchmarks/staged_vs_flat.py [--tasks digits,spiral6] [--seeds 0,1,2,3,4] [--trials 32]
-       [--space wide|default] [--plan default|halving] [--markdown] [--plot FILE.png] [--ladders]
+       [--space wide|default] [--plan NAME] [--flat-cache DIR] [--markdown] [--plot FILE.png] [--ladders]
 
-Tasks: digits (MLP on the 8x8 digits, 270 validation samples) and spiral6, the harder one: an MLP on
-cs231n's spiral grown to 6 arms x 1000 points (nncore.data.make_spiral), 1800 validation samples, still
-improving after 30 epochs. Its validation set is large enough that "within 0.5 points" is 9 samples; the
-small built-ins spiral (90 validation samples) and waves (conv1d, 300), also selectable, make the target
-"equal to flat search's luckiest epoch". Flat search trains N trials (default 32) at the full budget
-(30 epochs). --space wide (the default) samples lr in [1e-6, 1] and L2 in [1e-6, 10], log-uniformly, the
-way cs231n starts a coarse search; --space default uses the product's default ranges (lr [1e-4, 1e-1],
-L2 [1e-6, 1e-1]), already close to the good region. Both also sample dropout and hidden sizes.
-Staged search, --plan default (the product's default plan, master.config.DEFAULT_STAGES at n = 32):
-coarse (N x 1 epoch), medium (N/2 x 5 epochs in ranges narrowed around the best coarse trials, ASHA rungs
-at 1 and 3), fine (the best 4 medium trials continued to 30 epochs, ASHA rungs at 9 and 27); --plan
-halving: 3N/8 random trials x 3 epochs, then the best 3 continued to 30. Both run one trial at a time in
-this process with the project's own code (master.stages plans every stage, master.pruning's rules stop
+Tasks: digits (MLP on the 8x8 digits, 270 validation samples) and spiral6, the harder one: an MLP on cs231n's
+spiral grown to 6 arms x 1000 points (nncore.data.make_spiral), 1800 validation samples, still improving after 30
+epochs. Its validation set is large enough that "within 0.5 points" is 9 samples; the small built-ins spiral (90
+validation samples) and waves (conv1d, 300), also selectable, make the target "equal to flat search's luckiest
+epoch". noisywaves, a conv1d task, is waves' generator at 4 x 300 with extra Gaussian noise (480 validation samples
+at ~0.6 accuracy: one validation measurement's noise is ~2 points). Flat search trains N trials (default 32) at the
+full budget (30 epochs). --space wide (the default) samples lr in [1e-6, 1] and L2 in [1e-6, 10], log-uniformly,
+the way cs231n starts a coarse search; --space default uses the product's default ranges (lr [1e-4, 1e-1], L2
+[1e-6, 1e-1]), already close to the good region. Both also sample dropout and hidden sizes.
+Staged search, --plan default: the product's default plan, master.config.DEFAULT_STAGES (at N = 32: coarse
+32 x 1 epoch; medium, its best 6 continued to 4 epochs; second, 12 fresh trials x 4 epochs in ranges narrowed
+around the whole first screen ranked at the longest horizon each reached; fine, the best 4 of both screens
+continued to 30; no pruning), its trial counts scaled by N / 32; the other plans of PLANS are the variants measured
+against it (--plan classic: the default until session 5, 32 x 1, 16 x 5 narrowed, best 4 to 30). All run one trial
+at a time in this process with the project's own code (master.stages plans every stage, master.pruning's rules stop
 trials at the end of an epoch, the worker's run_trial trains and checkpoints), so the epoch counts are
 those a cluster would spend; the rungs see the trials that finished before, as on one worker. An epoch
 counts when it is trained: a promoted trial's inherited epochs are not counted again. "Epochs to target"
@@ -30,7 +32,8 @@ a miss is the one-epoch ranking and how much the task allows at all; --ladders a
 halving ladders of LADDERS (several rungs after the screen) and counts the runs each meets the target in.
 --plot draws, per task, how far each search's best validation accuracy so far is below flat search's best
 against the epochs spent (median over the seeds and the quartiles; flat search averaged over the orders of
-its trials). Counts are deterministic for a seed; wall time depends on machine load.
+its trials). --flat-cache DIR keeps flat search's curves per task and seed (cached_search), so a plan costs only
+its own run. Counts are deterministic for a seed; wall time depends on machine load.
 """
 from __future__ import annotations
 

@@ -71,6 +71,7 @@ def test_the_benchmarks_default_plan_is_the_products_and_screen2_at_32():
     from master.config import DEFAULT_STAGES, parse_config
 
     def stages(plan):
-        return parse_config(bench.TASKS["digits"].format(name="x", seed=0, data="/d") + plan + bench.SPACES["wide"]).stages
+        task = bench.TASKS["digits"].format(name="x", seed=0, data="/d")
+        return parse_config(task + plan + bench.SPACES["wide"]).stages
     assert stages(bench.default_stages(32)) == stages(bench.screen2_stages(32)) == DEFAULT_STAGES
     assert [s.trials for s in stages(bench.default_stages(64))] == [64, 12, 24, 8]
