@@ -209,8 +209,6 @@ PLANS = {  # --plan: the product's default, and the variants measured against it
     "screen2-final5": partial(screen2_stages, final=5 / 32),
     "halving": halving_stages,
     "late": late_stages,
-    "late-r3": partial(late_stages, fine=1 / 2, rung=3),
-    "late-median": partial(late_stages, prune="median"),
     "hedged": hedged_stages,
     "hedged8": wide_stages,
     "screen3": screen3_stages,
