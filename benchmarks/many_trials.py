@@ -150,8 +150,10 @@ def main() -> None:
     print(json.dumps(figures, indent=1, default=lambda v: round(v, 3)))
     print(f"{n} trivial trials, {args.workers} workers, Redis {version}: {n / span:.1f} trials/s "
           f"({span:.1f} s from the first trial's start to the last one's end)")
-    print(f"master launch --no-wait (plan, record {n} specs, enqueue): {launch_wall:.1f} s wall, {launch_cpu:.1f} s CPU")
-    print(f"master {args.follow}: {watch_wall:.1f} s wall, {watch_cpu:.1f} s CPU = {100 * watch_cpu / watch_wall:.0f}% of a core")
+    print(f"master launch --no-wait (plan, record {n} specs, enqueue): {launch_wall:.1f} s wall, "
+          f"{launch_cpu:.1f} s CPU")
+    print(f"master {args.follow}: {watch_wall:.1f} s wall, {watch_cpu:.1f} s CPU = "
+          f"{100 * watch_cpu / watch_wall:.0f}% of a core")
     print(f"Redis memory per trial: {(queued - idle) / n:.0f} B queued, {(done - idle) / n:.0f} B after completion")
     print(f"master status: {midway:.2f} s midway through the stage, median {statistics.median(status):.2f} s of "
           f"{len(status)} after it; master report: median {statistics.median(report):.2f} s of {len(report)} "

@@ -34,47 +34,13 @@ from master.hedge import screen_length
 from master.monitor import close_stage
 from master.pruning import TrialView, should_kill
 from master.sampler import sample_trials
-from staged_vs_flat import (EPOCHS, GENERATED, SPACES, TASKS, TARGET_RATIO, TOLERANCE, begin_stage, default_stages,
-                            epochs_to, expected_epochs_to, flat_stages, run_search)
+from staged_vs_flat import (EPOCHS, GENERATED, PLANS, SPACES, TASKS, TARGET_RATIO, TOLERANCE, begin_stage, epochs_to,
+                            expected_epochs_to, flat_stages, run_search)
 from worker.states import TrialState
 from worker.store import ExperimentStore
 
 CURVES = Path(__file__).resolve().parent / "curves"
 RECORD_SEED = 1000
-
-
-def hedged_stages(n: int) -> str:
-    """The default plan with half of the fine stage's promotions kept for learning-rate and model-size bins."""
-    return default_stages(n) + "hedge = 0.5\n"
-
-
-def wide_stages(n: int) -> str:
-    """The default plan promoting 8 instead of 4, half of them for bins (more hedging for more epochs)."""
-    return default_stages(n).replace(f"trials = {min(4, max(n // 2, 1))}\nmethod", "trials = 8\nmethod") + \
-        "hedge = 0.5\n"
-
-
-def screen3_stages(n: int) -> str:
-    """A longer screen: n/2 x 3 epochs, n/4 x 8 narrowed (rungs from 3), the best 4 (2 hedged) to 30."""
-    return (f'[stages.coarse]\nepochs = 3\ntrials = {n // 2}\nprune = "none"\n'
-            f'[stages.medium]\nepochs = 8\ntrials = {n // 4}\nmethod = "narrow"\n'
-            f'[stages.fine]\nepochs = {EPOCHS}\ntrials = 4\nmethod = "promote"\nhedge = 0.5\n')
-
-
-def halving_hedged_stages(n: int) -> str:
-    """No narrowing: n x 1 epoch, the best 12 (6 hedged) continued to 5, the best 4 (2 hedged) to 30."""
-    return (f'[stages.coarse]\nepochs = 1\ntrials = {n}\n'
-            f'[stages.medium]\nepochs = 5\ntrials = 12\nmethod = "promote"\nhedge = 0.5\n'
-            f'[stages.fine]\nepochs = {EPOCHS}\ntrials = 4\nmethod = "promote"\nhedge = 0.5\n')
-
-
-def halving_stages(n: int) -> str:
-    """The same without hedging: the best 12 by one-epoch accuracy to 5, the best 4 to 30."""
-    return halving_hedged_stages(n).replace("hedge = 0.5\n", "")
-
-
-PLANS = {"default": default_stages, "hedged": hedged_stages, "hedged8": wide_stages, "screen3": screen3_stages,
-         "halving-hedged": halving_hedged_stages, "halving": halving_stages}
 
 
 def record(task: str, configs: int, tmp: Path) -> Path:

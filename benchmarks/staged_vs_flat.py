@@ -1,21 +1,23 @@
 """Epochs that flat random search and our coarse-to-fine search spend to reach flat search's best val accuracy.
 
 Usage: python benchmarks/staged_vs_flat.py [--tasks digits,spiral6] [--seeds 0,1,2,3,4] [--trials 32]
-       [--space wide|default] [--plan default|halving] [--markdown] [--plot FILE.png] [--ladders]
+       [--space wide|default] [--plan NAME] [--flat-cache DIR] [--markdown] [--plot FILE.png] [--ladders]
 
-Tasks: digits (MLP on the 8x8 digits, 270 validation samples) and spiral6, the harder one: an MLP on
-cs231n's spiral grown to 6 arms x 1000 points (nncore.data.make_spiral), 1800 validation samples, still
-improving after 30 epochs. Its validation set is large enough that "within 0.5 points" is 9 samples; the
-small built-ins spiral (90 validation samples) and waves (conv1d, 300), also selectable, make the target
-"equal to flat search's luckiest epoch". Flat search trains N trials (default 32) at the full budget
-(30 epochs). --space wide (the default) samples lr in [1e-6, 1] and L2 in [1e-6, 10], log-uniformly, the
-way cs231n starts a coarse search; --space default uses the product's default ranges (lr [1e-4, 1e-1],
-L2 [1e-6, 1e-1]), already close to the good region. Both also sample dropout and hidden sizes.
-Staged search, --plan default (the product's default plan, master.config.DEFAULT_STAGES at n = 32):
-coarse (N x 1 epoch), medium (N/2 x 5 epochs in ranges narrowed around the best coarse trials, ASHA rungs
-at 1 and 3), fine (the best 4 medium trials continued to 30 epochs, ASHA rungs at 9 and 27); --plan
-halving: 3N/8 random trials x 3 epochs, then the best 3 continued to 30. Both run one trial at a time in
-this process with the project's own code (master.stages plans every stage, master.pruning's rules stop
+Tasks: digits (MLP on the 8x8 digits, 270 validation samples) and spiral6, the harder one: an MLP on cs231n's
+spiral grown to 6 arms x 1000 points (nncore.data.make_spiral), 1800 validation samples, still improving after 30
+epochs. Its validation set is large enough that "within 0.5 points" is 9 samples; the small built-ins spiral (90
+validation samples) and waves (conv1d, 300), also selectable, make the target "equal to flat search's luckiest
+epoch". noisywaves, a conv1d task, is waves' generator at 4 x 300 with extra Gaussian noise (480 validation samples
+at ~0.6 accuracy: one validation measurement's noise is ~2 points). Flat search trains N trials (default 32) at the
+full budget (30 epochs). --space wide (the default) samples lr in [1e-6, 1] and L2 in [1e-6, 10], log-uniformly,
+the way cs231n starts a coarse search; --space default uses the product's default ranges (lr [1e-4, 1e-1], L2
+[1e-6, 1e-1]), already close to the good region. Both also sample dropout and hidden sizes.
+Staged search, --plan default: the product's default plan, master.config.DEFAULT_STAGES (at N = 32: coarse
+32 x 1 epoch; medium, its best 6 continued to 4 epochs; second, 12 fresh trials x 4 epochs in ranges narrowed
+around the whole first screen ranked at the longest horizon each reached; fine, the best 4 of both screens
+continued to 30; no pruning), its trial counts scaled by N / 32; the other plans of PLANS are the variants measured
+against it (--plan classic: the default until session 5, 32 x 1, 16 x 5 narrowed, best 4 to 30). All run one trial
+at a time in this process with the project's own code (master.stages plans every stage, master.pruning's rules stop
 trials at the end of an epoch, the worker's run_trial trains and checkpoints), so the epoch counts are
 those a cluster would spend; the rungs see the trials that finished before, as on one worker. An epoch
 counts when it is trained: a promoted trial's inherited epochs are not counted again. "Epochs to target"
@@ -30,30 +32,39 @@ a miss is the one-epoch ranking and how much the task allows at all; --ladders a
 halving ladders of LADDERS (several rungs after the screen) and counts the runs each meets the target in.
 --plot draws, per task, how far each search's best validation accuracy so far is below flat search's best
 against the epochs spent (median over the seeds and the quartiles; flat search averaged over the orders of
-its trials). Counts are deterministic for a seed; wall time depends on machine load.
+its trials). --flat-cache DIR keeps flat search's curves per task and seed (cached_search), so a plan costs only
+its own run. Counts are deterministic for a seed; wall time depends on machine load.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
+import master.pruning
+import nncore
+import worker
 from master.monitor import close_stage
-from nncore.data import make_spiral
+from master.sampler import sample_trials
+from nncore.data import make_spiral, make_waves
 from master.pruning import Rule, TrialView, should_kill
-from master.config import ExperimentConfig, StageConfig, parse_config
+from master.budget import scale
+from master.config import DEFAULT_STAGES, ExperimentConfig, StageConfig, parse_config
 from master.stages import StagePlan, plan_stage, previous_stage
 from worker.control import stop_request
 from worker.records import StageRecord
 from worker.states import StageStatus
-from worker.store import ExperimentStore
+from worker.store import ExperimentStore, atomic_write_json, read_json
 from worker.trainer import run_trial
 
 EPOCHS = 30
@@ -80,18 +91,44 @@ TASKS = {  # dataset -> fixed settings; the harder tasks need many epochs and th
     "waves": '[experiment]\nname = "{name}"\ndataset = "waves"\nseed = {seed}\n'
              '[data]\npreprocess = "standardize"\nval_fraction = 0.3\n[model]\narch = "conv1d"\nconv_channels = [16]\n'
              '[solver]\nupdate = "adam"\nbatch_size = 32\n',
+    "noisywaves": '[experiment]\nname = "{name}"\ndataset = "npz:{data}/noisywaves.npz"\nseed = {seed}\n'
+                  '[data]\npreprocess = "standardize"\nval_fraction = 0.4\n[model]\narch = "conv1d"\n'
+                  'conv_channels = [16]\n[solver]\nupdate = "adam"\nbatch_size = 32\n',
     "spiral": '[experiment]\nname = "{name}"\ndataset = "spiral"\nseed = {seed}\n'
               '[data]\npreprocess = "standardize"\nval_fraction = 0.3\n[solver]\nupdate = "adam"\nbatch_size = 16\n',
 }
 
 
-GENERATED = {  # task -> its data, written to DIR/<task>.npz: spiral6 is 6 spiral arms x 1000 points (1800 val)
+def noisy_waves(per_class: int = 300, noise: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """The built-in waves' generator, 4 x ``per_class`` sequences, with Gaussian noise of std ``noise`` added
+    (fixed seed): a conv1d task still improving after 30 epochs, as spiral6 is for an MLP."""
+    x, y = make_waves(per_class=per_class)
+    return x + noise * np.random.default_rng(1).standard_normal(x.shape), y
+
+
+GENERATED = {  # task -> its data, written to DIR/<task>.npz: spiral6 is 6 spiral arms x 1000 points (1800 val),
+    # noisywaves 4 x 300 noisy sequences for conv1d (480 val)
     "spiral6": lambda: make_spiral(per_class=1000, classes=6),
+    "noisywaves": noisy_waves,
 }
 
 
 def flat_stages(n: int) -> str:
     return f'[stages.flat]\nepochs = {EPOCHS}\ntrials = {n}\nprune = "none"\n'
+
+
+def screen2_stages(n: int, screen: float = 1.0, promote: float = 3 / 16, horizon: int = 4, second: float = 3 / 8,
+                   final: float = 1 / 8, pool: str = "all") -> str:
+    """Two screens, every cost fixed: screen*n random trials x 1 epoch, the best promote*n continued to ``horizon``
+    epochs, second*n fresh trials x ``horizon`` epochs in ranges narrowed around the best of the whole first
+    screen at the longest horizon each reached, the best final*n of both screens' trials at ``horizon`` epochs
+    (``pool``; "previous": of the second screen only) continued to 30 (no pruning: a slow starter is judged at
+    ``horizon`` epochs, never at one)."""
+    return (f'[stages.coarse]\nepochs = 1\ntrials = {round(screen * n)}\n'
+            f'[stages.medium]\nepochs = {horizon}\ntrials = {round(promote * n)}\nmethod = "promote"\nprune = "none"\n'
+            f'[stages.second]\nepochs = {horizon}\ntrials = {round(second * n)}\nmethod = "narrow"\nprune = "none"\n'
+            f'[stages.fine]\nepochs = {EPOCHS}\ntrials = {round(final * n)}\nmethod = "promote"\nprune = "none"\n'
+            f'pool = "{pool}"\n')
 
 
 def halving_stages(n: int) -> str:
@@ -102,8 +139,8 @@ def halving_stages(n: int) -> str:
             f'[stages.fine]\nepochs = {EPOCHS}\ntrials = {min(3, coarse)}\nmethod = "promote"\n')
 
 
-def default_stages(n: int) -> str:
-    """The product's default plan (master.config.DEFAULT_STAGES at n = 32): n x 1 epoch, n/2 x 5 epochs
+def classic_stages(n: int) -> str:
+    """The product's default plan until session 5 (the issue's "default plan"): n x 1 epoch, n/2 x 5 epochs
     narrowed, the best 4 continued to the full budget."""
     medium = max(n // 2, 1)
     return (f'[stages.coarse]\nepochs = 1\ntrials = {n}\n'
@@ -111,7 +148,73 @@ def default_stages(n: int) -> str:
             f'[stages.fine]\nepochs = {EPOCHS}\ntrials = {min(4, medium)}\nmethod = "promote"\n')
 
 
-PLANS = {"halving": halving_stages, "default": default_stages}
+def stages_toml(stages: tuple[StageConfig, ...]) -> str:
+    """``stages`` as the [stages.<name>] tables of a config."""
+    return "".join(f"[stages.{s.name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in s.to_dict().items())
+                   for s in stages)
+
+
+def default_stages(n: int) -> str:
+    """The product's default plan, master.config.DEFAULT_STAGES, its trial counts scaled by n / 32 (as --budget
+    scales them)."""
+    return stages_toml(scale(DEFAULT_STAGES, max(1, round(DEFAULT_STAGES[0].trials * n / 32))))
+
+
+def late_stages(n: int, screen: float = 1.5, promote: float = 3 / 8, horizon: int = 5, fine: float = 3 / 8,
+                rung: int = 5, prune: str = "asha") -> str:
+    """Narrowing decided at a longer horizon: screen*n random trials x 1 epoch, the best promote*n continued to
+    ``horizon`` epochs, then fine*n fresh trials x 30 epochs in ranges narrowed around the best of the whole
+    screen judged at the longest horizon each reached (``prune`` from epoch ``rung``)."""
+    return (f'[stages.coarse]\nepochs = 1\ntrials = {round(screen * n)}\n'
+            f'[stages.medium]\nepochs = {horizon}\ntrials = {round(promote * n)}\nmethod = "promote"\nprune = "none"\n'
+            f'[stages.fine]\nepochs = {EPOCHS}\ntrials = {round(fine * n)}\nmethod = "narrow"\nprune = "{prune}"\n'
+            f'rung = {rung}\n')
+
+
+def hedged_stages(n: int) -> str:
+    """The classic plan with half of the fine stage's promotions kept for learning-rate and model-size bins."""
+    return classic_stages(n) + "hedge = 0.5\n"
+
+
+def wide_stages(n: int) -> str:
+    """The classic plan promoting 8 instead of 4, half of them for bins (more hedging for more epochs)."""
+    return classic_stages(n).replace(f"trials = {min(4, max(n // 2, 1))}\nmethod", "trials = 8\nmethod") + \
+        "hedge = 0.5\n"
+
+
+def screen3_stages(n: int) -> str:
+    """A longer screen: n/2 x 3 epochs, n/4 x 8 narrowed (rungs from 3), the best 4 (2 hedged) to 30."""
+    return (f'[stages.coarse]\nepochs = 3\ntrials = {n // 2}\nprune = "none"\n'
+            f'[stages.medium]\nepochs = 8\ntrials = {n // 4}\nmethod = "narrow"\n'
+            f'[stages.fine]\nepochs = {EPOCHS}\ntrials = 4\nmethod = "promote"\nhedge = 0.5\n')
+
+
+def halving12_hedged_stages(n: int) -> str:
+    """No narrowing: n x 1 epoch, the best 12 (6 hedged) continued to 5, the best 4 (2 hedged) to 30."""
+    return (f'[stages.coarse]\nepochs = 1\ntrials = {n}\n'
+            f'[stages.medium]\nepochs = 5\ntrials = 12\nmethod = "promote"\nhedge = 0.5\n'
+            f'[stages.fine]\nepochs = {EPOCHS}\ntrials = 4\nmethod = "promote"\nhedge = 0.5\n')
+
+
+def halving12_stages(n: int) -> str:
+    """The same without hedging: the best 12 by one-epoch accuracy to 5, the best 4 to 30."""
+    return halving12_hedged_stages(n).replace("hedge = 0.5\n", "")
+
+
+PLANS = {  # --plan: the product's default, and the variants measured against it (benchmarks/RESULTS.md)
+    "default": default_stages,
+    "classic": classic_stages,
+    "screen2": screen2_stages,
+    "screen2-previous": partial(screen2_stages, pool="previous"),
+    "screen2-final5": partial(screen2_stages, final=5 / 32),
+    "halving": halving_stages,
+    "late": late_stages,
+    "hedged": hedged_stages,
+    "hedged8": wide_stages,
+    "screen3": screen3_stages,
+    "halving12": halving12_stages,
+    "halving12-hedged": halving12_hedged_stages,
+}
 
 
 class RuleControl:
@@ -168,6 +271,42 @@ def run_search(config: ExperimentConfig, root: Path) -> tuple[list[list[float]],
         for event in close_stage(store, config, stage.name, "")[1:]:
             print(f"    {stage.name} flag: {event.message}", file=sys.stderr)
     return trials, states
+
+
+def sources_hash() -> str:
+    """A hash of the code that trains and stops flat search's trials: nncore, worker and master.pruning's rules."""
+    files = sorted([*Path(nncore.__file__).parent.glob("*.py"), *Path(worker.__file__).parent.glob("*.py"),
+                    Path(master.pruning.__file__)])
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.parent.name}/{path.name}\0".encode() + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def cached_search(config: ExperimentConfig, root: Path, cache: Path | None
+                  ) -> tuple[list[list[float]], dict[str, int], float]:
+    """``run_search``'s curves and end states and its wall seconds, read from ``cache`` (a directory) when a run
+    with the same key is there, else run and written there. The key hashes every trial's spec (the data path
+    made relative to ``root``), every stage's settings, the watch settings and the training code's sources
+    (``sources_hash``), so a change to any of them misses (a stage's ``pool``, added later, only when not the
+    default, which a random stage ignores: older caches stay valid); the cached seconds are those of the run that
+    filled it."""
+    if cache is None:
+        started = time.perf_counter()
+        trials, states = run_search(config, root)
+        return trials, states, time.perf_counter() - started
+    specs = [s.to_dict() for stage in config.stages for s in sample_trials(config, stage.name, stage.trials)]
+    stages = [{k: v for k, v in s.to_dict().items() if (k, v) != ("pool", "previous")} for s in config.stages]
+    text = json.dumps({"specs": specs, "stages": stages, "watch": config.watch.to_dict(),
+                       "sources": sources_hash()}, sort_keys=True).replace(str(root), "<data>")
+    path = cache / f"{config.name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+    if (hit := read_json(path)) is not None:
+        return hit["trials"], hit["states"], hit["seconds"]
+    started = time.perf_counter()
+    trials, states = run_search(config, root)
+    seconds = time.perf_counter() - started
+    atomic_write_json(path, {"trials": trials, "states": states, "seconds": seconds})
+    return trials, states, seconds
 
 
 def first_hit(accs: list[float], target: float) -> int:
@@ -282,6 +421,9 @@ def main() -> None:
                         help="the staged search's plan: the product's default coarse-to-fine (default) or halving")
     parser.add_argument("--space", choices=sorted(SPACES), default="wide",
                         help="the search space: cs231n's wide coarse ranges (default) or the product default's ranges")
+    parser.add_argument("--flat-cache", type=Path, metavar="DIR",
+                        help="read flat search's curves from DIR when there, else run it and write them there "
+                             "(keyed by its trials' specs, stages and the training code; see cached_search)")
     parser.add_argument("--markdown", action="store_true", help="print the results as a Markdown table")
     parser.add_argument("--plot", type=Path, metavar="FILE.png",
                         help="also draw each search's best accuracy so far against the epochs spent")
@@ -291,6 +433,8 @@ def main() -> None:
     unknown = [t for t in args.tasks.split(",") if t not in TASKS]
     if unknown:
         parser.error(f"--tasks: unknown task {unknown[0]!r} (known: {', '.join(TASKS)})")
+    if args.flat_cache:
+        args.flat_cache.mkdir(parents=True, exist_ok=True)
     if args.plot and not args.plot.parent.is_dir():
         parser.error(f"--plot: directory {args.plot.parent} does not exist")
     threadpool_limits(1)
@@ -310,9 +454,8 @@ def main() -> None:
                     name = f"{task}-{kind}-{seed}"
                     toml = TASKS[task].format(name=name, seed=seed, data=tmp) + stages(args.trials)
                     config = parse_config(toml + SPACES[args.space])
-                    started = time.perf_counter()
-                    trials, states = run_search(config, Path(tmp))
-                    out[kind] = (trials, states, time.perf_counter() - started)
+                    out[kind] = trials, states, _ = cached_search(config, Path(tmp),
+                                                                  args.flat_cache if kind == "flat" else None)
                     print(f"  {name}: {sum(map(len, trials))} epochs, best {best(trials):.4f}, {states}, "
                           f"{out[kind][2]:.0f} s", file=sys.stderr)
                 (flat, _, flat_s), (staged, _, staged_s) = out["flat"], out["staged"]

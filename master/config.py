@@ -26,7 +26,8 @@ METHODS = ("random", "narrow", "promote")
 PRUNERS = ("asha", "median", "none")
 SECTIONS = ("experiment", "data", "model", "solver", "stages", "space", "watch")
 EXPERIMENT_KEYS = ("name", "dataset", "seed", "keep", "sanity")
-STAGE_KEYS = ("epochs", "trials", "method", "top", "quantile", "pad", "prune", "rung", "eta", "hedge")
+STAGE_KEYS = ("epochs", "trials", "method", "top", "quantile", "pad", "prune", "rung", "eta", "hedge", "pool")
+POOLS = ("previous", "all")  # a promote stage's candidates: the previous stage's trials, or every earlier stage's
 DISTRIBUTION_KEYS = ("dist", "low", "high", "values", "when")
 # Fields a search space may sample, per section; a stage's epochs are its budget, never sampled.
 SAMPLED_FIELDS = {"model": tuple(MODEL_DEFAULTS), "solver": tuple(k for k in SOLVER_DEFAULTS if k != "epochs")}
@@ -219,7 +220,9 @@ class StageConfig:
     narrowed to the previous stage's best trials (``top`` of them, else the best ``quantile`` fraction,
     widened by ``pad`` of the range on each side); "promote" continues the previous stage's ``top`` best
     trials (so ``trials == top``) to this stage's ``epochs``, ``hedge`` of them (a fraction, default 0) kept for
-    the best trial of each bin of the learning rate and model size the leaders miss (master.hedge). The
+    the best trial of each bin of the learning rate and model size the leaders miss (master.hedge); its ``pool``
+    "all" (default "previous") ranks every earlier stage's completed trials that stopped at the previous stage's
+    epochs, not only the previous stage's, so a second screen's trials compete with the first's leaders. The
     narrowing itself lives in master.stages.
     Within the stage, ``prune`` stops hopeless trials while they run: "asha" (asynchronous successive
     halving, rungs at ``rung * eta**k`` epochs), "median" (below the median of the others from epoch
@@ -237,6 +240,7 @@ class StageConfig:
     rung: int = 1
     eta: int = 3
     hedge: float = 0.0
+    pool: str = "previous"
 
     def __post_init__(self) -> None:
         _name(self.name, "stages")
@@ -262,6 +266,10 @@ class StageConfig:
             raise ConfigError(f"{where}.hedge: expected a fraction in [0, 1], got {self.hedge!r}")
         if self.hedge and self.method != "promote":
             raise ConfigError(f"{where}.hedge: only promote stages use it")
+        if self.pool not in POOLS:
+            raise ConfigError(f"{where}.pool: expected one of {', '.join(POOLS)}, got {self.pool!r}")
+        if self.pool != "previous" and self.method != "promote":
+            raise ConfigError(f"{where}.pool: only promote stages use it")
         getattr(self, f"_check_{self.method}")(where)
 
     def _check_random(self, where: str) -> None:
@@ -320,10 +328,15 @@ class WatchConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+# Two screens, every cost fixed (202 epochs at most): 32 trials x 1 epoch; the best 6 continued to 4 epochs; 12 fresh
+# trials x 4 epochs in ranges narrowed around the best of the whole first screen at the longest horizon each
+# reached; the best 4 of both screens' trials at 4 epochs continued to 30. No pruning: a slow starter is judged at
+# 4 epochs, never at one (benchmarks/RESULTS.md, "Coarse-to-fine vs flat random search", session 5).
 DEFAULT_STAGES = (
     StageConfig("coarse", epochs=1, trials=32),
-    StageConfig("medium", epochs=5, trials=16, method="narrow"),
-    StageConfig("fine", epochs=30, trials=4, method="promote"),
+    StageConfig("medium", epochs=4, trials=6, method="promote", prune="none"),
+    StageConfig("second", epochs=4, trials=12, method="narrow", prune="none"),
+    StageConfig("fine", epochs=30, trials=4, method="promote", prune="none", pool="all"),
 )
 _BUILTIN_DATASETS = tuple(k for k in DATASETS if ":" not in k)
 _FILE_DATASETS = tuple(k.partition(":")[0] for k in DATASETS if ":" in k)

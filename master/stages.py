@@ -95,6 +95,31 @@ def ranked(store: ExperimentStore, stage: str) -> list[Ranked]:
     return sorted(out, key=lambda r: (-r.val_acc, r.trial_id))
 
 
+def evidence(store: ExperimentStore, config: ExperimentConfig, name: str) -> list[Ranked]:
+    """What narrowing after stage ``name`` ranks: its trials with a result and, when it is a promote stage, those of
+    the stages it promoted from that it did not continue (recursively); every configuration once, at the longest
+    horizon it reached, best first. So narrowing after a promotion judges the whole screen by the promoted
+    trials' longer evidence, not only the few promoted (all leaders of the screen, whose spread says little)."""
+    out = ranked(store, name)
+    before = previous_stage(config, name)
+    if config.stage(name).method == "promote" and before is not None:
+        continued = {r.spec.get("parent") for r in out}
+        out += [r for r in evidence(store, config, before.name) if r.trial_id not in continued]
+    return sorted(out, key=lambda r: (-r.val_acc, r.trial_id))
+
+
+def pool(store: ExperimentStore, config: ExperimentConfig, name: str) -> list[Ranked]:
+    """What a promote stage ``name`` with ``pool = "all"`` ranks: the trials of every stage before it that
+    stopped at the previous stage's epochs (the horizon it continues from) and were not continued already, best
+    first."""
+    before = previous_stage(config, name)
+    names = [s.name for s in config.stages]
+    earlier = [r for s in names[:names.index(name)] for r in ranked(store, s)]
+    continued = {r.spec.get("parent") for r in earlier}
+    out = [r for r in earlier if r.result.epochs_done == before.epochs and r.trial_id not in continued]
+    return sorted(out, key=lambda r: (-r.val_acc, r.trial_id))
+
+
 def selection(config: ExperimentConfig, name: str) -> tuple[int | None, float | None, float]:
     """(top, quantile, pad) that judge stage ``name``'s best trials: the next stage's if it narrows,
     else the defaults (best 20%, padded by 10% of the range)."""
@@ -118,7 +143,7 @@ def validator(config: ExperimentConfig, stage: str) -> Any:
 def border_flags(store: ExperimentStore, config: ExperimentConfig, name: str) -> list[BorderFlag]:
     """Border flags of stage ``name`` from its finished trials so far (live while it runs)."""
     top, quantile, pad = selection(config, name)
-    everyone = [(r.spec.get("params", {}), r.val_acc) for r in ranked(store, name)]
+    everyone = [(r.spec.get("params", {}), r.val_acc) for r in evidence(store, config, name)]
     best = top_trials(everyone, top, quantile)
     if not best:
         return []
@@ -150,8 +175,10 @@ def plan_stage(store: ExperimentStore, config: ExperimentConfig, name: str, seed
     if not done:
         raise ConfigError(f"stage {name}: stage {before.name} has no finished trial to {stage.method} from")
     if stage.method == "promote":
+        if stage.pool == "all":
+            done = pool(store, config, name)
         return _promote(config, stage, before, done, trials, stage_space(store, config, before.name))
-    return _narrow(store, config, stage, before, done, seed, trials)
+    return _narrow(store, config, stage, before, evidence(store, config, before.name), seed, trials)
 
 
 def _narrow(store: ExperimentStore, config: ExperimentConfig, stage: StageConfig, before: StageConfig,
@@ -165,7 +192,8 @@ def _narrow(store: ExperimentStore, config: ExperimentConfig, stage: StageConfig
     except ConfigError as exc:
         raise ConfigError(f"stage {stage.name}: the narrowed ranges are rejected: {exc}") from None
     specs = sample_trials(narrowed, stage.name, trials or stage.trials, seed)
-    note = f"ranges from the best {len(best)} of {len(done)} finished trials of stage {before.name}:"
+    source = f"stage {before.name}" + (" and the trials it did not promote" if before.method == "promote" else "")
+    note = f"ranges from the best {len(best)} of {len(done)} finished trials of {source}:"
     return StagePlan(stage, tuple(specs), new, before.name, tuple(zip(old, new)), tuple(flags), note)
 
 
@@ -197,7 +225,8 @@ def _promote(config: ExperimentConfig, stage: StageConfig, before: StageConfig, 
     chosen = promoted(completed, trials or stage.top, stage.hedge, space)
     specs = tuple(config.trial_spec(stage.name, i, r.spec["seed"], r.spec.get("params", {}), parent=r.trial_id)
                   for i, r in enumerate(chosen))
-    note = (f"the best {len(chosen)} of {len(completed)} completed trials of stage {before.name} continue "
+    source = "every earlier stage" if stage.pool == "all" else f"stage {before.name}"
+    note = (f"the best {len(chosen)} of {len(completed)} completed trials of {source} continue "
             f"from epoch {before.epochs} to {stage.epochs}"
             + (f" ({stage.hedge:.0%} of them the best of a learning-rate or model-size bin)" if stage.hedge else ""))
     return StagePlan(stage, specs, space, before.name, note=note)

@@ -13,6 +13,13 @@ from worker.records import ExperimentRecord
 from test_stages_cli import run, write_config  # noqa: F401  (the CLI runner fixture and a 3-stage config)
 
 
+CLASSIC = (  # the default plan until session 5: its sizes are easy to follow by hand
+    StageConfig("coarse", epochs=1, trials=32),
+    StageConfig("medium", epochs=5, trials=16, method="narrow"),
+    StageConfig("fine", epochs=30, trials=4, method="promote"),
+)
+
+
 def shape(stages):
     return [(s.name, s.method, s.trials, s.epochs) for s in stages]
 
@@ -30,22 +37,31 @@ def test_a_bad_budget_names_itself(text):
         parse_budget(text)
 
 
-def test_the_default_plan_costs_212_epochs_and_a_budget_of_212_epochs_gives_it_back():
-    assert plan_cost(DEFAULT_STAGES) == 32 * 1 + 16 * 5 + 4 * (30 - 5)
-    assert size_plan(DEFAULT_STAGES, 212) == DEFAULT_STAGES
+def test_the_classic_plan_costs_212_epochs_and_a_budget_of_212_epochs_gives_it_back():
+    assert plan_cost(CLASSIC) == 32 * 1 + 16 * 5 + 4 * (30 - 5)
+    assert size_plan(CLASSIC, 212) == CLASSIC
+
+
+def test_the_default_plan_costs_202_epochs_and_scales_with_both_screens():
+    assert plan_cost(DEFAULT_STAGES) == 32 * 1 + 6 * (4 - 1) + 12 * 4 + 4 * (30 - 4) == 202
+    assert size_plan(DEFAULT_STAGES, 202) == DEFAULT_STAGES
+    sized = size_plan(DEFAULT_STAGES, 2000)  # 316 coarse trials would cost 2005
+    assert shape(sized) == [("coarse", "random", 315, 1), ("medium", "promote", 59, 4), ("second", "narrow", 118, 4),
+                            ("fine", "promote", 39, 30)]
+    assert sized[3].pool == "all" and plan_cost(sized) == 315 + 59 * 3 + 118 * 4 + 39 * 26 == 1978
 
 
 def test_an_epoch_budget_scales_every_stage_in_proportion():
-    sized = size_plan(DEFAULT_STAGES, 2000)
+    sized = size_plan(CLASSIC, 2000)
     assert shape(sized) == [("coarse", "random", 300, 1), ("medium", "narrow", 150, 5), ("fine", "promote", 38, 30)]
     assert sized[2].top == 38 and plan_cost(sized) == 300 + 750 + 38 * 25 == 2000
-    assert plan_cost(size_plan(DEFAULT_STAGES, 1999)) <= 1999
+    assert plan_cost(size_plan(CLASSIC, 1999)) <= 1999
 
 
 def test_a_wall_time_budget_counts_epochs_trials_stages_and_workers():
     costs = Costs(epoch=0.5, trial=0.1, stage=2.0, workers=2)
     # n coarse trials cost 6 + 0.3 n + 1.3 round(n/2) + 6.3 round(n/8) s: 119.1 s at n = 66, 120.7 s at 67
-    sized = size_plan(DEFAULT_STAGES, 120, costs)
+    sized = size_plan(CLASSIC, 120, costs)
     assert shape(sized) == [("coarse", "random", 66, 1), ("medium", "narrow", 33, 5), ("fine", "promote", 8, 30)]
     assert plan_cost(sized, costs) == pytest.approx(119.1)
 
@@ -56,25 +72,25 @@ def test_a_stage_of_few_trials_costs_its_longest_trial():
 
 
 def test_a_budget_below_one_trial_per_stage_gives_one_trial_with_the_epochs_that_fit():
-    assert shape(size_plan(DEFAULT_STAGES, 30)) == [("coarse", "random", 1, 30)]
-    assert shape(size_plan(DEFAULT_STAGES, 7)) == [("coarse", "random", 1, 7)]
-    assert size_plan(DEFAULT_STAGES, 7)[0].prune == "none"
+    assert shape(size_plan(CLASSIC, 30)) == [("coarse", "random", 1, 30)]
+    assert shape(size_plan(CLASSIC, 7)) == [("coarse", "random", 1, 7)]
+    assert size_plan(CLASSIC, 7)[0].prune == "none"
 
 
 @pytest.mark.parametrize("amount, costs", [(0.5, None), (2.0, Costs(epoch=0.5, trial=0.1, stage=2.0))])
 def test_a_budget_too_small_for_one_epoch_of_one_trial_is_refused(amount, costs):
     with pytest.raises(BudgetError, match="too small for one epoch of one trial"):
-        size_plan(DEFAULT_STAGES, amount, costs)
+        size_plan(CLASSIC, amount, costs)
 
 
 def test_resizing_keeps_the_stages_run_and_fits_what_is_left():
-    sized = resize(DEFAULT_STAGES, 1, 300, None)
-    assert sized[0] == DEFAULT_STAGES[0]
+    sized = resize(CLASSIC, 1, 300, None)
+    assert sized[0] == CLASSIC[0]
     # medium m trials x 5 + fine round(m/4) x 25 <= 300: m = 30 costs 150 + 8 x 25 = 350, m = 26 costs 130 + 150
     assert shape(sized[1:]) == [("medium", "narrow", 26, 5), ("fine", "promote", 6, 30)]
-    assert shape(resize(DEFAULT_STAGES, 2, 300, None, available=5)[2:]) == [("fine", "promote", 5, 30)]
-    assert shape(resize(DEFAULT_STAGES, 2, 0, None)[2:]) == [("fine", "promote", 1, 30)]  # at least one trial
-    assert resize(DEFAULT_STAGES, 0, 10, None) == DEFAULT_STAGES
+    assert shape(resize(CLASSIC, 2, 300, None, available=5)[2:]) == [("fine", "promote", 5, 30)]
+    assert shape(resize(CLASSIC, 2, 0, None)[2:]) == [("fine", "promote", 1, 30)]  # at least one trial
+    assert resize(CLASSIC, 0, 10, None) == CLASSIC
 
 
 def test_the_cost_model_is_refitted_to_the_trials_and_stages_that_ran():
@@ -91,7 +107,7 @@ def test_the_cost_model_is_refitted_to_the_trials_and_stages_that_ran():
 
 
 def test_plan_lines_show_each_stage_and_the_total():
-    lines = plan_lines(DEFAULT_STAGES, parse_budget("212ep"), None, first=1)
+    lines = plan_lines(CLASSIC, parse_budget("212ep"), None, first=1)
     assert lines == ["  medium: 16 trials x 5 epochs (narrowed, prune asha), at most 80 epochs",
                      "  fine: 4 trials x 30 epochs (best continued from epoch 5, prune asha), at most 100 epochs",
                      "  at most 180 epochs in all"]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from master.config import ConfigError, parse_config
-from master.stages import border_flags, plan_stage, previous_stage, ranked, stage_space, stage_status
+from master.stages import border_flags, evidence, plan_stage, previous_stage, ranked, stage_space, stage_status
 from conftest import NullControl, record_result, record_stage
 from worker.spec import TrialSpec
 from worker.store import ExperimentStore, load_npz
@@ -139,6 +139,80 @@ def test_a_stage_needs_finished_trials_before_it(store, config):
     with pytest.raises(ConfigError, match="^stage medium: stage coarse has no finished trial to narrow from"):
         plan_stage(store, config, "medium")
     assert previous_stage(config, "coarse") is None and previous_stage(config, "fine").name == "medium"
+
+
+LATE = CONFIG.replace("""[stages.medium]
+epochs = 2
+trials = 6
+method = "narrow"
+quantile = 0.4
+
+[stages.fine]
+epochs = 4
+trials = 2
+method = "promote"
+""", """[stages.medium]
+epochs = 3
+trials = 3
+method = "promote"
+
+[stages.fine]
+epochs = 5
+trials = 4
+method = "narrow"
+top = 3
+""")
+
+
+def test_narrow_after_a_promotion_ranks_the_whole_screen_at_the_longest_horizon(tmp_path):
+    config = parse_config(LATE)
+    store = ExperimentStore(tmp_path, "stages").ensure()
+    write_trials(store, config, "coarse", UNITS, coarse_params)  # one epoch: the fastest learners (high lr) lead
+    longer = {9: 0.3, 8: 0.8, 7: 0.9}  # after 3 epochs the fastest has stalled; positions 0.85 and 0.75 lead
+    for i, (parent, acc) in enumerate(longer.items()):
+        spec = config.trial_spec("medium", i, 100 + parent, coarse_params(parent), parent=f"coarse-{parent:04d}")
+        store.write_spec(spec.to_dict())
+        record_result(store, spec.trial_id, {"state": "COMPLETED", "best_val_acc": acc, "epochs_done": 3})
+    assert [(r.trial_id, r.val_acc) for r in evidence(store, config, "medium")][:5] == [
+        ("medium-0002", 0.9), ("medium-0001", 0.8), ("coarse-0006", UNITS[6]), ("coarse-0005", UNITS[5]),
+        ("coarse-0004", UNITS[4])]
+    assert len(evidence(store, config, "medium")) == 10  # every configuration once: the promoted at 3 epochs
+    assert evidence(store, config, "coarse") == ranked(store, "coarse")
+    plan = plan_stage(store, config, "fine")
+    lr, dropout, hidden = plan.space
+    assert (lr.low, lr.high) == (pytest.approx(lr_at(0.55)), pytest.approx(lr_at(0.95)))  # 0.65-0.85, padded
+    assert (dropout.low, dropout.high) == (0.0, 0.5) and hidden == config.space[2]
+    assert plan.note.startswith("ranges from the best 3 of 10 finished trials of stage medium and the trials it "
+                                "did not promote")
+    assert [(f.name, f.side) for f in border_flags(store, config, "medium")] == []
+
+
+def test_a_promote_stage_with_pool_all_ranks_every_earlier_trial_at_the_previous_horizon(tmp_path):
+    config = parse_config(LATE.replace('top = 3\n', 'top = 3\n[stages.final]\nepochs = 9\ntrials = 3\n'
+                                       'method = "promote"\npool = "all"\n').replace('[stages.medium]\nepochs = 3',
+                                                                                     '[stages.medium]\nepochs = 5'))
+    store = ExperimentStore(tmp_path, "stages").ensure()
+    write_trials(store, config, "coarse", UNITS, coarse_params)  # 1 epoch: never at the fine stage's 5
+    for i, (parent, acc) in enumerate({9: 0.3, 8: 0.8, 7: 0.9}.items()):  # 5 epochs
+        spec = config.trial_spec("medium", i, 100 + parent, coarse_params(parent), parent=f"coarse-{parent:04d}")
+        store.write_spec(spec.to_dict())
+        record_result(store, spec.trial_id, {"state": "COMPLETED", "best_val_acc": acc, "epochs_done": 5})
+    write_trials(store, config, "fine", [0.85, 0.95, 0.5, 0.7], lambda i: coarse_params(i))
+    record_result(store, "fine-0001", {"state": "KILLED", "best_val_acc": 0.95, "epochs_done": 3})  # stopped early
+    plan = plan_stage(store, config, "final")
+    assert [(s.trial_id, s.parent, s.epochs) for s in plan.specs] == [
+        ("final-0000", "medium-0002", 9), ("final-0001", "fine-0000", 9), ("final-0002", "medium-0001", 9)]
+    assert plan.note.startswith("the best 3 of 6 completed trials of every earlier stage continue from epoch 5 to 9")
+    assert [s.parent for s in plan_stage(store, parse_config(LATE + '[stages.final]\nepochs = 9\ntrials = 3\n'
+                                                              'method = "promote"\n'), "final").specs] == [
+        "fine-0000", "fine-0003", "fine-0002"]  # pool "previous": the fine stage's only
+
+
+def test_pool_is_for_promote_stages_only():
+    with pytest.raises(ConfigError, match=r"^stages.medium.pool: only promote stages use it"):
+        parse_config(CONFIG.replace('quantile = 0.4\n', 'quantile = 0.4\npool = "all"\n'))
+    with pytest.raises(ConfigError, match=r"^stages.fine.pool: expected one of previous, all, got 'some'"):
+        parse_config(CONFIG.replace('method = "promote"\n', 'method = "promote"\npool = "some"\n'))
 
 
 def test_promote_resumes_epochs_exactly(tmp_path):
