@@ -7,7 +7,7 @@ from threadpoolctl import ThreadpoolController
 
 from nncore import parallel
 from nncore.gradcheck import check_model_gradients
-from tests.test_gradcheck import KINKED, MODELS, SMOOTH, _kinked, _model_and_data
+from test_gradcheck import KINKED, MODELS, SMOOTH, _kinked, _model_and_data
 from worker.threads import keep_freed_memory, use_threads
 
 CONV_MODELS = [name for name, (cfg, _) in MODELS.items() if cfg.get("arch") in ("conv1d", "conv2d")]
