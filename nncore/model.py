@@ -402,7 +402,7 @@ class Model:
                 if sub is not None:
                     sub.append((partial(step.backward, input_grad=False) if first and not sub else step.backward,
                                 cache, step.names))
-                if step.layer is not None:
+                if acts is not None and step.layer is not None:
                     seen[step.layer] = h
             return h, sub, seen
 
