@@ -83,6 +83,11 @@ def stage_space(store: ExperimentStore, config: ExperimentConfig, name: str) -> 
                  if isinstance(r := ranges.get(d.name), dict) else d for d in config.space)
 
 
+def best_first(trials: list[Ranked]) -> list[Ranked]:
+    """Trials by validation accuracy, best first (ties by trial id)."""
+    return sorted(trials, key=lambda r: (-r.val_acc, r.trial_id))
+
+
 def ranked(store: ExperimentStore, stage: str) -> list[Ranked]:
     """The stage's trials with a result (COMPLETED, KILLED or DIVERGED), best validation accuracy first."""
     out = []
@@ -92,7 +97,7 @@ def ranked(store: ExperimentStore, stage: str) -> list[Ranked]:
         result = store.read_result(tid)
         if result is not None and result.state.ranked:
             out.append(Ranked(spec, result))
-    return sorted(out, key=lambda r: (-r.val_acc, r.trial_id))
+    return best_first(out)
 
 
 def evidence(store: ExperimentStore, config: ExperimentConfig, name: str) -> list[Ranked]:
@@ -105,7 +110,7 @@ def evidence(store: ExperimentStore, config: ExperimentConfig, name: str) -> lis
     if config.stage(name).method == "promote" and before is not None:
         continued = {r.spec.get("parent") for r in out}
         out += [r for r in evidence(store, config, before.name) if r.trial_id not in continued]
-    return sorted(out, key=lambda r: (-r.val_acc, r.trial_id))
+    return best_first(out)
 
 
 def pool(store: ExperimentStore, config: ExperimentConfig, name: str) -> list[Ranked]:
@@ -117,7 +122,7 @@ def pool(store: ExperimentStore, config: ExperimentConfig, name: str) -> list[Ra
     earlier = [r for s in names[:names.index(name)] for r in ranked(store, s)]
     continued = {r.spec.get("parent") for r in earlier}
     out = [r for r in earlier if r.result.epochs_done == before.epochs and r.trial_id not in continued]
-    return sorted(out, key=lambda r: (-r.val_acc, r.trial_id))
+    return best_first(out)
 
 
 def selection(config: ExperimentConfig, name: str) -> tuple[int | None, float | None, float]:

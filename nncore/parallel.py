@@ -38,11 +38,6 @@ def set_threads(threads, single_blas=None):
         _state["single_blas"] = single_blas or nullcontext
 
 
-def get_threads():
-    """The thread count set by ``set_threads``."""
-    return _state["threads"]
-
-
 def chunks(rows, macs_per_row):
     """Row slices splitting ``rows`` rows (``macs_per_row`` conv multiply-adds each) into one chunk per thread,
     each of at least MIN_ROWS rows and MIN_MACS multiply-adds (fewer chunks for less work); one slice with one
