@@ -107,12 +107,15 @@ def scale(stages: Sequence[StageConfig], n: int, done: int = 0, available: int |
           ) -> tuple[StageConfig, ...]:
     """``stages`` with the first ``done`` kept, ``n`` trials in the next and the later ones' trial counts in the
     same proportion (at least one; a promote stage takes at most the trials of the stage before it, or
-    ``available``, those that completed it, when it has run)."""
+    ``available``, those that completed it, when it has run; with pool "all", also those of the earlier stages
+    that stopped at the same epochs)."""
     out = list(stages[:done])
     for stage in stages[done:]:
         trials = max(1, round(n * stage.trials / stages[done].trials))
         if stage.method == "promote" and out:
             cap = available if available is not None and len(out) == done else out[-1].trials
+            if stage.pool == "all":
+                cap += sum(s.trials for s in out[:-1] if s.epochs == out[-1].epochs)
             trials = max(1, min(trials, cap))
             out.append(dataclasses.replace(stage, trials=trials, top=trials))
         else:

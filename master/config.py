@@ -219,7 +219,8 @@ class StageConfig:
     method "random" samples the space afresh (the first stage always does); "narrow" samples ranges
     narrowed to the previous stage's best trials (``top`` of them, else the best ``quantile`` fraction,
     widened by ``pad`` of the range on each side); "promote" continues the previous stage's ``top`` best
-    trials (so ``trials == top``) to this stage's ``epochs``, ``hedge`` of them (a fraction, default 0) kept for
+    trials (so ``trials == top``) to this stage's ``epochs`` or, with ``quantile``, the best fraction of those
+    that completed, at most ``top`` (successive halving: fewer when trials diverged), ``hedge`` of them (a fraction, default 0) kept for
     the best trial of each bin of the learning rate and model size the leaders miss (master.hedge); its ``pool``
     "all" (default "previous") ranks every earlier stage's completed trials that stopped at the previous stage's
     epochs, not only the previous stage's, so a second screen's trials compete with the first's leaders. The
@@ -284,8 +285,6 @@ class StageConfig:
             object.__setattr__(self, "quantile", DEFAULT_QUANTILE)
 
     def _check_promote(self, where: str) -> None:
-        if self.quantile is not None:
-            raise ConfigError(f"{where}.quantile: a promote stage continues its top trials; give top, not quantile")
         if self.top is None:
             object.__setattr__(self, "top", self.trials)
         if self.top != self.trials:
@@ -408,7 +407,12 @@ class ExperimentConfig:
                     raise ConfigError(f"{where}.method: the first stage samples at random; "
                                      f"{stage.method} needs a previous stage")
                 continue
-            if stage.top is not None and stage.top > prev.trials:
+            if stage.pool == "all":  # every earlier stage's trials that stopped at the previous stage's epochs
+                pooled = [s for s in self.stages[:i] if s.epochs == prev.epochs]
+                if stage.top is not None and stage.top > sum(s.trials for s in pooled):
+                    raise ConfigError(f"{where}.top: {stage.top} exceeds the {sum(s.trials for s in pooled)} trials "
+                                     f"of stages {', '.join(s.name for s in pooled)}")
+            elif stage.top is not None and stage.top > prev.trials:
                 raise ConfigError(f"{where}.top: {stage.top} exceeds the {prev.trials} trials of stage {prev.name}")
             if stage.method == "promote" and stage.epochs <= prev.epochs:
                 raise ConfigError(f"{where}.epochs: a promote stage continues stage {prev.name} (epochs = "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -227,11 +228,15 @@ def promoted(completed: list[Ranked], k: int, hedge: float, space: tuple[Distrib
 def _promote(config: ExperimentConfig, stage: StageConfig, before: StageConfig, done: list[Ranked],
              trials: int | None, space: tuple[Distribution, ...]) -> StagePlan:
     completed = [r for r in done if r.result.state is TrialState.COMPLETED]
-    chosen = promoted(completed, trials or stage.top, stage.hedge, space)
+    k = trials or stage.top
+    if stage.quantile is not None:
+        k = min(k, max(1, math.ceil(stage.quantile * len(completed))))
+    chosen = promoted(completed, k, stage.hedge, space)
     specs = tuple(config.trial_spec(stage.name, i, r.spec["seed"], r.spec.get("params", {}), parent=r.trial_id)
                   for i, r in enumerate(chosen))
     source = "every earlier stage" if stage.pool == "all" else f"stage {before.name}"
-    note = (f"the best {len(chosen)} of {len(completed)} completed trials of {source} continue "
+    share = f" (the best {stage.quantile:.0%}, at most {trials or stage.top})" if stage.quantile is not None else ""
+    note = (f"the best {len(chosen)} of {len(completed)} completed trials of {source}{share} continue "
             f"from epoch {before.epochs} to {stage.epochs}"
             + (f" ({stage.hedge:.0%} of them the best of a learning-rate or model-size bin)" if stage.hedge else ""))
     return StagePlan(stage, specs, space, before.name, note=note)

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 
 from master.budget import (Budget, BudgetError, Costs, fit_costs, parse_budget, plan_cost, plan_lines, planned_config,
-                           resize, size_plan)
+                           resize, scale, size_plan)
 from master.config import DEFAULT_STAGES, StageConfig, parse_config
 from master.launcher import Reporter
 from master.pruning import Rule
@@ -49,6 +49,18 @@ def test_the_default_plan_costs_202_epochs_and_scales_with_both_screens():
     assert shape(sized) == [("coarse", "random", 315, 1), ("medium", "promote", 59, 4), ("second", "narrow", 118, 4),
                             ("fine", "promote", 39, 30)]
     assert sized[3].pool == "all" and plan_cost(sized) == 315 + 59 * 3 + 118 * 4 + 39 * 26 == 1978
+
+
+def test_a_promote_stage_pooling_every_screen_may_take_more_than_the_stage_before_it():
+    plan = (StageConfig("coarse", epochs=1, trials=32), StageConfig("medium", epochs=3, trials=8, method="promote"),
+            StageConfig("second", epochs=3, trials=6, method="narrow"),
+            StageConfig("third", epochs=8, trials=8, method="promote", pool="all", quantile=0.5),
+            StageConfig("fine", epochs=30, trials=4, method="promote", quantile=0.5))
+    # third pools medium's 8 and second's 6 at 3 epochs: 8 stays 8 (not capped at second's 6)
+    assert [s.trials for s in scale(plan, 32)] == [32, 8, 6, 8, 4]
+    # at 16 coarse trials, 4 + 3 pooled >= 4; with `available` 1 after second, third takes at most 1 + medium's 8
+    assert [s.trials for s in scale(plan, 16)] == [16, 4, 3, 4, 2]
+    assert [s.trials for s in scale(plan, 64, done=3, available=1)][3] == 1 + 8
 
 
 def test_an_epoch_budget_scales_every_stage_in_proportion():

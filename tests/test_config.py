@@ -238,10 +238,13 @@ def test_file_errors_name_the_file(tmp_path):
      r"^stages.b.quantile: expected a fraction in \(0, 1\], got 0"),
     (BASE + STAGES + "[stages.b]\nepochs = 2\ntrials = 2\npad = 1.0\n", r"^stages.b.pad: expected a fraction in \[0, 1\)"),
     (BASE + STAGES + "[stages.b]\nepochs = 2\ntrials = 2\ntop = 9\n", r"^stages.b.top: 9 exceeds the 4 trials of stage a"),
+    (BASE + STAGES + "[stages.b]\nepochs = 1\ntrials = 3\nmethod = 'narrow'\n"
+     "[stages.c]\nepochs = 2\ntrials = 8\nmethod = 'promote'\npool = 'all'\n",
+     r"^stages.c.top: 8 exceeds the 7 trials of stages a, b"),
     (BASE + STAGES + "[stages.b]\nepochs = 2\ntrials = 3\ntop = 2\nmethod = 'promote'\n",
      r"^stages.b.top: a promote stage continues its top trials, so trials must equal top \(got trials=3, top=2\)"),
-    (BASE + STAGES + "[stages.b]\nepochs = 2\ntrials = 3\nquantile = 0.5\nmethod = 'promote'\n",
-     r"^stages.b.quantile: a promote stage continues its top trials"),
+    (BASE + STAGES + "[stages.b]\nepochs = 2\ntrials = 3\nquantile = 1.5\nmethod = 'promote'\n",
+     r"^stages.b.quantile: expected a fraction in \(0, 1\], got 1.5"),
     (BASE + STAGES + "[stages.b]\nepochs = 1\ntrials = 2\nmethod = 'promote'\n",
      r"^stages.b.epochs: a promote stage continues stage a \(epochs = 1\), so it needs more epochs, got 1"),
 ])
@@ -268,3 +271,10 @@ def test_a_misspelt_stage_name_gets_a_suggestion():
     config = config_from_dict({"experiment": {"name": "t"}})
     with pytest.raises(ConfigError, match=r"^stage 'medim': not in experiment t \(did you mean 'medium'\?\)"):
         config.stage("medim")
+
+
+def test_a_promote_stage_with_pool_all_may_take_more_than_the_previous_stage_has():
+    config = parse(BASE + STAGES + "[stages.b]\nepochs = 1\ntrials = 3\nmethod = 'narrow'\n"
+                   "[stages.c]\nepochs = 2\ntrials = 7\nmethod = 'promote'\npool = 'all'\nquantile = 0.5\n")
+    assert (config.stage("c").top, config.stage("c").quantile) == (7, 0.5)
+

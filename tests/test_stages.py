@@ -135,6 +135,26 @@ def test_promote_continues_the_best_completed_trials(store, config):
     assert plan_stage(store, config, "fine").specs == plan.specs  # resumed as launched, not re-ranked
 
 
+@pytest.mark.parametrize("quantile, diverged, promoted", [(0.5, 0, 2), (0.5, 2, 2), (0.5, 6, 1), (0.1, 0, 1)])
+def test_promote_with_a_quantile_continues_that_share_of_the_completed_trials(tmp_path, quantile, diverged,
+                                                                                promoted):
+    # 8 medium trials, `diverged` of them DIVERGED: the best ceil(quantile x completed) continue, at most trials
+    config = parse_config(CONFIG.replace('trials = 2\nmethod = "promote"\n',
+                                         f'trials = 2\nmethod = "promote"\nquantile = {quantile}\n'))
+    assert config.stage("fine").quantile == quantile and config.stage("fine").top == 2
+    store = ExperimentStore(tmp_path, "stages").ensure()
+    accs = [0.1 * (i + 1) for i in range(8)]
+    write_trials(store, config, "medium", accs[:8 - diverged], lambda i: {"solver.lr": 1e-3 * (i + 1)})
+    for i in range(8 - diverged, 8):
+        spec = config.trial_spec("medium", i, 100 + i, {"solver.lr": 1e-3 * (i + 1)})
+        store.write_spec(spec.to_dict())
+        record_result(store, spec.trial_id, {"state": "DIVERGED", "best_val_acc": accs[i], "epochs_done": 1})
+    plan = plan_stage(store, config, "fine")
+    best = 7 - diverged
+    assert [s.parent for s in plan.specs] == [f"medium-{i:04d}" for i in range(best, best - promoted, -1)]
+    assert f"the best {promoted} of {8 - diverged} completed trials of stage medium (the best " in plan.note
+
+
 def test_a_stage_needs_finished_trials_before_it(store, config):
     with pytest.raises(ConfigError, match="^stage medium: stage coarse has no finished trial to narrow from"):
         plan_stage(store, config, "medium")
