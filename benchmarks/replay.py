@@ -34,8 +34,8 @@ from master.hedge import screen_length
 from master.monitor import close_stage
 from master.pruning import TrialView, should_kill
 from master.sampler import sample_trials
-from staged_vs_flat import (EPOCHS, GENERATED, PLANS, SPACES, TASKS, TARGET_RATIO, TOLERANCE, begin_stage, epochs_to,
-                            expected_epochs_to, flat_stages, run_search)
+from staged_vs_flat import (DRAWS, EPOCHS, GENERATED, PLANS, SPACES, TASKS, TARGET_RATIO, TOLERANCE, begin_stage,
+                            epochs_to, expected_epochs_to, flat_stages, run_search)
 from worker.states import TrialState
 from worker.store import ExperimentStore
 
@@ -49,7 +49,7 @@ def record(task: str, configs: int, tmp: Path) -> Path:
         x, y = GENERATED[task]()
         np.savez(tmp / f"{task}.npz", x=x, y=y)
     config = parse_config(TASKS[task].format(name=f"{task}-record", seed=RECORD_SEED, data=tmp)
-                          + flat_stages(configs) + SPACES["wide"])
+                          + flat_stages(configs, "independent") + SPACES["wide"])
     run_search(config, tmp)
     store = ExperimentStore(tmp, config.name)
     rows = []
@@ -118,8 +118,8 @@ def simulate(config: ExperimentConfig, table: Table, root: Path) -> list[list[fl
     return trials
 
 
-def replay(tasks: list[str], seeds: list[int], plans: list[str], screens: dict[str, list[int | None]]
-           ) -> list[tuple[Any, ...]]:
+def replay(tasks: list[str], seeds: list[int], plans: list[str], screens: dict[str, list[int | None]],
+           draws: str = "paired") -> list[tuple[Any, ...]]:
     """Flat search and every plan of ``plans`` per task and seed; one row per (task, plan, seed). ``screens``
     gets, per task, the screen length master.hedge's rule picks from flat search's 32 full curves, per seed."""
     rows = []
@@ -128,9 +128,10 @@ def replay(tasks: list[str], seeds: list[int], plans: list[str], screens: dict[s
             doc = json.loads((CURVES / f"{task}.json").read_text())
             for seed in seeds:
                 base = TASKS[task].format(name=f"{task}-flat-{seed}", seed=seed, data=tmp)
-                flat_config = parse_config(base + flat_stages(32) + SPACES["wide"])
+                flat_config = parse_config(base + flat_stages(32, draws) + SPACES["wide"])
                 table = Table(doc, flat_config)
-                flat = [table.nearest(s.params)["curve"] for s in sample_trials(flat_config, "flat", 32)]
+                flat = [table.nearest(s.params)["curve"]
+                        for s in sample_trials(flat_config, flat_config.stages[0].name, 32)]
                 target = max(max(c, default=0.0) for c in flat) - TOLERANCE
                 flat_any = expected_epochs_to(flat, target, draws=500)
                 screens.setdefault(task, []).append(screen_length(flat, rungs=(1, 2, 4, 8, 16, 30)))
@@ -165,6 +166,8 @@ def main() -> None:
     parser.add_argument("--configs", type=int, default=64, help="record: configurations per task")
     parser.add_argument("--seeds", default=",".join(map(str, range(20))))
     parser.add_argument("--plans", default=",".join(PLANS), help=f"replay: comma-separated, of {', '.join(PLANS)}")
+    parser.add_argument("--draws", choices=DRAWS, default="paired",
+                        help="replay: flat search screens the staged search's first draws (paired) or its own")
     args = parser.parse_args()
     threadpool_limits(1)
     tasks = args.tasks.split(",")
@@ -174,7 +177,7 @@ def main() -> None:
                 print(f"wrote {record(task, args.configs, Path(tmp))}", file=sys.stderr)
         return
     screens: dict[str, list[int | None]] = {}
-    rows = replay(tasks, [int(s) for s in args.seeds.split(",")], args.plans.split(","), screens)
+    rows = replay(tasks, [int(s) for s in args.seeds.split(",")], args.plans.split(","), screens, args.draws)
     print("\n".join(summary(rows)))
     for task, found in screens.items():
         print(f"{task}: screen length picked by master.hedge.screen_length on flat search's 32 full curves "

@@ -7,8 +7,8 @@ Tasks: digits (MLP on the 8x8 digits, 270 validation samples) and spiral6, the h
 spiral grown to 6 arms x 1000 points (nncore.data.make_spiral), 1800 validation samples, still improving after 30
 epochs. Its validation set is large enough that "within 0.5 points" is 9 samples; the small built-ins spiral (90
 validation samples) and waves (conv1d, 300), also selectable, make the target "equal to flat search's luckiest
-epoch". noisywaves, a conv1d task, is waves' generator at 4 x 300 with extra Gaussian noise (480 validation samples
-at ~0.6 accuracy: one validation measurement's noise is ~2 points). Flat search trains N trials (default 32) at the
+epoch". noisywaves, a conv1d task, is waves' generator at 4 x 750 with extra Gaussian noise (1800 validation samples at
+~0.7 accuracy: one validation measurement's noise is ~1 point). Flat search trains N trials (default 32) at the
 full budget (30 epochs). --space wide (the default) samples lr in [1e-6, 1] and L2 in [1e-6, 10], log-uniformly,
 the way cs231n starts a coarse search; --space default uses the product's default ranges (lr [1e-4, 1e-1], L2
 [1e-6, 1e-1]), already close to the good region. Both also sample dropout and hidden sizes.
@@ -92,29 +92,39 @@ TASKS = {  # dataset -> fixed settings; the harder tasks need many epochs and th
              '[data]\npreprocess = "standardize"\nval_fraction = 0.3\n[model]\narch = "conv1d"\nconv_channels = [16]\n'
              '[solver]\nupdate = "adam"\nbatch_size = 32\n',
     "noisywaves": '[experiment]\nname = "{name}"\ndataset = "npz:{data}/noisywaves.npz"\nseed = {seed}\n'
-                  '[data]\npreprocess = "standardize"\nval_fraction = 0.4\n[model]\narch = "conv1d"\n'
+                  '[data]\npreprocess = "standardize"\nval_fraction = 0.6\n[model]\narch = "conv1d"\n'
                   'conv_channels = [16]\n[solver]\nupdate = "adam"\nbatch_size = 32\n',
     "spiral": '[experiment]\nname = "{name}"\ndataset = "spiral"\nseed = {seed}\n'
               '[data]\npreprocess = "standardize"\nval_fraction = 0.3\n[solver]\nupdate = "adam"\nbatch_size = 16\n',
 }
 
 
-def noisy_waves(per_class: int = 300, noise: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+def noisy_waves(per_class: int = 750, noise: float = 0.35) -> tuple[np.ndarray, np.ndarray]:
     """The built-in waves' generator, 4 x ``per_class`` sequences, with Gaussian noise of std ``noise`` added
-    (fixed seed): a conv1d task still improving after 30 epochs, as spiral6 is for an MLP."""
+    (fixed seed): a conv1d task still improving after 30 epochs, as spiral6 is for an MLP (good networks reach
+    0.65-0.75 at 30 epochs)."""
     x, y = make_waves(per_class=per_class)
     return x + noise * np.random.default_rng(1).standard_normal(x.shape), y
 
 
 GENERATED = {  # task -> its data, written to DIR/<task>.npz: spiral6 is 6 spiral arms x 1000 points (1800 val),
-    # noisywaves 4 x 300 noisy sequences for conv1d (480 val)
+    # noisywaves 4 x 750 noisy sequences for conv1d (1800 val)
     "spiral6": lambda: make_spiral(per_class=1000, classes=6),
     "noisywaves": noisy_waves,
 }
 
 
-def flat_stages(n: int) -> str:
-    return f'[stages.flat]\nepochs = {EPOCHS}\ntrials = {n}\nprune = "none"\n'
+DRAWS = ("paired", "independent")  # --draws: flat search's stage is named as the plans' first stage, or not
+
+
+def flat_stages(n: int, draws: str = "paired") -> str:
+    """Flat search as one stage of n trials x 30 epochs. A trial's values and training seed depend on the
+    experiment's seed, its stage's name and its index (master.sampler.trial_rng): "paired" names the stage
+    "coarse", as every plan's first stage, so flat search trains the very configurations the staged search
+    screens (common random numbers: the comparison is of the two ways to spend epochs on the same draws);
+    "independent" names it "flat", so the two searches draw different configurations."""
+    name = "coarse" if draws == "paired" else "flat"
+    return f'[stages.{name}]\nepochs = {EPOCHS}\ntrials = {n}\nprune = "none"\n'
 
 
 def screen2_stages(n: int, screen: float = 1.0, promote: float = 3 / 16, horizon: int = 4, second: float = 3 / 8,
@@ -201,6 +211,24 @@ def halving12_stages(n: int) -> str:
     return halving12_hedged_stages(n).replace("hedge = 0.5\n", "")
 
 
+def halving_q_stages(n: int, rungs: tuple[tuple[float, int, int], ...] = ((1 / 2, 12, 2), (2 / 3, 8, 8), (1 / 2, 4, 30)),
+                     narrow: tuple[int, int] | None = None) -> str:
+    """Successive halving by shares of the trials that completed: n random trials x 1 epoch, then per rung
+    (share, at most, epochs) the best share of the completed trials (at most ``at most`` x n / 32) continued to
+    the rung's epochs, so trials that diverged shrink every later rung; ``narrow`` (trials, after rung i): that
+    many fresh trials x the rung's epochs in ranges narrowed around the whole screen at its longest horizon,
+    after rung i, competing with its trials for the next promotion (pool "all")."""
+    text = f'[stages.coarse]\nepochs = 1\ntrials = {n}\n'
+    for i, (share, most, epochs) in enumerate(rungs):
+        name = "fine" if i == len(rungs) - 1 else ("medium", "third", "fourth")[i]
+        text += (f'[stages.{name}]\nepochs = {epochs}\ntrials = {max(1, round(most * n / 32))}\nmethod = "promote"\n'
+                 f'prune = "none"\nquantile = {share}\n' + ('pool = "all"\n' if narrow and i == narrow[1] + 1 else ""))
+        if narrow and i == narrow[1]:
+            text += (f'[stages.second]\nepochs = {epochs}\ntrials = {max(1, round(narrow[0] * n / 32))}\n'
+                     f'method = "narrow"\nprune = "none"\n')
+    return text
+
+
 PLANS = {  # --plan: the product's default, and the variants measured against it (benchmarks/RESULTS.md)
     "default": default_stages,
     "classic": classic_stages,
@@ -214,6 +242,11 @@ PLANS = {  # --plan: the product's default, and the variants measured against it
     "screen3": screen3_stages,
     "halving12": halving12_stages,
     "halving12-hedged": halving12_hedged_stages,
+    "halving-q": halving_q_stages,
+    "halving-q3": partial(halving_q_stages, rungs=((1 / 2, 12, 3), (2 / 3, 8, 8), (1 / 2, 4, 30))),
+    "halving-q-narrow": partial(halving_q_stages, rungs=((3 / 8, 8, 3), (1 / 2, 6, 8), (2 / 3, 4, 30)), narrow=(8, 0)),
+    "halving-q-narrow6": partial(halving_q_stages, rungs=((3 / 8, 8, 3), (1 / 2, 8, 8), (1 / 2, 4, 30)),
+                                 narrow=(6, 0)),
 }
 
 
@@ -421,6 +454,9 @@ def main() -> None:
                         help="the staged search's plan: the product's default coarse-to-fine (default) or halving")
     parser.add_argument("--space", choices=sorted(SPACES), default="wide",
                         help="the search space: cs231n's wide coarse ranges (default) or the product default's ranges")
+    parser.add_argument("--draws", choices=DRAWS, default="paired",
+                        help="paired (default): flat search trains the configurations the staged search screens "
+                             "first (same values, same training seeds); independent: it draws its own")
     parser.add_argument("--flat-cache", type=Path, metavar="DIR",
                         help="read flat search's curves from DIR when there, else run it and write them there "
                              "(keyed by its trials' specs, stages and the training code; see cached_search)")
@@ -450,7 +486,7 @@ def main() -> None:
                 np.savez(Path(tmp) / f"{task}.npz", x=x, y=y)
             for seed in (int(s) for s in args.seeds.split(",")):
                 out = {}
-                for kind, stages in (("flat", flat_stages), ("staged", PLANS[args.plan])):
+                for kind, stages in (("flat", partial(flat_stages, draws=args.draws)), ("staged", PLANS[args.plan])):
                     name = f"{task}-{kind}-{seed}"
                     toml = TASKS[task].format(name=name, seed=seed, data=tmp) + stages(args.trials)
                     config = parse_config(toml + SPACES[args.space])
@@ -505,8 +541,8 @@ def main() -> None:
                          for t, target, _ in runs]
                 met = sum(fe / e >= TARGET_RATIO for (_, _, fe), e in zip(runs, spent))
                 print(f"  {task:8s} {name:42s} {sum(map(math.isfinite, spent)):2d} / {met:2d} of {len(runs)}")
-    footer = (f"plan {args.plan}, space {args.space}, {args.trials} flat trials; BLAS: {blas}, 1 thread; "
-              f"python {sys.version.split()[0]}")
+    footer = (f"plan {args.plan}, space {args.space}, {args.trials} flat trials, {args.draws} draws; "
+              f"BLAS: {blas}, 1 thread; python {sys.version.split()[0]}")
     print(footer)
     if args.plot:
         for panel in curves.values():  # flat searches of different seeds spend different totals: cut to the least

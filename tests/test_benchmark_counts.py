@@ -75,3 +75,19 @@ def test_the_benchmarks_default_plan_is_the_products_and_screen2_at_32():
         return parse_config(task + plan + bench.SPACES["wide"]).stages
     assert stages(bench.default_stages(32)) == stages(bench.screen2_stages(32)) == DEFAULT_STAGES
     assert [s.trials for s in stages(bench.default_stages(64))] == [64, 12, 24, 8]
+
+
+@pytest.mark.parametrize("draws, same", [("paired", True), ("independent", False)])
+def test_paired_flat_search_trains_the_configurations_the_staged_search_screens(draws, same):
+    from master.config import parse_config
+    from master.sampler import sample_trials
+
+    def first_stage(plan):
+        config = parse_config(bench.TASKS["spiral6"].format(name="x", seed=3, data="/d") + plan
+                              + bench.SPACES["wide"])
+        return [(s.params, s.seed) for s in sample_trials(config, config.stages[0].name, 32)]
+    flat = first_stage(bench.flat_stages(32, draws))
+    for plan in bench.PLANS.values():
+        staged = first_stage(plan(32))
+        shared = min(len(flat), len(staged))
+        assert (flat[:shared] == staged[:shared]) is same
