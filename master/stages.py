@@ -183,7 +183,7 @@ def plan_stage(store: ExperimentStore, config: ExperimentConfig, name: str, seed
     if stage.method == "promote":
         if stage.pool == "all":
             done = pool(store, config, name)
-        return _promote(config, stage, before, done, trials, stage_space(store, config, before.name))
+        return _promote(store, config, stage, before, done, trials, stage_space(store, config, before.name))
     return _narrow(store, config, stage, before, evidence(store, config, before.name), seed, trials)
 
 
@@ -216,22 +216,35 @@ def _resume(store: ExperimentStore, config: ExperimentConfig, stage: StageConfig
     return StagePlan(stage, specs, space, before.name, note=note)
 
 
-def promoted(completed: list[Ranked], k: int, hedge: float, space: tuple[Distribution, ...]) -> list[Ranked]:
-    """The ``k`` trials to promote from ``completed`` (best first): the best, ``hedge`` of them kept for the best
-    of each learning-rate and model-size bin the leaders miss (master.hedge.hedged_top)."""
+def continued_acc(store: ExperimentStore, trial: Ranked) -> float:
+    """The validation accuracy of the network a promotion continues: the trial's last epoch (its latest checkpoint,
+    which the promoted trial resumes from), else its best when no history is left."""
+    history = store.read_history(trial.trial_id)
+    last = history[-1].get("val_acc") if history else None
+    return float(last) if isinstance(last, (int, float)) and not isinstance(last, bool) else trial.val_acc
+
+
+def promoted(completed: list[Ranked], scores: list[float], k: int, hedge: float, space: tuple[Distribution, ...]
+             ) -> list[Ranked]:
+    """The ``k`` trials to promote from ``completed`` by ``scores`` (best first), ``hedge`` of them kept for the
+    best of each learning-rate and model-size bin the leaders miss (master.hedge.hedged_top)."""
+    order = sorted(range(len(completed)), key=lambda i: (-scores[i], completed[i].trial_id))
     if not hedge:
-        return completed[:k]
-    return [completed[i] for i in hedged_top([(r.spec.get("params", {}), r.val_acc) for r in completed], k, space,
-                                             hedge)]
+        return [completed[i] for i in order[:k]]
+    chosen = hedged_top([(completed[i].spec.get("params", {}), scores[i]) for i in order], k, space, hedge)
+    return [completed[order[i]] for i in chosen]
 
 
-def _promote(config: ExperimentConfig, stage: StageConfig, before: StageConfig, done: list[Ranked],
-             trials: int | None, space: tuple[Distribution, ...]) -> StagePlan:
+def _promote(store: ExperimentStore, config: ExperimentConfig, stage: StageConfig, before: StageConfig,
+             done: list[Ranked], trials: int | None, space: tuple[Distribution, ...]) -> StagePlan:
+    """The best completed trials of ``done`` continued, ranked by the accuracy of the epoch they continue from
+    (their last, not their best: a promoted trial resumes from its latest checkpoint, and a network whose
+    accuracy has since fallen back is not the one that continues)."""
     completed = [r for r in done if r.result.state is TrialState.COMPLETED]
     k = trials or stage.top
     if stage.quantile is not None:
         k = min(k, max(1, math.ceil(stage.quantile * len(completed))))
-    chosen = promoted(completed, k, stage.hedge, space)
+    chosen = promoted(completed, [continued_acc(store, r) for r in completed], k, stage.hedge, space)
     specs = tuple(config.trial_spec(stage.name, i, r.spec["seed"], r.spec.get("params", {}), parent=r.trial_id)
                   for i, r in enumerate(chosen))
     source = "every earlier stage" if stage.pool == "all" else f"stage {before.name}"

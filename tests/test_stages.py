@@ -155,6 +155,15 @@ def test_promote_with_a_quantile_continues_that_share_of_the_completed_trials(tm
     assert f"the best {promoted} of {8 - diverged} completed trials of stage medium (the best " in plan.note
 
 
+def test_promote_ranks_by_the_epoch_it_continues_from_not_the_best_one(store, config):
+    # medium-0000 peaked at 0.9 and fell back to 0.6; medium-0001 ends at 0.8: the one that continues is ranked
+    write_trials(store, config, "medium", [0.9, 0.8, 0.7], lambda i: {"solver.lr": 1e-3 * (i + 1)})
+    for tid, curve in (("medium-0000", [0.9, 0.6]), ("medium-0001", [0.5, 0.8])):  # medium-0002: no history
+        store.write_history(tid, [{"epoch": e, "val_acc": a} for e, a in enumerate(curve, 1)])
+    plan = plan_stage(store, config, "fine")
+    assert [s.parent for s in plan.specs] == ["medium-0001", "medium-0002"]  # 0.8, then 0.7 (its best, no history)
+
+
 def test_a_stage_needs_finished_trials_before_it(store, config):
     with pytest.raises(ConfigError, match="^stage medium: stage coarse has no finished trial to narrow from"):
         plan_stage(store, config, "medium")
