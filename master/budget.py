@@ -165,9 +165,12 @@ def plan_lines(stages: Sequence[StageConfig], budget: Budget, costs: Costs | Non
     """The lines that show a sized plan from stage ``first`` on: one per stage, and its most cost."""
     lines = []
     for i, s in list(enumerate(stages))[first:]:
+        share = s.method == "promote" and s.quantile is not None
+        best = f"the best {s.quantile:.0%} of those completed" if share else "best"
         how = {"random": "sampled", "narrow": "narrowed",
-               "promote": f"best continued from epoch {start_epoch(stages, i)}"}
-        lines.append(f"  {s.name}: {s.trials} trials x {s.epochs} epochs ({how[s.method]}, prune {s.prune}), "
+               "promote": f"{best} continued from epoch {start_epoch(stages, i)}"}
+        count = f"at most {s.trials}" if share else f"{s.trials}"
+        lines.append(f"  {s.name}: {count} trials x {s.epochs} epochs ({how[s.method]}, prune {s.prune}), "
                      f"at most {stage_cost(stages, i, None):.0f} epochs"
                      + (f", {stage_cost(stages, i, costs):.0f} s" if costs and budget.seconds else ""))
     total = sum(stage_cost(stages, i, costs if budget.seconds else None) for i in range(first, len(stages)))

@@ -220,11 +220,11 @@ class StageConfig:
     narrowed to the previous stage's best trials (``top`` of them, else the best ``quantile`` fraction,
     widened by ``pad`` of the range on each side); "promote" continues the previous stage's ``top`` best
     trials (so ``trials == top``) to this stage's ``epochs`` or, with ``quantile``, the best fraction of those
-    that completed, at most ``top`` (successive halving: fewer when trials diverged), ``hedge`` of them (a fraction, default 0) kept for
-    the best trial of each bin of the learning rate and model size the leaders miss (master.hedge); its ``pool``
-    "all" (default "previous") ranks every earlier stage's completed trials that stopped at the previous stage's
-    epochs, not only the previous stage's, so a second screen's trials compete with the first's leaders. The
-    narrowing itself lives in master.stages.
+    that completed, at most ``top`` (successive halving: fewer when trials diverged); ``hedge`` of them (a
+    fraction, default 0) are kept for the best trial of each bin of the learning rate and model size the
+    leaders miss (master.hedge); its ``pool`` "all" (default "previous") ranks every earlier stage's completed
+    trials that stopped at the previous stage's epochs, not only the previous stage's, so a second screen's
+    trials compete with the first's leaders. The narrowing itself lives in master.stages.
     Within the stage, ``prune`` stops hopeless trials while they run: "asha" (asynchronous successive
     halving, rungs at ``rung * eta**k`` epochs), "median" (below the median of the others from epoch
     ``rung`` on) or "none"; master.pruning applies it.
@@ -327,15 +327,17 @@ class WatchConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-# Two screens, every cost fixed (202 epochs at most): 32 trials x 1 epoch; the best 6 continued to 4 epochs; 12 fresh
-# trials x 4 epochs in ranges narrowed around the best of the whole first screen at the longest horizon each
-# reached; the best 4 of both screens' trials at 4 epochs continued to 30. No pruning: a slow starter is judged at
-# 4 epochs, never at one (benchmarks/RESULTS.md, "Coarse-to-fine vs flat random search", session 5).
+# Successive halving by shares of the trials that completed, on one random screen (242 epochs at most, fewer when
+# trials diverge): 32 trials x 1 epoch; the best half (at most 14) continued to 2 epochs; the best 4/5 of those
+# (at most 12) to 10; the best half of those (at most 5) to 30. No pruning inside a stage and no narrowing: nothing
+# is dropped on one epoch's ranking except the worse half, a slow starter is judged again at 2 and 10 epochs, and
+# every rung shrinks with the trials that diverged, so the plan stays within a third of the epochs flat search
+# spends on the same draws (benchmarks/RESULTS.md, "Coarse-to-fine vs flat random search", session 6).
 DEFAULT_STAGES = (
     StageConfig("coarse", epochs=1, trials=32),
-    StageConfig("medium", epochs=4, trials=6, method="promote", prune="none"),
-    StageConfig("second", epochs=4, trials=12, method="narrow", prune="none"),
-    StageConfig("fine", epochs=30, trials=4, method="promote", prune="none", pool="all"),
+    StageConfig("short", epochs=2, trials=14, method="promote", quantile=0.5, prune="none"),
+    StageConfig("medium", epochs=10, trials=12, method="promote", quantile=0.8, prune="none"),
+    StageConfig("fine", epochs=30, trials=5, method="promote", quantile=0.5, prune="none"),
 )
 _BUILTIN_DATASETS = tuple(k for k in DATASETS if ":" not in k)
 _FILE_DATASETS = tuple(k.partition(":")[0] for k in DATASETS if ":" in k)

@@ -67,14 +67,16 @@ def test_a_ladder_reranks_at_every_rung():
     assert bench.replay(trials, 0.9) == 3 + 3 + 3  # all continued best first: fast_start's 3, then the hit
 
 
-def test_the_benchmarks_default_plan_is_the_products_and_screen2_at_32():
+def test_the_benchmarks_default_plan_is_the_products_and_halving_qb_at_32():
     from master.config import DEFAULT_STAGES, parse_config
 
     def stages(plan):
         task = bench.TASKS["digits"].format(name="x", seed=0, data="/d")
         return parse_config(task + plan + bench.SPACES["wide"]).stages
-    assert stages(bench.default_stages(32)) == stages(bench.screen2_stages(32)) == DEFAULT_STAGES
-    assert [s.trials for s in stages(bench.default_stages(64))] == [64, 12, 24, 8]
+    assert stages(bench.default_stages(32)) == DEFAULT_STAGES
+    shape = [(s.epochs, s.trials, s.method, s.quantile, s.prune) for s in DEFAULT_STAGES]
+    assert [(s.epochs, s.trials, s.method, s.quantile, s.prune) for s in stages(bench.PLANS["halving-qb"](32))] == shape
+    assert [s.trials for s in stages(bench.default_stages(64))] == [64, 28, 24, 10]
 
 
 @pytest.mark.parametrize("draws, same", [("paired", True), ("independent", False)])

@@ -42,13 +42,14 @@ def test_the_classic_plan_costs_212_epochs_and_a_budget_of_212_epochs_gives_it_b
     assert size_plan(CLASSIC, 212) == CLASSIC
 
 
-def test_the_default_plan_costs_202_epochs_and_scales_with_both_screens():
-    assert plan_cost(DEFAULT_STAGES) == 32 * 1 + 6 * (4 - 1) + 12 * 4 + 4 * (30 - 4) == 202
-    assert size_plan(DEFAULT_STAGES, 202) == DEFAULT_STAGES
-    sized = size_plan(DEFAULT_STAGES, 2000)  # 316 coarse trials would cost 2005
-    assert shape(sized) == [("coarse", "random", 315, 1), ("medium", "promote", 59, 4), ("second", "narrow", 118, 4),
-                            ("fine", "promote", 39, 30)]
-    assert sized[3].pool == "all" and plan_cost(sized) == 315 + 59 * 3 + 118 * 4 + 39 * 26 == 1978
+def test_the_default_plan_costs_242_epochs_at_most_and_scales_every_rung():
+    assert plan_cost(DEFAULT_STAGES) == 32 * 1 + 14 * (2 - 1) + 12 * (10 - 2) + 5 * (30 - 10) == 242
+    assert size_plan(DEFAULT_STAGES, 242) == DEFAULT_STAGES
+    sized = size_plan(DEFAULT_STAGES, 2000)  # 266 coarse trials would cost 2022
+    assert shape(sized) == [("coarse", "random", 265, 1), ("short", "promote", 116, 2), ("medium", "promote", 99, 10),
+                            ("fine", "promote", 41, 30)]
+    assert [s.quantile for s in sized] == [None, 0.5, 0.8, 0.5]  # the shares stay, the caps scale
+    assert plan_cost(sized) == 265 + 116 + 99 * 8 + 41 * 20 == 1993
 
 
 def test_a_promote_stage_pooling_every_screen_may_take_more_than_the_stage_before_it():
@@ -123,6 +124,12 @@ def test_plan_lines_show_each_stage_and_the_total():
     assert lines == ["  medium: 16 trials x 5 epochs (narrowed, prune asha), at most 80 epochs",
                      "  fine: 4 trials x 30 epochs (best continued from epoch 5, prune asha), at most 100 epochs",
                      "  at most 180 epochs in all"]
+
+
+def test_plan_lines_show_a_share_and_its_cap():
+    lines = plan_lines(DEFAULT_STAGES, parse_budget("242ep"), None, first=3)
+    assert lines == ["  fine: at most 5 trials x 30 epochs (the best 50% of those completed continued from epoch 10, "
+                     "prune none), at most 100 epochs", "  at most 100 epochs in all"]
 
 
 def test_asha_rungs_never_come_before_the_screen():

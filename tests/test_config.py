@@ -78,7 +78,7 @@ def test_default_config_is_package_data_and_loads():
     cfg = load_config(None)
     assert cfg.name == "digits-mlp" and cfg.dataset == "digits"
     assert cfg.stages == DEFAULT_STAGES
-    assert [s.method for s in cfg.stages] == ["random", "promote", "narrow", "promote"]
+    assert [s.method for s in cfg.stages] == ["random", "promote", "promote", "promote"]
     assert {"solver.lr", "solver.reg", "model.dropout", "model.hidden"} <= {d.name for d in cfg.space}
 
 
@@ -263,7 +263,7 @@ def test_direct_construction_is_validated():
         ExperimentConfig("t", space=(lr, lr))
     with pytest.raises(ConfigError, match="^space: expected Distribution objects"):
         ExperimentConfig("t", space=({"dist": "uniform"},))
-    with pytest.raises(ConfigError, match=r"^stage 'nope': not in experiment t \(stages: coarse, medium, second, fine\)"):
+    with pytest.raises(ConfigError, match=r"^stage 'nope': not in experiment t \(stages: coarse, short, medium, fine\)"):
         ExperimentConfig("t").stage("nope")
 
 
