@@ -1,20 +1,21 @@
 """Coarse-to-fine against flat random search, replayed on recorded learning curves in seconds instead of minutes.
 
-Usage: python benchmarks/replay.py record [--tasks digits,spiral6] [--configs 64]
-       python benchmarks/replay.py replay [--tasks digits,spiral6] [--seeds 0,...,19] [--plans default,hedged,...]
+Usage: python benchmarks/replay.py record [--tasks digits,spiral6,noisywaves] [--configs 64]
+       python benchmarks/replay.py replay [--tasks digits,spiral6,noisywaves] [--seeds 0,...,19]
+              [--plans default,hedged,...] [--draws paired|independent]
 
-``record`` trains --configs configurations per task, sampled from staged_vs_flat.py's wide space (seed 1000),
-to 30 epochs each with the worker's own run_trial (no pruning) and writes their parameters and validation
-curves to benchmarks/curves/<task>.json (small files, kept in the repository). ``replay`` runs, per seed, flat
-search (32 trials x 30 epochs) and each staged plan with the product's own code on those curves: master.stages
-plans every stage (sampling, narrowing, promotion), master.pruning's ASHA rule stops trials at the end of an
-epoch against the trials before them, master.monitor closes each stage; a trial "trains" by copying the curve
-of the recorded configuration NEAREST to it (Euclidean distance in the sampled unit scale, a different choice
-counting 1) — an approximation, stated as such: the replay knows only the recorded configurations, so a
-narrowed range finds the nearest of them, not a new network. Clock: one tick per epoch. Reported per task: runs
-whose staged best is within 0.5 points of flat's best, epochs spent relative to flat (total), runs reaching
-flat's target at least 5x sooner than flat does in an average order of its trials.
-"""
+``record`` trains --configs configurations per task, sampled from staged_vs_flat.py's wide space (seed 1000), to 30
+epochs each with the worker's own run_trial (no pruning) and writes their parameters and validation curves to
+benchmarks/curves/<task>.json (small files, kept in the repository). ``replay`` runs, per seed, flat search (32
+trials x 30 epochs; with --draws paired, the default, the very configurations the staged plans screen first, as
+staged_vs_flat.py pairs them) and each staged plan with the product's own code on those curves: master.stages plans
+every stage (sampling, narrowing, promotion), master.pruning's ASHA rule stops trials at the end of an epoch against
+the trials before them, master.monitor closes each stage; a trial "trains" by copying the curve of the recorded
+configuration NEAREST to it (Euclidean distance in the sampled unit scale, a different choice counting 1) — an
+approximation, stated as such: the replay knows only the recorded configurations, so a narrowed range finds the
+nearest of them, not a new network. Clock: one tick per epoch. Reported per task: runs whose staged best is within
+0.5 points of flat's best, epochs spent relative to flat (total), runs reaching flat's target at least 5x sooner
+than flat does in an average order of its trials."""
 from __future__ import annotations
 
 import argparse
@@ -162,7 +163,7 @@ def summary(rows: list[tuple[Any, ...]]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=("record", "replay"))
-    parser.add_argument("--tasks", default="digits,spiral6")
+    parser.add_argument("--tasks", default="digits,spiral6,noisywaves")
     parser.add_argument("--configs", type=int, default=64, help="record: configurations per task")
     parser.add_argument("--seeds", default=",".join(map(str, range(20))))
     parser.add_argument("--plans", default=",".join(PLANS), help=f"replay: comma-separated, of {', '.join(PLANS)}")

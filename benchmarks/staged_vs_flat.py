@@ -1,22 +1,27 @@
 """Epochs that flat random search and our coarse-to-fine search spend to reach flat search's best val accuracy.
 
 Usage: python benchmarks/staged_vs_flat.py [--tasks digits,spiral6] [--seeds 0,1,2,3,4] [--trials 32]
-       [--space wide|default] [--plan NAME] [--flat-cache DIR] [--markdown] [--plot FILE.png] [--ladders]
+       [--space wide|default] [--plan NAME] [--draws paired|independent] [--flat-cache DIR] [--markdown]
+       [--plot FILE.png] [--ladders]
 
 Tasks: digits (MLP on the 8x8 digits, 270 validation samples) and spiral6, the harder one: an MLP on cs231n's
 spiral grown to 6 arms x 1000 points (nncore.data.make_spiral), 1800 validation samples, still improving after 30
 epochs. Its validation set is large enough that "within 0.5 points" is 9 samples; the small built-ins spiral (90
 validation samples) and waves (conv1d, 300), also selectable, make the target "equal to flat search's luckiest
-epoch". noisywaves, a conv1d task, is waves' generator at 4 x 750 with extra Gaussian noise (1800 validation samples at
-~0.7 accuracy: one validation measurement's noise is ~1 point). Flat search trains N trials (default 32) at the
+epoch". noisywaves, a conv1d task, is waves' generator at 4 x 750 with extra Gaussian noise (1800 validation samples
+at ~0.7 accuracy: one validation measurement's noise is ~1 point). Flat search trains N trials (default 32) at the
 full budget (30 epochs). --space wide (the default) samples lr in [1e-6, 1] and L2 in [1e-6, 10], log-uniformly,
 the way cs231n starts a coarse search; --space default uses the product's default ranges (lr [1e-4, 1e-1], L2
 [1e-6, 1e-1]), already close to the good region. Both also sample dropout and hidden sizes.
 Staged search, --plan default: the product's default plan, master.config.DEFAULT_STAGES (at N = 32: coarse
-32 x 1 epoch; medium, its best 6 continued to 4 epochs; second, 12 fresh trials x 4 epochs in ranges narrowed
-around the whole first screen ranked at the longest horizon each reached; fine, the best 4 of both screens
-continued to 30; no pruning), its trial counts scaled by N / 32; the other plans of PLANS are the variants measured
-against it (--plan classic: the default until session 5, 32 x 1, 16 x 5 narrowed, best 4 to 30). All run one trial
+32 x 1 epoch; short, the best half of those that completed continued to 2 epochs, at most 14; medium, the best
+4/5 of those to 10, at most 12; fine, the best half of those to 30, at most 5; no pruning), its caps scaled by
+N / 32; the other plans of PLANS are the variants measured against it (--plan screen2: the default of session 5,
+two screens with narrowing; --plan classic: the default until session 5, 32 x 1, 16 x 5 narrowed, best 4 to 30).
+Draws (--draws): "paired" (default) names flat search's stage as the plans' first, so flat search trains the
+very 32 configurations (values and training seeds) that the staged search screens: both ways of spending epochs
+are judged on the same luck of the draw, and "reaches flat's best" means the plan kept (or beat) flat's winner;
+"independent" gives flat search its own draws, as before session 6. All run one trial
 at a time in this process with the project's own code (master.stages plans every stage, master.pruning's rules stop
 trials at the end of an epoch, the worker's run_trial trains and checkpoints), so the epoch counts are
 those a cluster would spend; the rungs see the trials that finished before, as on one worker. An epoch
@@ -211,8 +216,11 @@ def halving12_stages(n: int) -> str:
     return halving12_hedged_stages(n).replace("hedge = 0.5\n", "")
 
 
-def halving_q_stages(n: int, rungs: tuple[tuple[float, int, int], ...] = ((1 / 2, 12, 2), (2 / 3, 8, 8), (1 / 2, 4, 30)),
-                     narrow: tuple[int, int] | None = None) -> str:
+HALVING_Q = ((1 / 2, 12, 2), (2 / 3, 8, 8), (1 / 2, 4, 30))  # (share, at most, epochs) per rung
+
+
+def halving_q_stages(n: int, rungs: tuple[tuple[float, int, int], ...] = HALVING_Q,
+                     narrow: tuple[int, int] | None = None, hedge: float = 0.0) -> str:
     """Successive halving by shares of the trials that completed: n random trials x 1 epoch, then per rung
     (share, at most, epochs) the best share of the completed trials (at most ``at most`` x n / 32) continued to
     the rung's epochs, so trials that diverged shrink every later rung; ``narrow`` (trials, after rung i): that
@@ -222,7 +230,8 @@ def halving_q_stages(n: int, rungs: tuple[tuple[float, int, int], ...] = ((1 / 2
     for i, (share, most, epochs) in enumerate(rungs):
         name = "fine" if i == len(rungs) - 1 else ("medium", "third", "fourth")[i]
         text += (f'[stages.{name}]\nepochs = {epochs}\ntrials = {max(1, round(most * n / 32))}\nmethod = "promote"\n'
-                 f'prune = "none"\nquantile = {share}\n' + ('pool = "all"\n' if narrow and i == narrow[1] + 1 else ""))
+                 f'prune = "none"\nquantile = {share}\n' + ('pool = "all"\n' if narrow and i == narrow[1] + 1 else "")
+                 + (f"hedge = {hedge}\n" if hedge and i < len(rungs) - 1 else ""))
         if narrow and i == narrow[1]:
             text += (f'[stages.second]\nepochs = {epochs}\ntrials = {max(1, round(narrow[0] * n / 32))}\n'
                      f'method = "narrow"\nprune = "none"\n')
@@ -244,6 +253,13 @@ PLANS = {  # --plan: the product's default, and the variants measured against it
     "halving12-hedged": halving12_hedged_stages,
     "halving-q": halving_q_stages,
     "halving-q3": partial(halving_q_stages, rungs=((1 / 2, 12, 3), (2 / 3, 8, 8), (1 / 2, 4, 30))),
+    "halving-qb": partial(halving_q_stages, rungs=((1 / 2, 14, 2), (4 / 5, 12, 10), (1 / 2, 5, 30))),
+    "halving-qc": partial(halving_q_stages, rungs=((1 / 2, 12, 2), (4 / 5, 10, 10), (1 / 2, 5, 30))),
+    "halving-qb-hedged": partial(halving_q_stages, rungs=((1 / 2, 14, 2), (4 / 5, 12, 10), (1 / 2, 5, 30)), hedge=0.25),
+    "halving-q-hedged": partial(halving_q_stages, hedge=0.25),
+    "halving-q-narrow8": partial(halving_q_stages, rungs=((1 / 2, 12, 2), (2 / 3, 6, 8), (1 / 2, 4, 30)),
+                                 narrow=(6, 1)),
+    "halving-qd": partial(halving_q_stages, rungs=((3 / 5, 16, 2), (2 / 3, 12, 10), (2 / 5, 5, 30))),
     "halving-q-narrow": partial(halving_q_stages, rungs=((3 / 8, 8, 3), (1 / 2, 6, 8), (2 / 3, 4, 30)), narrow=(8, 0)),
     "halving-q-narrow6": partial(halving_q_stages, rungs=((3 / 8, 8, 3), (1 / 2, 8, 8), (1 / 2, 4, 30)),
                                  narrow=(6, 0)),
