@@ -21,11 +21,15 @@ SIDES = ("lower", "upper")
 Scored = tuple[dict[str, Any], float]  # (a trial's params, its best validation accuracy)
 
 
+def best_count(fraction: float, n: int) -> int:
+    """How many of ``n`` trials the best ``fraction`` of them is: rounded up, at least one."""
+    return max(1, math.ceil(fraction * n))
+
+
 def top_trials(scored: Sequence[Scored], top: int | None = None, quantile: float | None = None) -> list[Scored]:
     """The best ``top`` trials, else the best ``quantile`` fraction (at least one), best first."""
     ranked = sorted(scored, key=lambda s: s[1], reverse=True)
-    n = top if top is not None else max(1, math.ceil((quantile or 1.0) * len(ranked)))
-    return ranked[:n]
+    return ranked[:top if top is not None else best_count(quantile or 1.0, len(ranked))]
 
 
 def iqr(x: np.ndarray) -> np.ndarray:

@@ -1,9 +1,9 @@
 """Hedges against short-horizon bias: the screen length from the data (PASHA-like), promotion with diversity."""
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
+from master.borders import best_count
 from master.config import Distribution
 
 HEDGE_PARAMS = ("solver.lr", "model.hidden")  # the learning rate and the model size: where slow starters differ
@@ -20,7 +20,7 @@ def top_set(scores: Sequence[float], k: int, eps: float = 0.0) -> set[int]:
 def ranking_stable(early: Sequence[float], late: Sequence[float], top: float = 0.25, eps: float = 0.0) -> bool:
     """Whether the best ``top`` fraction of trials at the later rung were already among the best at the earlier
     one (scores of the same trials, in the same order; within ``eps`` counts as a tie)."""
-    k = max(1, math.ceil(top * len(late)))
+    k = best_count(top, len(late))
     return top_set(late, k) <= top_set(early, k, eps)
 
 

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from master.borders import BorderFlag, analyse, top_trials
+from master.borders import BorderFlag, analyse, best_count, top_trials
 from master.hedge import hedged_top
 from master.sampler import sample_trials
 from master.config import (DEFAULT_QUANTILE, ConfigError, Distribution, ExperimentConfig, StageConfig,
@@ -243,7 +242,7 @@ def _promote(store: ExperimentStore, config: ExperimentConfig, stage: StageConfi
     completed = [r for r in done if r.result.state is TrialState.COMPLETED]
     k = trials or stage.top
     if stage.quantile is not None:
-        k = min(k, max(1, math.ceil(stage.quantile * len(completed))))
+        k = min(k, best_count(stage.quantile, len(completed)))
     chosen = promoted(completed, [continued_acc(store, r) for r in completed], k, stage.hedge, space)
     specs = tuple(config.trial_spec(stage.name, i, r.spec["seed"], r.spec.get("params", {}), parent=r.trial_id)
                   for i, r in enumerate(chosen))
