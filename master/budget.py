@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from master.config import ConfigError, ExperimentConfig, StageConfig
+from master.config import ConfigError, ExperimentConfig, StageConfig, pooled_stages
 
 MAX_TRIALS = 2000  # the most trials a sized first stage gets
 STAGE_SECONDS = 4.0  # wall seconds a stage costs besides its trials: workers and Redis start, polls, closing
@@ -115,7 +115,7 @@ def scale(stages: Sequence[StageConfig], n: int, done: int = 0, available: int |
         if stage.method == "promote" and out:
             cap = available if available is not None and len(out) == done else out[-1].trials
             if stage.pool == "all":
-                cap += sum(s.trials for s in out[:-1] if s.epochs == out[-1].epochs)
+                cap += sum(s.trials for s in pooled_stages(out, len(out))[:-1])
             trials = max(1, min(trials, cap))
             out.append(dataclasses.replace(stage, trials=trials, top=trials))
         else:

@@ -10,7 +10,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from os import PathLike
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -327,6 +327,12 @@ class WatchConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def pooled_stages(stages: Sequence[StageConfig], i: int) -> list[StageConfig]:
+    """The stages whose trials a promote stage ``stages[i]`` with ``pool = "all"`` ranks: every earlier stage that
+    ends at the previous stage's epochs (the horizon it continues from), the previous one included."""
+    return [s for s in stages[:i] if s.epochs == stages[i - 1].epochs]
+
+
 # Successive halving by shares of the trials that completed, on one random screen (242 epochs at most, fewer when
 # trials diverge): 32 trials x 1 epoch; the best half (at most 14) continued to 2 epochs; the best 4/5 of those
 # (at most 12) to 10; the best half of those (at most 5) to 30. No pruning inside a stage and no narrowing: nothing
@@ -409,10 +415,10 @@ class ExperimentConfig:
                     raise ConfigError(f"{where}.method: the first stage samples at random; "
                                      f"{stage.method} needs a previous stage")
                 continue
-            if stage.pool == "all":  # every earlier stage's trials that stopped at the previous stage's epochs
-                pooled = [s for s in self.stages[:i] if s.epochs == prev.epochs]
-                if stage.top is not None and stage.top > sum(s.trials for s in pooled):
-                    raise ConfigError(f"{where}.top: {stage.top} exceeds the {sum(s.trials for s in pooled)} trials "
+            if stage.pool == "all":
+                pooled = pooled_stages(self.stages, i)
+                if stage.top is not None and stage.top > (most := sum(s.trials for s in pooled)):
+                    raise ConfigError(f"{where}.top: {stage.top} exceeds the {most} trials "
                                      f"of stages {', '.join(s.name for s in pooled)}")
             elif stage.top is not None and stage.top > prev.trials:
                 raise ConfigError(f"{where}.top: {stage.top} exceeds the {prev.trials} trials of stage {prev.name}")
