@@ -220,7 +220,7 @@ HALVING_Q = ((1 / 2, 12, 2), (2 / 3, 8, 8), (1 / 2, 4, 30))  # (share, at most, 
 
 
 def halving_q_stages(n: int, rungs: tuple[tuple[float, int, int], ...] = HALVING_Q,
-                     narrow: tuple[int, int] | None = None, hedge: float = 0.0) -> str:
+                     narrow: tuple[int, int] | None = None) -> str:
     """Successive halving by shares of the trials that completed: n random trials x 1 epoch, then per rung
     (share, at most, epochs) the best share of the completed trials (at most ``at most`` x n / 32) continued to
     the rung's epochs, so trials that diverged shrink every later rung; ``narrow`` (trials, after rung i): that
@@ -230,8 +230,7 @@ def halving_q_stages(n: int, rungs: tuple[tuple[float, int, int], ...] = HALVING
     for i, (share, most, epochs) in enumerate(rungs):
         name = "fine" if i == len(rungs) - 1 else ("medium", "third", "fourth")[i]
         text += (f'[stages.{name}]\nepochs = {epochs}\ntrials = {max(1, round(most * n / 32))}\nmethod = "promote"\n'
-                 f'prune = "none"\nquantile = {share}\n' + ('pool = "all"\n' if narrow and i == narrow[1] + 1 else "")
-                 + (f"hedge = {hedge}\n" if hedge and i < len(rungs) - 1 else ""))
+                 f'prune = "none"\nquantile = {share}\n' + ('pool = "all"\n' if narrow and i == narrow[1] + 1 else ""))
         if narrow and i == narrow[1]:
             text += (f'[stages.second]\nepochs = {epochs}\ntrials = {max(1, round(narrow[0] * n / 32))}\n'
                      f'method = "narrow"\nprune = "none"\n')
@@ -252,15 +251,8 @@ PLANS = {  # --plan: the product's default, and the variants measured against it
     "halving12": halving12_stages,
     "halving12-hedged": halving12_hedged_stages,
     "halving-q": halving_q_stages,
-    "halving-q3": partial(halving_q_stages, rungs=((1 / 2, 12, 3), (2 / 3, 8, 8), (1 / 2, 4, 30))),
-    "halving-qb": partial(halving_q_stages, rungs=((1 / 2, 14, 2), (4 / 5, 12, 10), (1 / 2, 5, 30))),
-    "halving-qc": partial(halving_q_stages, rungs=((1 / 2, 12, 2), (4 / 5, 10, 10), (1 / 2, 5, 30))),
-    "halving-qb-hedged": partial(halving_q_stages, rungs=((1 / 2, 14, 2), (4 / 5, 12, 10), (1 / 2, 5, 30)), hedge=0.25),
-    "halving-q-hedged": partial(halving_q_stages, hedge=0.25),
     "halving-q-narrow8": partial(halving_q_stages, rungs=((1 / 2, 12, 2), (2 / 3, 6, 8), (1 / 2, 4, 30)),
                                  narrow=(6, 1)),
-    "halving-qd": partial(halving_q_stages, rungs=((3 / 5, 16, 2), (2 / 3, 12, 10), (2 / 5, 5, 30))),
-    "halving-q-narrow": partial(halving_q_stages, rungs=((3 / 8, 8, 3), (1 / 2, 6, 8), (2 / 3, 4, 30)), narrow=(8, 0)),
     "halving-q-narrow6": partial(halving_q_stages, rungs=((3 / 8, 8, 3), (1 / 2, 8, 8), (1 / 2, 4, 30)),
                                  narrow=(6, 0)),
 }

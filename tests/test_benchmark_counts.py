@@ -67,7 +67,7 @@ def test_a_ladder_reranks_at_every_rung():
     assert bench.replay(trials, 0.9) == 3 + 3 + 3  # all continued best first: fast_start's 3, then the hit
 
 
-def test_the_benchmarks_default_plan_is_the_products_and_halving_qb_at_32():
+def test_the_benchmarks_default_plan_is_the_products_and_halving_by_shares_builds_it():
     from master.config import DEFAULT_STAGES, parse_config
 
     def stages(plan):
@@ -75,7 +75,9 @@ def test_the_benchmarks_default_plan_is_the_products_and_halving_qb_at_32():
         return parse_config(task + plan + bench.SPACES["wide"]).stages
     assert stages(bench.default_stages(32)) == DEFAULT_STAGES
     shape = [(s.epochs, s.trials, s.method, s.quantile, s.prune) for s in DEFAULT_STAGES]
-    assert [(s.epochs, s.trials, s.method, s.quantile, s.prune) for s in stages(bench.PLANS["halving-qb"](32))] == shape
+    default_rungs = ((1 / 2, 14, 2), (4 / 5, 12, 10), (1 / 2, 5, 30))
+    assert [(s.epochs, s.trials, s.method, s.quantile, s.prune)
+            for s in stages(bench.halving_q_stages(32, default_rungs))] == shape
     assert [s.trials for s in stages(bench.default_stages(64))] == [64, 28, 24, 10]
 
 
