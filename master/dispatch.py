@@ -93,6 +93,11 @@ class JobView(NamedTuple):
         return self.status in WAITING_STATUSES
 
     @property
+    def queued(self) -> bool:
+        """Queued to run as soon as a worker takes it (not deferred nor scheduled)."""
+        return self.status == JobStatus.QUEUED.value
+
+    @property
     def running(self) -> bool:
         """Taken by ``worker`` (which may have died since: the heartbeat tells)."""
         return self.status == JobStatus.STARTED.value
@@ -222,6 +227,24 @@ class Dispatcher:
             rows = pipe.execute()
         return {tid: JobView(*job_owner(row)) for tid, row in zip(trial_ids, rows)}
 
+    def unqueued(self, experiment: str, trial_ids: list[str]) -> set[str]:
+        """The trials among ``trial_ids`` whose job is QUEUED on this queue but no longer in its list: a worker took
+        it (RQ moves it to the queue's intermediate list) and stopped or died before starting it. RQ leaves such
+        a job there until a worker's maintenance fails it, ten minutes or more later. A job a worker is taking
+        right now looks the same for a few milliseconds: the caller waits before it acts."""
+        if not trial_ids:
+            return set()
+        ids = [job_id(experiment, tid) for tid in trial_ids]
+        with self.conn.pipeline(transaction=False) as pipe:
+            pipe.lrange(self.queue.key, 0, -1)
+            for jid in ids:
+                pipe.hmget(Job.key_for(jid), "status", "origin")
+            listed, *rows = pipe.execute()
+        listed = set(listed)
+        return {tid for tid, jid, (status, origin) in zip(trial_ids, ids, rows)
+                if status == JobStatus.QUEUED.value.encode() and origin == self.queue.name.encode()
+                and jid.encode() not in listed}
+
     def quarantined_at(self, experiment: str, worker: str) -> str | None:
         """The failure time ``worker`` was last quarantined for (as ``mark_quarantined`` wrote it), else None."""
         value = self.conn.hget(quarantine_key(experiment), worker)
@@ -254,6 +277,8 @@ class Dispatcher:
                     job.delete(pipeline=pipe)
                 else:
                     pipe.delete(Job.key_for(jid))  # a fragment RQ could not read
+            for jid in ids:  # a job taken but never started stays there; RQ would later fail its new run
+                pipe.lrem(self.queue.intermediate_queue_key, 0, jid)
             for s in specs:
                 reset_trial(pipe, s.experiment, s.trial_id, s.epochs)
                 if stops[s.trial_id] is not None:

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 SANITY_PREFIX = "sanity check"  # a trial that fails its sanity checks is the config's fault, not the worker's
 NOT_WORKER_FAULTS = (SANITY_PREFIX, REFUSED)  # a FAILED reason starting so is the input's fault: no retry
 WATCH_DUTY = 0.2  # the watch loop looks at most this share of the time (a tick reads every trial's files)
+UNQUEUED_GRACE_SECONDS = 10.0  # a queued job out of its queue's list this long was taken by no running worker
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,7 @@ class Monitor:
         self.refusals: dict[str, str] = {}  # trial -> the refusal of a worker with another storage, told once
         self.beats: dict[str, tuple[float, float]] = {}  # worker -> (heartbeat seen, when it was first seen)
         self.specs: dict[str, TrialSpec] = {}  # trial -> its spec, parsed once (a recorded spec.json never changes)
+        self.unqueued: dict[str, float] = {}  # trial -> when its QUEUED job was first seen out of the queue's list
 
     # the loop ---------------------------------------------------------------------------------
     def tick(self) -> list[Event]:
@@ -130,6 +132,7 @@ class Monitor:
                     if p.get("state") == TrialState.RUNNING.value and p.get("worker")}
         beats = self.dispatcher.heartbeats(sorted(runners))
         events = self._quarantine(ids)
+        stranded = self._stranded(jobs, now)
         running: set[str] = set()
         for tid in ids:
             spec = self._spec(tid)
@@ -142,7 +145,8 @@ class Monitor:
                 if not job.running:  # else RQ is still recording the job's end
                     events += self._retry(spec, result)
             else:
-                events += self._reconcile(spec, job, progress.get(tid, {}), beats, now, running)
+                events += self._reconcile(spec, job, progress.get(tid, {}), beats, now, running,
+                                          tid in stranded)
         for record in stages:
             events += self._police(record, [t for t in record.trial_ids if t in running], progress, now)
         events += self._fallback(jobs, now)
@@ -200,18 +204,29 @@ class Monitor:
         requeue(self.store, self.dispatcher, spec, reason, "retry", worker=result.worker, failed_at=result.finished_at)
         return [Event("retry", f"{spec.trial_id}: {reason}", spec.trial_id)]
 
+    def _stranded(self, jobs: dict[str, JobView], now: float) -> set[str]:
+        """The trials whose QUEUED job has been out of the queue's list for ``UNQUEUED_GRACE_SECONDS``: a worker
+        took it and stopped (RQ's shutdown command, a signal, a crash) before starting it, so no worker ever will."""
+        queued = [tid for tid, job in jobs.items() if job.queued]
+        out = self.dispatcher.unqueued(self.store.experiment, queued) if queued else set()
+        self.unqueued = {tid: self.unqueued.get(tid, now) for tid in out}
+        return {tid for tid, since in self.unqueued.items() if now - since >= UNQUEUED_GRACE_SECONDS}
+
     def _reconcile(self, spec: TrialSpec, job: JobView, live: dict[str, Any], beats: dict[str, float | None],
-                   now: float, running: set[str]) -> list[Event]:
+                   now: float, running: set[str], stranded: bool) -> list[Event]:
         """An unfinished trial: leave it waiting or running, or put it back in the queue when nothing runs it
-        (its worker died, or Redis lost its job); it resumes from its last checkpoint."""
-        if job.waiting:
+        (its worker died, it stopped as it took the job, or Redis lost the job); it resumes from its last
+        checkpoint."""
+        if job.waiting and not stranded:
             return self._refused(spec, live.get(REFUSED_FIELD))
         live_runner = live.get("worker") if live.get("state") == TrialState.RUNNING.value else None
         runner = job.worker if job.running else live_runner
         if runner and self.alive(runner, beats.get(runner), now):
             running.add(spec.trial_id)
             return []
-        if job.running:
+        if stranded:
+            reason = "its job left the queue but never started (a worker stopped as it took it)"
+        elif job.running:
             reason = f"worker {job.worker} lost heartbeat"
         elif self.store.result_unreadable(spec.trial_id):
             reason = "its result.json is unreadable (corrupt)"

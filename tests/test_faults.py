@@ -382,6 +382,9 @@ def test_a_worker_on_another_storage_hands_the_job_back_untouched_and_quits_and_
     last = stray.stderr.strip().splitlines()[-1]
     assert last == f"worker: {why} (the job went back to the queue; not taking any more)"
     assert list(elsewhere.iterdir()) == []  # nothing written where nobody reads
+    queued = redis.Redis.from_url(site.url)
+    assert queued.llen("rq:queue:hypersearch") == len(site.ids)  # every job still waits for a worker
+    assert queued.lrange("rq:queue:hypersearch:intermediate", 0, -1) == []  # else RQ's maintenance would fail it
     wait_for(lambda: why in (site.tmp / "watch.out").read_text(), 30, "the watch to say why")
     refused = [e for tid in site.ids for e in site.store.read_events(tid) if e["event"] == "refused"]
     assert [e["reason"] for e in refused] == [why]

@@ -5,8 +5,8 @@ import fakeredis
 import pytest
 from rq.job import Job
 
-from master.dispatch import Dispatcher, job_id
-from master.monitor import WATCH_DUTY, Monitor, failing_workers, next_look, request_stop, watch, worker_outcomes
+from master.dispatch import Dispatcher, job_id, trial_of
+from master.monitor import UNQUEUED_GRACE_SECONDS, WATCH_DUTY, Monitor, failing_workers, next_look, request_stop, watch, worker_outcomes
 from master.config import parse_config
 from master.stages import plan_stage
 from worker.control import progress_key, read_progress, stop_key, stopped_as
@@ -99,6 +99,61 @@ def test_a_dead_workers_started_job_is_requeued(setup):
     (event,) = monitor.tick()
     assert event.kind == "requeue" and event.message.startswith(f"{specs[0].trial_id}: worker w9 lost heartbeat")
     assert dispatcher.jobs("mon", [specs[0].trial_id])[specs[0].trial_id] == ("queued", None)
+
+
+def take_without_starting(dispatcher):
+    """What RQ's worker does when it takes a job (moves its id to the queue's intermediate list) before it
+    records the job started: a worker stopped or killed at that moment leaves the job QUEUED in no queue."""
+    queue = dispatcher.queue
+    return dispatcher.conn.lmove(queue.key, queue.intermediate_queue_key).decode()
+
+
+def test_a_job_taken_by_a_worker_that_stopped_before_starting_it_is_requeued_after_a_grace(setup):
+    config, store, specs, dispatcher, monitor, clock = setup
+    dispatcher.enqueue(specs)
+    lost = take_without_starting(dispatcher)
+    tid = trial_of(lost)[1]
+    assert monitor.tick() == []  # first sight: a worker may be starting it this very moment
+    clock.now += UNQUEUED_GRACE_SECONDS - 1
+    assert monitor.tick() == []
+    clock.now += 1
+    (event,) = monitor.tick()
+    assert (event.kind, event.trial_id) == ("requeue", tid)
+    assert event.message == (f"{tid}: its job left the queue but never started (a worker stopped as it took it); "
+                             "requeued, resumes from its last checkpoint")
+    assert dispatcher.conn.lrange(dispatcher.queue.intermediate_queue_key, 0, -1) == []  # RQ would fail it later
+    assert lost.encode() in dispatcher.conn.lrange(dispatcher.queue.key, 0, -1)
+    assert [e["event"] for e in store.read_events(tid)] == ["requeue"]
+    clock.now += 60
+    assert monitor.tick() == []  # the other trials never left the queue
+
+
+def test_a_job_out_of_the_queue_for_less_than_the_grace_is_left_to_its_worker(setup):
+    config, store, specs, dispatcher, monitor, clock = setup
+    dispatcher.enqueue(specs)
+    taken = take_without_starting(dispatcher)
+    assert monitor.tick() == []
+    clock.now += UNQUEUED_GRACE_SECONDS / 2
+    dispatcher.conn.hset(Job.key_for(taken), mapping={"status": "started", "worker_name": "w1"})  # it started
+    dispatcher.conn.hset("rq:worker:w1", "last_heartbeat", "2026-01-01T00:00:00.000000Z")
+    assert monitor.tick() == []
+    dispatcher.conn.hset(Job.key_for(taken), "status", "queued")  # handed back, then taken again by a worker
+    clock.now += UNQUEUED_GRACE_SECONDS - 1  # a new grace from this sight, not from the first
+    assert monitor.tick() == []
+
+
+def test_unqueued_counts_only_queued_jobs_of_this_queue(setup):
+    config, store, specs, dispatcher, monitor, clock = setup
+    ids = [s.trial_id for s in specs]
+    dispatcher.enqueue(specs)
+    assert dispatcher.unqueued("mon", ids) == set()
+    for _ in specs:
+        take_without_starting(dispatcher)
+    conn = dispatcher.conn
+    conn.hset(Job.key_for(job_id("mon", ids[1])), "status", "deferred")
+    conn.hset(Job.key_for(job_id("mon", ids[2])), "origin", "another-queue")
+    assert dispatcher.unqueued("mon", ids) == {ids[0]}
+    assert dispatcher.unqueued("mon", []) == set()
 
 
 def test_failed_trials_are_retried_up_to_the_limit_and_a_failing_worker_is_quarantined(setup, monkeypatch):

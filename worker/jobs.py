@@ -309,6 +309,7 @@ class TrialWorker(SimpleWorker):
         with self.connection.pipeline() as pipe:
             self.cleanup_execution(job, pipe, execution)
             job.set_status(JobStatus.QUEUED, pipeline=pipe)
+            pipe.lrem(queue.intermediate_queue_key, 1, job.id)  # else RQ's maintenance later fails the job
             queue.push_job_id(job.id, pipeline=pipe, at_front=True)
             pipe.execute()
 
