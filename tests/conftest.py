@@ -12,6 +12,12 @@ import psutil
 import pytest
 import redis
 
+# A shell without job control starts its background commands with SIGINT ignored, and every process they start
+# inherits that: a `master launch` the tests interrupt with SIGINT would ignore it. Take Python's handler back,
+# which an exec resets to the default for the test's children.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 REAL_REDIS_URL = "redis://127.0.0.1:6379/14"  # a database of its own; every key a test makes carries its token
 
 CONFIG_TEMPLATE = """\
