@@ -65,7 +65,8 @@ def overfit_check(model_cfg, solver_cfg, data, n=20, *, epochs=_OVERFIT_EPOCHS, 
         if metrics["train_acc"] > best["acc"]:
             best.update(acc=metrics["train_acc"], epoch=metrics["epoch"])
 
-    cfg = {**solver_cfg, "reg": 0.0, "batch_size": len(idx), "epochs": epochs, "train_eval_samples": len(idx)}
+    cfg = {**solver_cfg, "reg": 0.0, "batch_size": len(idx), "epochs": epochs, "train_eval_samples": len(idx),
+           "val_points": 1}
     Solver(model, tiny, cfg, seed=seed, callback=record, should_stop=lambda: best["acc"] == 1.0).train()
     return best["acc"], best["epoch"], best["acc"] == 1.0
 

@@ -29,11 +29,14 @@ SOLVER_DEFAULTS = {
     "ema_decay": 0.995,
     "train_eval_samples": 1000,
     "abort_factor": 3.0,
+    "val_points": 1,
 }
 
 _EVAL_CHUNK = 4096  # rows per forward pass when evaluating
 _TRAIN_EVAL_STREAM = 2**32 - 1  # SeedSequence key of the fixed training subsample (epochs use [seed, epoch])
 _BABYSIT_STREAM = 2**32 - 2  # SeedSequence key of the fixed babysitting batch
+_VAL_POINT_STREAM = 2**32 - 3  # SeedSequence key of the fixed validation subset of sub-epoch points
+VAL_POINT_SAMPLES = 1000  # validation samples of the fixed subset scored at each of an epoch's val_points
 LOSS_TRACE_POINTS = 1000  # most minibatch losses recorded over a run's whole epoch budget
 BABYSIT_SNAPSHOTS = 6  # most babysitting snapshots per run
 BABYSIT_SAMPLES = 256  # training samples in the fixed babysitting batch
@@ -56,6 +59,7 @@ _RANGES = {
     "ema_decay": ("float", 0.0, 1.0, True, False),
     "train_eval_samples": ("int", 1, math.inf, True, False),
     "abort_factor": ("float", 1.0, math.inf, False, False),
+    "val_points": ("int", 1, 100, True, True),
 }
 _CHOICES = {"update": optim.UPDATES, "lr_schedule": SCHEDULES}
 
@@ -133,8 +137,11 @@ class Solver:
     wall time, evaluation included), "samples_per_sec" (of the minibatch loop), "loss_trace" ([[iteration,
     minibatch loss], ...] recorded this epoch, global 0-based iterations every loss_trace_every(...) steps:
     at most LOSS_TRACE_POINTS over the configured epochs) and, on the epochs of babysit_epochs(epochs) only,
-    "babysit" (nncore.stats.babysit_stats on a fixed batch of BABYSIT_SAMPLES training samples). Both
-    schedules are functions of the epoch and the config alone, so a resumed run records what an
+    "babysit" (nncore.stats.babysit_stats on a fixed batch of BABYSIT_SAMPLES training samples). With
+    val_points k > 1, "val_points" ([[epochs done as a fraction, accuracy], ...]: the accuracy on a fixed
+    subset of VAL_POINT_SAMPLES validation samples after k evenly spaced minibatch steps of the epoch, the last
+    at its end), so a short run is a curve, not one point; scoring the subset does not change the training.
+    Both schedules are functions of the epoch and the config alone, so a resumed run records what an
     uninterrupted one does.
     """
 
@@ -157,6 +164,9 @@ class Solver:
         self._train_eval_idx = np.sort(picker.choice(n_train, size=n_eval, replace=False))
         picker = np.random.default_rng([self.seed, _BABYSIT_STREAM])
         self._babysit_idx = np.sort(picker.choice(n_train, size=min(BABYSIT_SAMPLES, n_train), replace=False))
+        n_val = len(data.x_val)
+        picker = np.random.default_rng([self.seed, _VAL_POINT_STREAM])
+        self._val_point_idx = np.sort(picker.choice(n_val, size=min(VAL_POINT_SAMPLES, n_val), replace=False))
         self._loss_fn = LOSSES[model.config["loss"]]
 
     # ---------------------------------------------------------------- training
@@ -196,6 +206,8 @@ class Solver:
         first_iteration = self.epoch * iterations
         offset = -first_iteration % every  # local step of the epoch's first recorded loss
         trace = np.empty(len(range(offset, iterations, every)))
+        marks = {round(i * iterations / cfg["val_points"]) for i in range(1, cfg["val_points"])} - {0, iterations}
+        points, point_seconds = [], 0.0
 
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(n)
@@ -227,11 +239,17 @@ class Solver:
                 update(w, grads[k], state, hyper, scratch)
                 ema *= decay
                 ema += np.multiply(w, 1.0 - decay, out=scratch)
-        train_seconds = time.perf_counter() - started
+            if step + 1 in marks:
+                scored = time.perf_counter()
+                idx = self._val_point_idx
+                points.append([round(self.epoch + (step + 1) / iterations, 4),
+                               self.accuracy(data.x_val[idx], data.y_val[idx])])
+                point_seconds += time.perf_counter() - scored
+        train_seconds = time.perf_counter() - started - point_seconds
 
         self.epoch += 1
         metrics = {"epoch": self.epoch, "train_loss": loss_sum / n}
-        metrics.update(self._evaluate())
+        metrics.update(self._evaluate(points if cfg["val_points"] > 1 else None))
         if self.epoch in babysit_epochs(cfg["epochs"]):
             idx = self._babysit_idx
             metrics["babysit"] = babysit_stats(model, data.x_train[idx], data.y_train[idx])
@@ -262,16 +280,21 @@ class Solver:
         """Fraction of x classified as y in test mode."""
         return float(np.mean(self.scores(x, params).argmax(axis=1) == y))
 
-    def _evaluate(self):
+    def _evaluate(self, points=None):
+        """End-of-epoch metrics; ``points`` (the epoch's sub-epoch points) gets the subset's accuracy at its end."""
         data, idx = self.data, self._train_eval_idx
         val_scores = self.scores(data.x_val)
         val_loss, _ = self._loss_fn(val_scores, data.y_val)
-        return {
+        correct = val_scores.argmax(axis=1) == data.y_val
+        metrics = {
             "train_acc": self.accuracy(data.x_train[idx], data.y_train[idx]),
             "val_loss": float(val_loss),
-            "val_acc": float(np.mean(val_scores.argmax(axis=1) == data.y_val)),
+            "val_acc": float(np.mean(correct)),
             "ema_val_acc": self.accuracy(data.x_val, data.y_val, self.ema_params),
         }
+        if points is not None:
+            metrics["val_points"] = points + [[float(self.epoch), float(np.mean(correct[self._val_point_idx]))]]
+        return metrics
 
     # ------------------------------------------------------------ checkpoints
 

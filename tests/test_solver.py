@@ -78,7 +78,7 @@ def test_validate_fills_defaults_and_normalises_numbers():
     ("lr", 0.0), ("lr", -1e-3), ("lr", float("nan")), ("lr", "0.1"), ("momentum", 1.0), ("beta2", -0.1),
     ("batch_size", 0), ("batch_size", 12.5), ("batch_size", True), ("epochs", 0), ("update", "lbfgs"),
     ("lr_schedule", "linear"), ("ema_decay", 1.0), ("clip_norm", -1.0), ("abort_factor", 1.0),
-    ("train_eval_samples", 0), ("lr_step", 0), ("reg", float("inf")), ("update", ["adam"]),
+    ("train_eval_samples", 0), ("val_points", 0), ("val_points", 101), ("lr_step", 0), ("reg", float("inf")), ("update", ["adam"]),
 ])
 def test_validate_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ConfigError, match=rf"^solver\.{field}: "):
@@ -276,6 +276,41 @@ def test_stop_requested_in_last_minibatch_keeps_the_epoch():
                   callback=lambda m: flag.update(stop=True))
     result = solver.train()
     assert result["status"] == "stopped" and result["epoch"] == 1 and solver.model.calls == 1
+
+
+def test_val_points_score_the_subset_at_even_steps_without_changing_the_training():
+    config = {"update": "adam", "lr": 0.01, "epochs": 2, "batch_size": 16}  # 200 samples: 13 steps an epoch
+    plain, pointed = [], []
+    a = make(config, dropout=0.2, seed=5, callback=plain.append)
+    a.train()
+    b = make({**config, "val_points": 4}, dropout=0.2, seed=5, callback=pointed.append)
+    b.train()
+    assert np.array_equal(a.model.params["W1"], b.model.params["W1"])  # scoring the subset changed nothing
+    assert [m["val_acc"] for m in plain] == [m["val_acc"] for m in pointed] and "val_points" not in plain[0]
+    # steps round(13 i / 4) = 3, 6, 10 (i = 1, 2, 3), then the epoch's end
+    assert [[p[0] for p in m["val_points"]] for m in pointed] == [
+        [round(e + s / 13, 4) for s in (3, 6, 10)] + [e + 1.0] for e in (0, 1)]
+    subset = b._val_point_idx
+    assert len(subset) == 100 and len(set(subset.tolist())) == 100  # all 100 val samples (fewer than 1000)
+    end = pointed[0]["val_points"][-1][1]
+    assert end == pointed[0]["val_acc"]  # the whole validation set is the subset here
+    for steps, (at, acc) in zip((3, 6, 10, 13 + 3), pointed[0]["val_points"][:3] + pointed[1]["val_points"][:1]):
+        calls = []  # a run stopped after ``steps`` minibatch steps holds the network the point scored
+        c = make(config, dropout=0.2, seed=5, should_stop=lambda: calls.append(1) or len(calls) > steps)
+        c.train()
+        assert c.accuracy(c.data.x_val[subset], c.data.y_val[subset]) == acc, (steps, at)
+
+
+def test_val_points_use_a_fixed_subset_of_a_large_validation_set():
+    data = blobs(n=3600)  # 1200 validation samples
+    history = []
+    solver = make({"epochs": 1, "batch_size": 600, "val_points": 2}, data=data, callback=history.append)
+    solver.train()
+    subset = solver._val_point_idx
+    assert len(subset) == 1000 and np.array_equal(subset, np.unique(subset))
+    assert np.array_equal(subset, make({"val_points": 2}, data=data)._val_point_idx)  # the same for every epoch
+    (half, end) = history[0]["val_points"]
+    assert half[0] == 0.5 and end == [1.0, solver.accuracy(data.x_val[subset], data.y_val[subset])]
 
 
 def test_same_seed_same_run_other_seed_other_order():
