@@ -124,7 +124,8 @@ class Experiment:
 
     def history(self, trial_id: str) -> pd.DataFrame:
         """One row per epoch of ``trial_id``: losses, accuracies, lr, seconds, ``update_ratio.<layer>``; the
-        babysitting records stay as objects in ``loss_trace`` and ``babysit``."""
+        babysitting records stay as objects in ``loss_trace`` and ``babysit``, and so do the sub-epoch scores in
+        ``val_points`` (a stage with ``val_points`` > 1)."""
         self._check_trial(trial_id)
         records = self.store.read_history(trial_id)
         if not records:
