@@ -1,6 +1,7 @@
 """Coarse-to-fine against flat random search, replayed on recorded learning curves in seconds instead of minutes.
 
 Usage: python benchmarks/replay.py record [--tasks digits,spiral6,noisywaves] [--configs 64]
+       python benchmarks/replay.py scores [--tasks digits,spiral6,noisywaves]
        python benchmarks/replay.py replay [--tasks digits,spiral6,noisywaves] [--seeds 0,...,19]
               [--plans default,hedged,...] [--draws paired|independent]
 
@@ -19,8 +20,10 @@ than flat does in an average order of its trials."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -33,19 +36,24 @@ from threadpoolctl import threadpool_limits
 from master.config import ExperimentConfig, parse_config
 from master.hedge import screen_length
 from master.monitor import close_stage
-from master.pruning import TrialView, should_kill
+from master.pruning import Rule, TrialView, should_kill
 from master.sampler import sample_trials
-from staged_vs_flat import (DRAWS, EPOCHS, GENERATED, PLANS, SPACES, TASKS, TARGET_RATIO, TOLERANCE, begin_stage,
-                            epochs_to, expected_epochs_to, flat_stages, run_search)
+from staged_vs_flat import (DRAWS, EPOCHS, GENERATED, PLANS, SPACES, TASKS, TARGET_RATIO, TOLERANCE, RuleControl,
+                            begin_stage, epochs_to, expected_epochs_to, flat_stages, run_search)
+from worker.trainer import run_trial
 from worker.states import TrialState
 from worker.store import ExperimentStore
 
 CURVES = Path(__file__).resolve().parent / "curves"
 RECORD_SEED = 1000
+POINTS, POINT_EPOCHS = 8, 2  # record-points: sub-epoch validation points per epoch, over the first epochs
 
 
 def record(task: str, configs: int, tmp: Path) -> Path:
-    """Train ``configs`` configurations of ``task`` to 30 epochs; write their params and curves."""
+    """Train ``configs`` configurations of ``task`` to 30 epochs; write their params and curves, and the
+    sub-epoch validation points of their first POINT_EPOCHS epochs (the solver's ``val_points`` = POINTS: the
+    accuracy on a fixed validation subset after every eighth of an epoch), from a second run of those epochs with
+    the same seed, which must reproduce the curve (scoring the subset does not change the training)."""
     if task in GENERATED:
         x, y = GENERATED[task]()
         np.savez(tmp / f"{task}.npz", x=x, y=y)
@@ -58,10 +66,27 @@ def record(task: str, configs: int, tmp: Path) -> Path:
         result = store.read_result(spec.trial_id)
         rows.append({"params": spec.params, "state": result.state.value,
                      "curve": [round(r["val_acc"], 6) for r in store.read_history(spec.trial_id)]})
+    points = ExperimentStore(tmp, f"{task}-points").ensure()
+    rule = Rule.of(config.stages[0], config.watch, 0, 0)  # the first stage's, as begin_stage gives run_search
+    for row, spec in zip(rows, sample_trials(config, "flat", configs)):
+        spec = dataclasses.replace(spec, experiment=points.experiment, epochs=POINT_EPOCHS,
+                                   solver={**spec.solver, "val_points": POINTS})
+        points.write_spec(spec.to_dict())
+        run_trial(spec, points, RuleControl(points, spec.trial_id, [], rule))
+        history = points.read_history(spec.trial_id)
+        if [round(r["val_acc"], 6) for r in history] != row["curve"][:len(history)]:
+            raise SystemExit(f"{task} {spec.trial_id}: its {len(history)} epochs with val_points differ from its curve")
+        row["points"] = [[at, round(acc, 6)] for r in history for at, acc in r["val_points"]]
+    return write_table(task, {"task": task, "space": "wide", "epochs": EPOCHS, "seed": RECORD_SEED, "configs": rows})
+
+
+def write_table(task: str, doc: dict[str, Any]) -> Path:
+    """Write ``task``'s recorded table atomically, as compact JSON (a small file kept in the repository)."""
     CURVES.mkdir(exist_ok=True)
     path = CURVES / f"{task}.json"
-    path.write_text(json.dumps({"task": task, "space": "wide", "epochs": EPOCHS, "seed": RECORD_SEED,
-                                "configs": rows}, separators=(",", ":")) + "\n")
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, separators=(",", ":")) + "\n")
+    os.replace(tmp, path)
     return path
 
 
@@ -105,6 +130,8 @@ def simulate(config: ExperimentConfig, table: Table, root: Path) -> list[list[fl
                     break
                 clock += 1
                 history.append({"epoch": epoch, "val_acc": row["curve"][epoch - 1], "time": clock})
+                if spec.solver.get("val_points", 1) > 1 and epoch <= POINT_EPOCHS:  # the table's 8 an epoch
+                    history[-1]["val_points"] = row["points"][(epoch - 1) * POINTS:epoch * POINTS]
                 store.append_history(spec.trial_id, history[-1])
                 verdict = should_kill(TrialView.from_history(spec.trial_id, history), peers, rule, clock)
                 if verdict is not None:
@@ -145,6 +172,52 @@ def replay(tasks: list[str], seeds: list[int], plans: list[str], screens: dict[s
     return rows
 
 
+def fit_at(points: list[list[float]], at: float) -> float:
+    """The least-squares line through ``points`` ([[epochs, accuracy], ...]) read at ``at`` epochs."""
+    t, acc = np.array(points).T
+    slope, intercept = np.polyfit(t, acc, 1)
+    return float(slope * at + intercept)
+
+
+SCREEN_SCORES = {  # rung epoch r, the row's recorded curve and sub-epoch points -> the score a promotion ranks by
+    "end of epoch (full val set)": lambda r, curve, pts: curve[r - 1],
+    "mean of the epoch's last 4 points": lambda r, curve, pts: float(np.mean([a for _, a in pts[r * POINTS - 4:
+                                                                                             r * POINTS]])),
+    "line through the epoch's 8 points, at its end": lambda r, curve, pts: fit_at(pts[(r - 1) * POINTS:r * POINTS], r),
+    "line through the epoch's 8 points, one epoch on": lambda r, curve, pts: fit_at(pts[(r - 1) * POINTS:r * POINTS],
+                                                                                    r + 1),
+    "line through all points so far, at the end": lambda r, curve, pts: fit_at(pts[:r * POINTS], r),
+}
+
+
+def screen_scores(tasks: list[str], rungs: tuple[int, ...] = (1, 2), keeps: tuple[int, ...] = (16, 8), top: int = 3,
+                  draws: int = 2000) -> list[str]:
+    """How well each of SCREEN_SCORES at a rung predicts a configuration's best accuracy over 30 epochs, on the
+    recorded tables (configurations that completed): Spearman's rank correlation, and, over ``draws`` sets of 32
+    configurations drawn at random, how many of a set's best ``top`` a promotion of ``keep`` by the score keeps
+    and how often it keeps the set's best."""
+    head = " | ".join(f"of the best {top} of 32, kept in the top {k} | the best kept in the top {k}" for k in keeps)
+    lines = [f"| task | rung | score | Spearman | {head} |", "|---" * (4 + 2 * len(keeps)) + "|"]
+    rng = np.random.default_rng(0)
+    for task in tasks:
+        rows = [r for r in json.loads((CURVES / f"{task}.json").read_text())["configs"]
+                if r["state"] == "COMPLETED" and len(r.get("points", ())) == POINT_EPOCHS * POINTS]
+        final = np.array([max(r["curve"]) for r in rows])
+        subsets = [rng.choice(len(rows), 32, replace=False) for _ in range(draws)]
+        best = [set(sub[np.argsort(-final[sub], kind="stable")[:top]]) for sub in subsets]
+        for rung in rungs:
+            for name, score in SCREEN_SCORES.items():
+                pred = np.array([score(rung, r["curve"], r["points"]) for r in rows])
+                rho = float(np.corrcoef(np.argsort(np.argsort(pred)), np.argsort(np.argsort(final)))[0, 1])
+                cells = []
+                for keep in keeps:
+                    kept = [set(sub[np.argsort(-pred[sub], kind="stable")[:keep]]) for sub in subsets]
+                    winner = [sub[np.argmax(final[sub])] in k for sub, k in zip(subsets, kept)]
+                    cells += [f"{np.mean([len(b & k) for b, k in zip(best, kept)]):.2f}", f"{np.mean(winner):.3f}"]
+                lines.append(f"| {task} | {rung} | {name} | {rho:.3f} | {' | '.join(cells)} |")
+    return lines
+
+
 def summary(rows: list[tuple[Any, ...]]) -> list[str]:
     """One Markdown row per (task, plan): runs within 0.5 points, epochs vs flat, runs at >= 5x."""
     lines = ["| task | plan | runs | within 0.5 points of flat's best | staged epochs / flat epochs (median, max) "
@@ -162,7 +235,7 @@ def summary(rows: list[tuple[Any, ...]]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=("record", "replay"))
+    parser.add_argument("command", choices=("record", "scores", "replay"))
     parser.add_argument("--tasks", default="digits,spiral6,noisywaves")
     parser.add_argument("--configs", type=int, default=64, help="record: configurations per task")
     parser.add_argument("--seeds", default=",".join(map(str, range(20))))
@@ -176,6 +249,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="hs-record-") as tmp:
             for task in tasks:
                 print(f"wrote {record(task, args.configs, Path(tmp))}", file=sys.stderr)
+        return
+    if args.command == "scores":
+        print("\n".join(screen_scores(tasks)))
         return
     screens: dict[str, list[int | None]] = {}
     rows = replay(tasks, [int(s) for s in args.seeds.split(",")], args.plans.split(","), screens, args.draws)
