@@ -130,8 +130,6 @@ def simulate(config: ExperimentConfig, table: Table, root: Path) -> list[list[fl
                     break
                 clock += 1
                 history.append({"epoch": epoch, "val_acc": row["curve"][epoch - 1], "time": clock})
-                if spec.solver.get("val_points", 1) > 1 and epoch <= POINT_EPOCHS:  # the table's 8 an epoch
-                    history[-1]["val_points"] = row["points"][(epoch - 1) * POINTS:epoch * POINTS]
                 store.append_history(spec.trial_id, history[-1])
                 verdict = should_kill(TrialView.from_history(spec.trial_id, history), peers, rule, clock)
                 if verdict is not None:

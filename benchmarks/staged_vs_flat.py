@@ -43,7 +43,6 @@ its own run. Counts are deterministic for a seed; wall time depends on machine l
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import math
@@ -176,19 +175,6 @@ def default_stages(n: int) -> str:
     return stages_toml(scale(DEFAULT_STAGES, max(1, round(DEFAULT_STAGES[0].trials * n / 32))))
 
 
-def smoothed_stages(n: int, short: float = 0.5, most: int = 14) -> str:
-    """The default plan with a screen that records 8 validation scores an epoch (val_points) and a first
-    promotion that ranks by the mean of the last four (rank "smoothed"), keeping the best ``short`` share of the
-    completed trials, at most ``most``."""
-    coarse, first, *rest = DEFAULT_STAGES
-    stages = [dataclasses.replace(coarse, val_points=8),
-              dataclasses.replace(first, rank="smoothed", quantile=short, trials=most, top=most)]
-    for stage in rest:  # no rung takes more trials than the one before it holds
-        cap = min(stage.trials, stages[-1].trials)
-        stages.append(dataclasses.replace(stage, trials=cap, top=cap))
-    return stages_toml(scale(tuple(stages), max(1, round(stages[0].trials * n / 32))))
-
-
 def late_stages(n: int, screen: float = 1.5, promote: float = 3 / 8, horizon: int = 5, fine: float = 3 / 8,
                 rung: int = 5, prune: str = "asha") -> str:
     """Narrowing decided at a longer horizon: screen*n random trials x 1 epoch, the best promote*n continued to
@@ -253,9 +239,6 @@ def halving_q_stages(n: int, rungs: tuple[tuple[float, int, int], ...] = HALVING
 
 PLANS = {  # --plan: the product's default, and the variants measured against it (benchmarks/RESULTS.md)
     "default": default_stages,
-    "smoothed": smoothed_stages,
-    "smoothed-q3of8": partial(smoothed_stages, short=3 / 8, most=10),
-    "smoothed-q1of4": partial(smoothed_stages, short=1 / 4, most=8),
     "default-q1of4": partial(halving_q_stages, rungs=((1 / 4, 8, 2), (4 / 5, 8, 10), (1 / 2, 5, 30))),
     "classic": classic_stages,
     "screen2": screen2_stages,

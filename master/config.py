@@ -26,9 +26,8 @@ METHODS = ("random", "narrow", "promote")
 PRUNERS = ("asha", "median", "none")
 SECTIONS = ("experiment", "data", "model", "solver", "stages", "space", "watch")
 EXPERIMENT_KEYS = ("name", "dataset", "seed", "keep", "sanity")
-STAGE_KEYS = ("epochs", "trials", "method", "top", "quantile", "pad", "prune", "rung", "eta", "hedge", "pool", "rank",
+STAGE_KEYS = ("epochs", "trials", "method", "top", "quantile", "pad", "prune", "rung", "eta", "hedge", "pool",
               "val_points")
-RANKS = ("last", "smoothed")  # a promote stage ranks by the last epoch's accuracy, or its late sub-epoch mean
 POOLS = ("previous", "all")  # a promote stage's candidates: the previous stage's trials, or every earlier stage's
 DISTRIBUTION_KEYS = ("dist", "low", "high", "values", "when")
 # Fields a search space may sample, per section; a stage's epochs are its budget, never sampled.
@@ -231,9 +230,7 @@ class StageConfig:
     halving, rungs at ``rung * eta**k`` epochs), "median" (below the median of the others from epoch
     ``rung`` on) or "none"; master.pruning applies it.
     ``val_points`` (default: the solver's, 1) scores a fixed validation subset that many times per epoch in this
-    stage's trials (nncore's ``val_points``), so a short stage leaves a curve, not one point per epoch; a promote
-    stage's ``rank`` "smoothed" ranks by the mean of those scores over the second half of the epoch a trial
-    continues from (less noisy than its one end-of-epoch score), "last" (default) by its end-of-epoch accuracy.
+    stage's trials (nncore's ``val_points``), so a short stage leaves a curve, not one point per epoch.
     """
 
     name: str
@@ -248,7 +245,6 @@ class StageConfig:
     eta: int = 3
     hedge: float = 0.0
     pool: str = "previous"
-    rank: str = "last"
     val_points: int | None = None
 
     def __post_init__(self) -> None:
@@ -279,10 +275,6 @@ class StageConfig:
             raise ConfigError(f"{where}.pool: expected one of {', '.join(POOLS)}, got {self.pool!r}")
         if self.pool != "previous" and self.method != "promote":
             raise ConfigError(f"{where}.pool: only promote stages use it")
-        if self.rank not in RANKS:
-            raise ConfigError(f"{where}.rank: expected one of {', '.join(RANKS)}, got {self.rank!r}")
-        if self.rank != "last" and self.method != "promote":
-            raise ConfigError(f"{where}.rank: only promote stages use it")
         if self.val_points is not None and not 1 <= _int(self.val_points, f"{where}.val_points", 1) <= 100:
             raise ConfigError(f"{where}.val_points: expected an integer from 1 to 100, got {self.val_points!r}")
         getattr(self, f"_check_{self.method}")(where)
@@ -436,20 +428,9 @@ class ExperimentConfig:
                                      f"of stages {', '.join(s.name for s in pooled)}")
             elif stage.top is not None and stage.top > prev.trials:
                 raise ConfigError(f"{where}.top: {stage.top} exceeds the {prev.trials} trials of stage {prev.name}")
-            ranked = pooled_stages(self.stages, i) if stage.pool == "all" else (prev,)
-            if stage.rank == "smoothed" and (flat := [s.name for s in ranked if self.val_points(s) < 4]):
-                raise ConfigError(f"{where}.rank: \"smoothed\" ranks by sub-epoch scores, which stage "
-                                  f"{', '.join(flat)} does not record: give it val_points = 8 (4 or more)")
             if stage.method == "promote" and stage.epochs <= prev.epochs:
                 raise ConfigError(f"{where}.epochs: a promote stage continues stage {prev.name} (epochs = "
                                  f"{prev.epochs}), so it needs more epochs, got {stage.epochs}")
-
-    def val_points(self, stage: StageConfig) -> int:
-        """Validation scores per epoch in ``stage``'s trials: the stage's ``val_points``, else the solver's."""
-        if stage.val_points is not None:
-            return stage.val_points
-        value = self.solver.get("val_points", 1)
-        return value if isinstance(value, int) and not isinstance(value, bool) else 1
 
     def _check_space(self) -> None:
         seen = set()

@@ -215,25 +215,12 @@ def _resume(store: ExperimentStore, config: ExperimentConfig, stage: StageConfig
     return StagePlan(stage, specs, space, before.name, note=note)
 
 
-def continued_acc(store: ExperimentStore, trial: Ranked, rank: str = "last") -> float:
+def continued_acc(store: ExperimentStore, trial: Ranked) -> float:
     """The validation accuracy of the network a promotion continues: the trial's last epoch (its latest checkpoint,
-    which the promoted trial resumes from), else its best when no history is left. ``rank`` "smoothed": the mean
-    of that epoch's sub-epoch scores (``val_points``) over its second half, when it has two or more."""
+    which the promoted trial resumes from), else its best when no history is left."""
     history = store.read_history(trial.trial_id)
-    if rank == "smoothed" and history and (late := late_scores(history[-1])):
-        return sum(late) / len(late)
     last = history[-1].get("val_acc") if history else None
     return float(last) if isinstance(last, (int, float)) and not isinstance(last, bool) else trial.val_acc
-
-
-def late_scores(record: dict[str, Any]) -> list[float]:
-    """The sub-epoch validation scores of a history record over the second half of its epoch ([] without two)."""
-    points = [p for p in record.get("val_points") or () if isinstance(p, (list, tuple)) and len(p) == 2
-              and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)]
-    if len(points) < 2:
-        return []
-    end = points[-1][0]
-    return [float(acc) for at, acc in points if at > end - 0.5]
 
 
 def promoted(completed: list[Ranked], scores: list[float], k: int, hedge: float, space: tuple[Distribution, ...]
@@ -256,13 +243,12 @@ def _promote(store: ExperimentStore, config: ExperimentConfig, stage: StageConfi
     k = trials or stage.top
     if stage.quantile is not None:
         k = min(k, best_count(stage.quantile, len(completed)))
-    chosen = promoted(completed, [continued_acc(store, r, stage.rank) for r in completed], k, stage.hedge, space)
+    chosen = promoted(completed, [continued_acc(store, r) for r in completed], k, stage.hedge, space)
     specs = tuple(config.trial_spec(stage.name, i, r.spec["seed"], r.spec.get("params", {}), parent=r.trial_id)
                   for i, r in enumerate(chosen))
     source = "every earlier stage" if stage.pool == "all" else f"stage {before.name}"
     share = f" (the best {stage.quantile:.0%}, at most {trials or stage.top})" if stage.quantile is not None else ""
-    ranked = " (ranked by their late sub-epoch scores)" if stage.rank == "smoothed" else ""
-    note = (f"the best {len(chosen)} of {len(completed)} completed trials of {source}{share}{ranked} continue "
+    note = (f"the best {len(chosen)} of {len(completed)} completed trials of {source}{share} continue "
             f"from epoch {before.epochs} to {stage.epochs}"
             + (f" ({stage.hedge:.0%} of them the best of a learning-rate or model-size bin)" if stage.hedge else ""))
     return StagePlan(stage, specs, space, before.name, note=note)

@@ -66,20 +66,6 @@ def test_summary_counts_runs_within_half_a_point_and_at_five_times():
     assert bench.summary(rows)[2] == "| t | p | 2 | 1 | 0.21, 0.31 | 1 | -5.15 |"
 
 
-def test_a_smoothed_promotion_replays_on_the_recorded_sub_epoch_points(tmp_path):
-    late = {"FAST": [0.2, 0.2, 0.2, 0.8], "MIDDLE": [0.7] * 4, "SLOW": [0.6, 0.6, 0.6, 0.3]}  # means .35, .7, .525
-    rows = []
-    for row, name in zip(TABLE["configs"], ("FAST", "MIDDLE", "SLOW")):
-        epoch1 = [[(i + 1) / 8, 0.0] for i in range(4)] + [[(i + 5) / 8, a] for i, a in enumerate(late[name])]
-        rows.append({**row, "points": epoch1 + [[1 + (i + 1) / 8, row["curve"][1]] for i in range(8)]})
-    text = CONFIG.format(hedge=0.0).replace("prune = \"none\"\n[stages.fine]", "prune = \"none\"\nval_points = 8\n"
-                                            "[stages.fine]").replace("hedge = 0.0\n", "rank = \"smoothed\"\n")
-    cfg = parse_config(text)
-    trials = bench.simulate(cfg, bench.Table({"configs": rows}, cfg), tmp_path)
-    names = {tuple(FAST[1:]): "FAST", tuple(SLOW[1:]): "SLOW", tuple(MIDDLE[1:]): "MIDDLE"}
-    assert [names[tuple(f)] for f in trials[6:]] == ["MIDDLE", "MIDDLE", "SLOW"]  # FAST leads by its last score
-
-
 def test_fit_at_reads_the_least_squares_line():
     assert bench.fit_at([[1, 0.2], [2, 0.4], [3, 0.6]], 4) == pytest.approx(0.8)
     assert bench.fit_at([[0, 0.0], [1, 1.0], [2, 0.5]], 1) == pytest.approx(0.5)  # slope 0.25, intercept 0.25

@@ -165,52 +165,25 @@ def test_promote_ranks_by_the_epoch_it_continues_from_not_the_best_one(store, co
     assert [s.parent for s in plan.specs] == ["medium-0001", "medium-0002"]  # 0.8, then 0.7 (its best, no history)
 
 
-SMOOTHED = CONFIG.replace('method = "narrow"\nquantile = 0.4\n', 'method = "narrow"\nquantile = 0.4\nval_points = 4\n') \
-    .replace('method = "promote"\n', 'method = "promote"\nrank = "smoothed"\n')
+POINTED = CONFIG.replace('method = "narrow"\nquantile = 0.4\n', 'method = "narrow"\nquantile = 0.4\nval_points = 4\n')
 
 
-def test_a_smoothed_promotion_ranks_by_the_mean_of_the_late_sub_epoch_scores(tmp_path):
-    config = parse_config(SMOOTHED)
-    assert config.trial_spec("medium", 0, 1, {}).solver["val_points"] == 4  # the stage's, into the trial's solver
+def test_a_stages_val_points_go_into_its_trials_solver():
+    config = parse_config(POINTED)
+    assert config.trial_spec("medium", 0, 1, {}).solver["val_points"] == 4  # the stage's
     assert config.trial_spec("fine", 0, 1, {}).solver["val_points"] == 1  # the solver's default elsewhere
-    store = ExperimentStore(tmp_path, "stages").ensure()
-    write_trials(store, config, "medium", [0.9, 0.8, 0.7, 0.6], lambda i: {"solver.lr": 1e-3 * (i + 1)})
-    points = {  # epoch 2's four scores (epoch 1's are ignored); the second half: the last two
-        "medium-0000": [[1.25, 0.9], [1.5, 0.9], [1.75, 0.5], [2.0, 0.7]],  # last 0.7, late mean 0.6
-        "medium-0001": [[1.25, 0.1], [1.5, 0.2], [1.75, 0.8], [2.0, 0.6]],  # last 0.6, late mean 0.7
-        "medium-0002": [[1.5, 0.3], [2.0, 0.9]],  # fewer points than asked: the late one, 0.9
-    }
-    for tid, pts in points.items():
-        store.write_history(tid, [{"epoch": 1, "val_acc": 0.99, "val_points": [[1.0, 0.99]]},
-                                  {"epoch": 2, "val_acc": pts[-1][1] - 0.05, "val_points": pts}])
-    store.write_history("medium-0003", [{"epoch": 2, "val_acc": 0.66}])  # no points: its end-of-epoch score
-    plan = plan_stage(store, config, "fine")
-    assert [s.parent for s in plan.specs] == ["medium-0002", "medium-0001"]  # 0.9, 0.7 (then 0.66, 0.6)
-    assert "(ranked by their late sub-epoch scores)" in plan.note
-    last = parse_config(CONFIG.replace('method = "narrow"\nquantile = 0.4\n',
-                                       'method = "narrow"\nquantile = 0.4\nval_points = 4\n'))
-    assert [s.parent for s in plan_stage(store, last, "fine").specs] == ["medium-0002", "medium-0003"]  # 0.85, 0.66
+    solver = parse_config(POINTED.replace("[solver]\n", "[solver]\nval_points = 8\n"))
+    assert [solver.trial_spec(s, 0, 1, {}).solver["val_points"] for s in ("coarse", "medium")] == [8, 4]
 
 
-@pytest.mark.parametrize("change, message", [
-    (('rank = "smoothed"\n', 'rank = "best"\n'), "stages.fine.rank: expected one of last, smoothed, got 'best'"),
-    (('val_points = 4\n', ''), 'stages.fine.rank: "smoothed" ranks by sub-epoch scores, which stage medium does not '
-                               'record: give it val_points = 8 (4 or more)'),
-    (('val_points = 4\n', 'val_points = 3\n'), "which stage medium does not record"),
-    (('val_points = 4\n', 'val_points = 0\n'), "stages.medium.val_points: expected an integer >= 1, got 0"),
-    (('val_points = 4\n', 'val_points = 101\n'), "stages.medium.val_points: expected an integer from 1 to 100"),
-    (('quantile = 0.4\nval_points = 4\n', 'quantile = 0.4\nval_points = 4\nrank = "smoothed"\n'),
-     "stages.medium.rank: only promote stages use it"),
+@pytest.mark.parametrize("value, message", [
+    ("0", "stages.medium.val_points: expected an integer >= 1, got 0"),
+    ("101", "stages.medium.val_points: expected an integer from 1 to 100, got 101"),
+    ("2.5", "stages.medium.val_points: expected an integer >= 1, got 2.5"),
 ])
-def test_smoothed_ranking_and_val_points_are_checked(change, message):
+def test_a_stages_val_points_are_checked(value, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        parse_config(SMOOTHED.replace(*change))
-
-
-def test_the_solvers_val_points_serve_a_smoothed_ranking_too():
-    config = parse_config(SMOOTHED.replace("val_points = 4\n", "").replace("[solver]\n", "[solver]\nval_points = 8\n"))
-    assert config.val_points(config.stage("medium")) == 8 and config.trial_spec("medium", 0, 1, {}).solver[
-        "val_points"] == 8
+        parse_config(POINTED.replace("val_points = 4\n", f"val_points = {value}\n"))
 
 
 def test_a_stage_needs_finished_trials_before_it(store, config):
