@@ -458,8 +458,9 @@ def run_embedded(store: ExperimentStore, config: ExperimentConfig, specs: list[T
             enqueued = enqueue(store, dispatcher, specs, force=force)
             if enqueued:
                 pool = LocalWorkers(store.local_dir, url, store.root, queue=queue, count=min(workers, len(enqueued)))
-                reporter.message(f"running {len(enqueued)} trials of stage {stage} of {store.experiment} on "
-                                 f"{pool.count} local worker{'s' if pool.count != 1 else ''} (embedded Redis, "
+                n = len(enqueued)
+                reporter.message(f"running {n} trial{'s' if n != 1 else ''} of stage {stage} of {store.experiment} "
+                                 f"on {pool.count} local worker{'s' if pool.count != 1 else ''} (embedded Redis, "
                                  f"storage {store.root})")
                 pool.start()
                 outcome = follow(store, config, dispatcher, specs, reporter, pool, deadline=deadline)
