@@ -254,17 +254,24 @@ def choice_figure(df: pd.DataFrame, param: str, ctx: Context) -> Figure:
 
 
 def curves_figure(histories: dict[str, list[dict[str, Any]]]) -> Figure:
-    """Loss and accuracy per epoch of the top trials: solid train, dashed validation."""
+    """Loss and accuracy per epoch of the top trials: solid train, dashed validation, dots the sub-epoch validation
+    scores of epochs trained with ``val_points``."""
     fig = Figure(figsize=(12, 4), layout="constrained")
     loss_ax, acc_ax = fig.subplots(1, 2)
+    dotted = False
     for i, (trial, history) in enumerate(histories.items()):
         color = STAGE_COLORS[i % len(STAGE_COLORS)]
         epochs = [r["epoch"] for r in history]
         for ax, key in ((loss_ax, "loss"), (acc_ax, "acc")):
             ax.plot(epochs, [r.get(f"train_{key}", np.nan) for r in history], color=color, lw=1.6, label=trial)
             ax.plot(epochs, [r.get(f"val_{key}", np.nan) for r in history], color=color, lw=1.6, ls="--")
+        points = [p for r in history for p in r.get("val_points") or () if isinstance(p, list) and len(p) == 2]
+        if points:
+            dotted = True
+            acc_ax.plot(*zip(*points), color=color, ls="none", marker="o", ms=2.5, alpha=0.7)
     loss_ax.set(xlabel="epoch", ylabel="loss", yscale="log", title="loss (solid: train, dashed: val)")
-    acc_ax.set(xlabel="epoch", ylabel="accuracy", title="accuracy (solid: train, dashed: val)")
+    acc_ax.set(xlabel="epoch", ylabel="accuracy", title="accuracy (solid: train, dashed: val"
+               + (", dots: val subset within epochs)" if dotted else ")"))
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from master.leaderboard import BASE_COLUMNS
-from master.report import build_report, numeric_params, read_context, scatter_figure
+from master.report import build_report, curves_figure, numeric_params, read_context, scatter_figure
 from worker.store import ExperimentStore
 from conftest import record_experiment, record_result, record_stage
 
@@ -235,3 +235,17 @@ def test_ratio_figure_leaves_a_gap_for_a_none_ratio():
     assert set(lines) == {"layer1", "layer2"}
     assert np.isnan(lines["layer1"].get_ydata().astype(float)).all()
     assert list(lines["layer2"].get_ydata()) == pytest.approx([0.3, 0.15, 0.1])
+
+
+def test_the_curves_show_sub_epoch_validation_scores_as_dots():
+    plain = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.2 / e, "train_acc": 0.5, "val_acc": 0.4} for e in (1, 2)]
+    pointed = [{**plain[0], "val_points": [[0.5, 0.3], [1.0, 0.42]]}, plain[1]]
+    fig = curves_figure({"coarse-0000": plain, "coarse-0001": pointed})
+    acc_ax = fig.axes[1]
+    dots = [line for line in acc_ax.get_lines() if line.get_marker() == "o"]
+    assert len(dots) == 1 and list(dots[0].get_xdata()) == [0.5, 1.0] and list(dots[0].get_ydata()) == [0.3, 0.42]
+    assert dots[0].get_color() == acc_ax.get_lines()[2].get_color()  # the colour of coarse-0001's lines
+    assert "dots: val subset within epochs" in acc_ax.get_title()
+    plain_fig = curves_figure({"coarse-0000": plain})
+    assert all(line.get_marker() != "o" for line in plain_fig.axes[1].get_lines())
+    assert "dots" not in plain_fig.axes[1].get_title()
